@@ -1,0 +1,392 @@
+"""Build, train, export and evaluate the bundled default VLM + text drafter.
+
+The models know only the synthetic scene world of :mod:`vision.scenes`.
+
+    python -m demos.build_default_models all            # everything, from scratch
+    python -m demos.build_default_models train-target   # (add --resume to continue)
+    python -m demos.build_default_models distill-drafter
+    python -m demos.build_default_models export
+    python -m demos.build_default_models eval --n 200
+    python -m demos.build_default_models bench
+
+Nothing is downloaded: tokenizer, processor and models are built from configs.
+Scratch output (checkpoints, pools) goes to ``runs/`` (see --workdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vision import scenes
+from vision.scenes import (
+    KINDS, TRAIN_SEED_START, DEFAULT_RENDER_SIZE, bundled_paths, is_correct,
+)
+
+ROOT = scenes.ROOT
+IMAGE_SIZE = 72
+PATCH = 12
+N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 36 (CLS dropped by "default")
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in parts %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in parts %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% for c in parts %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- tokenizer / processor
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for w in scenes.vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="left", model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = build_tokenizer()
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+    )
+
+
+def chat_prompt(processor, text: str) -> str:
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+
+
+# --------------------------------------------------------------------------- model configs
+
+def target_config(tok):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=256, num_channels=3,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=896, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_seq_length=N_IMAGE_TOKENS, tie_word_embeddings=False,
+    )
+    return cfg
+
+
+def drafter_config(tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def set_generation_config(model, tok, max_new_tokens=48):
+    gc = model.generation_config
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id
+    gc.bos_token_id = tok.bos_token_id
+    gc.do_sample = False
+    gc.max_new_tokens = max_new_tokens
+    for k in ("temperature", "top_p", "top_k"):
+        if hasattr(gc, k):
+            setattr(gc, k, None)
+
+
+# --------------------------------------------------------------------------- data
+
+class PromptCache:
+    """Token ids of chat-formatted prompts (image placeholders expanded) and answers."""
+
+    def __init__(self, processor):
+        from PIL import Image
+
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self._dummy = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        self.prompts: dict[str, list[int]] = {}
+        self.answers: dict[str, list[int]] = {}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if text not in self.prompts:
+            enc = self.processor(images=self._dummy, text=chat_prompt(self.processor, text), return_tensors="pt")
+            self.prompts[text] = enc["input_ids"][0].tolist()
+        return self.prompts[text]
+
+    def answer_ids(self, text: str) -> list[int]:
+        if text not in self.answers:
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            assert self.tok.unk_token_id not in ids, text
+            self.answers[text] = ids + [self.tok.eos_token_id]
+        return self.answers[text]
+
+
+def build_pool(processor, n_scenes: int, path: Path, seed_start: int = TRAIN_SEED_START):
+    """Pre-render training scenes once into normalised pixel tensors (cached on disk)."""
+    if path.exists():
+        d = torch.load(path)
+        if d["pixels"].shape[0] == n_scenes:
+            return d
+    pixels = torch.empty(n_scenes, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float16)
+    seeds = list(range(seed_start, seed_start + n_scenes))
+    chunk = 256
+    for i in tqdm(range(0, n_scenes, chunk), desc="render pool"):
+        imgs = []
+        for s in seeds[i:i + chunk]:
+            size = 288 if s % 5 == 0 else DEFAULT_RENDER_SIZE  # a few at the asset size
+            imgs.append(scenes.render(scenes.scene_for_seed(s), size))
+        pv = processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
+        pixels[i:i + len(imgs)] = pv.to(torch.float16)
+    d = {"pixels": pixels, "seeds": seeds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(d, path)
+    return d
+
+
+KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, "yesno": 0.15}
+
+
+def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_image: int = 2):
+    tok = cache.tok
+    n = pool["pixels"].shape[0]
+    seqs, labs, pix = [], [], []
+    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
+    while len(seqs) < batch:
+        j = rng.randrange(n)
+        scene = scenes.scene_for_seed(pool["seeds"][j])
+        for kind in rng.choices(kinds, weights, k=per_image):
+            p, a = scenes.prompt_for(scene, kind, rng)
+            pids, aids = cache.prompt_ids(p), cache.answer_ids(a)
+            seqs.append(pids + aids)
+            labs.append([-100] * len(pids) + aids)
+            pix.append(j)
+    seqs, labs, pix = seqs[:batch], labs[:batch], pix[:batch]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, L), -100, dtype=torch.long)
+    mask = torch.zeros((batch, L), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(s)] = 1
+    return ids, mask, labels, pool["pixels"][torch.tensor(pix)].float()
+
+
+# --------------------------------------------------------------------------- generation / eval
+
+@torch.no_grad()
+def generate_answers(model, processor, examples, batch_size=32, max_new_tokens=48):
+    """Greedy answers (decoded text) of a LLaVA model for examples, batched with left padding."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    outs = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        texts = [chat_prompt(processor, e.prompt) for e in chunk]
+        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = gen[:, inputs["input_ids"].shape[1]:]
+        outs += tok.batch_decode(new, skip_special_tokens=True)
+    return outs
+
+
+def heldout_examples(n_scenes: int, start: int = 0):
+    exs = []
+    for s in range(start, start + n_scenes):
+        assert s in scenes.HELDOUT_SEEDS
+        exs += scenes.examples_for_scene(s)
+    return exs
+
+
+def score(examples, answers):
+    per = defaultdict(lambda: [0, 0])
+    for e, a in zip(examples, answers):
+        per[e.kind][0] += is_correct(a, e)
+        per[e.kind][1] += 1
+    return per
+
+
+def format_scores(per) -> str:
+    lines = []
+    tot = [0, 0]
+    for k in KINDS:
+        if k in per:
+            c, n = per[k]
+            tot[0] += c
+            tot[1] += n
+            lines.append(f"  {k:<9} {c:4d}/{n:<4d} = {100 * c / n:6.2f}%")
+    q = [sum(per[k][0] for k in per if k != "caption"), sum(per[k][1] for k in per if k != "caption")]
+    if q[1]:
+        lines.append(f"  {'questions':<9} {q[0]:4d}/{q[1]:<4d} = {100 * q[0] / q[1]:6.2f}%")
+    lines.append(f"  {'all':<9} {tot[0]:4d}/{tot[1]:<4d} = {100 * tot[0] / max(1, tot[1]):6.2f}%")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- train target
+
+def cmd_train_target(args):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = LlavaForConditionalGeneration(target_config(tok))
+    set_generation_config(model, tok)
+    nparam = sum(p.numel() for p in model.parameters())
+    print(f"target parameters: {nparam / 1e6:.2f}M", flush=True)
+    pool = build_pool(processor, args.pool, work / f"pool_{args.pool}.pt")
+    cache = PromptCache(processor)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    step = 0
+    rng = random.Random(args.seed)
+    ckpt = work / "target_ckpt.pt"
+    log = open(work / "target_log.txt", "a")
+    if args.resume and ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        rng.setstate(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed from step {step}", flush=True)
+
+    def lr_at(s):
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        t = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def save():
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, ckpt)
+
+    model.train()
+    t0 = time.time()
+    ema = None
+    bar = tqdm(total=args.steps, initial=step, desc="train target", mininterval=5)
+    while step < args.steps:
+        if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
+            print(f"time budget reached at step {step}", flush=True)
+            break
+        ids, mask, labels, pix = sample_batch(pool, cache, rng, args.batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.1e}")
+        if step % 50 == 0:
+            log.write(f"step {step} loss {ema:.4f} elapsed {time.time() - t0:.0f}s\n")
+            log.flush()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+        if args.eval_every and step % args.eval_every == 0:
+            model.eval()
+            exs = heldout_examples(8, start=900)
+            per = score(exs, generate_answers(model, processor, exs))
+            msg = f"step {step} quick held-out eval (8 scenes x 5 kinds):\n{format_scores(per)}"
+            print(msg, flush=True)
+            log.write(msg + "\n")
+            log.flush()
+            model.train()
+    bar.close()
+    save()
+    model.eval()
+    final = work / "target_fp32"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    print(f"saved {final} after {step} steps, {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m demos.build_default_models", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "default_models"), help="scratch folder")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train-target", help="train the LLaVA target on the scene world (CPU)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--pool", type=int, default=12000, help="pre-rendered training scenes")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(fn=cmd_train_target)
+
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
