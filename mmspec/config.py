@@ -1,0 +1,42 @@
+"""Validated settings for one request. CLIs and the demo map their flags onto ``DecodeConfig`` by keyword."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mmspec.errors import MMSpecError
+
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    num_draft_tokens: int | None = None   # fixed k; None = adapt k from recent acceptance
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise MMSpecError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise MMSpecError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
+            raise MMSpecError(f"temperature must be a finite number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise MMSpecError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise MMSpecError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        k = self.num_draft_tokens
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= MAX_DRAFT_TOKENS):
+                raise MMSpecError(f"num_draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}] "
+                                  f"or None (adaptive), got {k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise MMSpecError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,77 @@
+"""The drafter interface. Each strategy answers two questions, and the loop never asks which one it has:
+
+- ``propose(k)``: "propose up to k tokens after the sequence so far" -> ``Draft``;
+- ``update(n_accepted, emitted)``: "here is how many you got right, and what was emitted" (so it can roll
+  back its own cache to the accepted length and catch up on tokens it has not seen).
+
+A ``Drafter`` holds the weights and is shared; a ``DraftSession`` holds one request's state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from mmspec.config import DecodeConfig
+from mmspec.targets.base import Request, TargetAdapter
+
+
+@dataclass
+class Draft:
+    ids: torch.Tensor                 # [k] drafted token ids (target vocabulary), k may be 0
+    q: torch.Tensor | None = None     # [k, target_vocab] draft probabilities; None = deterministic (one-hot)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def probs(self, vocab_size: int) -> torch.Tensor:
+        """q as a dense [k, vocab] tensor (one-hot for deterministic drafters)."""
+        if self.q is not None:
+            return self.q
+        return torch.nn.functional.one_hot(self.ids, vocab_size).float()
+
+
+class DraftSession(ABC):
+    forwards: int = 0
+
+    @abstractmethod
+    def propose(self, k: int) -> Draft: ...
+
+    @abstractmethod
+    def update(self, n_accepted: int, emitted: list[int]) -> None: ...
+
+
+class Drafter(ABC):
+    kind: str = ""
+    default_k: int = 4
+    model = None          # the underlying HF model, when there is one
+
+    def __init__(self, target: TargetAdapter):
+        self.target = target
+
+    @abstractmethod
+    def session(self, request: Request, config: DecodeConfig, generator: torch.Generator | None) -> DraftSession:
+        ...
+
+
+class NoDraftSession(DraftSession):
+    def __init__(self, device):
+        self._empty = Draft(torch.empty(0, dtype=torch.long, device=device))
+
+    def propose(self, k: int) -> Draft:
+        return self._empty
+
+    def update(self, n_accepted: int, emitted: list[int]) -> None:
+        pass
+
+
+class NoDrafter(Drafter):
+    """``drafter_kind="none"``: plain target decoding through the same loop (the baseline)."""
+
+    kind = "none"
+    default_k = 0
+
+    def session(self, request, config, generator):
+        return NoDraftSession(self.target.device)

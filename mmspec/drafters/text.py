@@ -1,0 +1,105 @@
+"""``drafter_kind="text"``: a small causal LM sharing the target's tokenizer, drafting from the prompt text alone.
+
+It never sees image tokens: its prompt is the target's prompt with every image placeholder removed. Ids it
+cannot produce (the target's padding rows, image placeholders) get draft probability 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from mmspec.acceptance import warp_logits
+from mmspec.config import DecodeConfig
+from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
+from mmspec.kv import CACHE_KW, rollback
+from mmspec.targets.base import Request, TargetAdapter
+
+
+class CausalLMDraftSession(DraftSession):
+    """Autoregressive drafting with a KV cache over ``seq`` (the drafter's view of prompt + output)."""
+
+    def __init__(self, drafter: "TextDrafter", seq: list[int], config: DecodeConfig,
+                 generator: torch.Generator | None, prefix_embeds: torch.Tensor | None = None):
+        self.model = drafter.model
+        self.embed = self.model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.bad = drafter.bad_ids.to(self.device)
+        self.target_vocab = drafter.target.vocab_size
+        self.max_len = drafter.context_length - (0 if prefix_embeds is None else prefix_embeds.shape[1])
+        self.config = config
+        self.generator = generator
+        self.seq = list(seq)
+        self.cache = DynamicCache(config=self.model.config)
+        self.cached = 0          # positions of ``seq`` whose keys/values are in the cache
+        self.offset = 0          # positions before ``seq`` (visual prefix tokens)
+        self.forwards = 0
+        self._last_k = 0
+        if prefix_embeds is not None:
+            # [1, m, hidden]: visual tokens placed before the prompt, fed once.
+            self.model(inputs_embeds=prefix_embeds.to(self.embed.weight.dtype), use_cache=True,
+                       logits_to_keep=1, **{CACHE_KW: self.cache})
+            self.offset = prefix_embeds.shape[1]
+            self.forwards += 1
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [n] -> logits of the last position [drafter_vocab]
+        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{CACHE_KW: self.cache})
+        self.forwards += 1
+        return out.logits[0, -1].float().masked_fill(self.bad, float("-inf"))
+
+    def propose(self, k: int) -> Draft:
+        k = min(k, self.max_len - len(self.seq))
+        self._last_k = max(k, 0)
+        if k <= 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=self.device))
+        logits = self._step(torch.tensor(self.seq[self.cached:], device=self.device))
+        ids, qs = [], []
+        for i in range(k):
+            if self.config.greedy:
+                # [1]; stays on the device: no host sync while drafting
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                q = warp_logits(logits, self.config.temperature, self.config.top_p)
+                token = torch.multinomial(q, 1, generator=self.generator)
+                qs.append(q)
+            ids.append(token)
+            if i < k - 1:
+                logits = self._step(token)
+        self.cached = len(self.seq) + k - 1
+        draft_ids = torch.cat(ids)
+        q = None
+        if qs:
+            # [k, drafter_vocab] -> [k, target_vocab]; ids beyond the drafter's rows have q = 0
+            q = torch.stack(qs)
+            pad = self.target_vocab - q.shape[-1]
+            q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, : self.target_vocab]
+        return Draft(draft_ids, q)
+
+    def update(self, n_accepted: int, emitted: list[int]) -> None:
+        before = len(self.seq)
+        self.seq.extend(emitted)
+        if self._last_k:
+            # The cache holds seq + drafts[:k-1]; the accepted drafts stay valid. When all k were accepted the
+            # drafter has not seen the last draft nor the bonus token: the next propose feeds them
+            # (fill last tokens into draft model).
+            self.cached = min(self.cached, before + min(n_accepted, self._last_k - 1))
+            rollback(self.cache, self.offset + self.cached)
+
+
+class TextDrafter(Drafter):
+    kind = "text"
+    default_k = 4
+
+    def __init__(self, target: TargetAdapter, model, tokenizer):
+        super().__init__(target)
+        check_same_tokenizer(target.tokenizer, tokenizer, target.image_token_ids)
+        self.model = model
+        self.tokenizer = tokenizer
+        rows = model.get_output_embeddings().weight.shape[0]
+        self.bad_ids = undraftable_ids(rows, target.vocab_size, tokenizer, target.image_token_ids)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def session(self, request: Request, config: DecodeConfig, generator) -> DraftSession:
+        return CausalLMDraftSession(self, request.text_only_ids, config, generator)

@@ -1,0 +1,187 @@
+"""The public entry points: ``load(...)`` builds a ``Pipeline``; ``generate``/``stream`` run one request."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mmspec.config import DecodeConfig
+from mmspec.drafters import DRAFTER_KINDS, Drafter
+from mmspec.errors import MMSpecError
+from mmspec.loop import DraftLength, speculative_decode
+from mmspec.targets import TargetAdapter, adapter_for
+from mmspec.types import GenerationResult, Stats, StreamEvent
+from vision.cache import EmbeddingCache
+from vision.images import load_image
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_TARGET = ASSETS / "models" / "target"
+BUNDLED_TEXT_DRAFTER = ASSETS / "models" / "text-drafter"
+BUNDLED_VISUAL_DRAFTER = ASSETS / "models" / "visual-drafter"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class Pipeline:
+    """A target VLM, its processor, and one drafting strategy, sharing one image-embedding cache."""
+
+    def __init__(self, adapter: TargetAdapter, strategy: Drafter):
+        self.adapter = adapter
+        self.strategy = strategy
+
+    # the underlying HF objects, for users who need them
+    @property
+    def target(self):
+        return self.adapter.model
+
+    @property
+    def processor(self):
+        return self.adapter.processor
+
+    @property
+    def drafter(self):
+        return self.strategy.model
+
+    @property
+    def drafter_kind(self) -> str:
+        return self.strategy.kind
+
+    @property
+    def vision_cache(self) -> EmbeddingCache:
+        return self.adapter.vision_cache
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 num_draft_tokens: int | None = None, seed: int | None = None,
+                 raw_prompt: bool = False) -> GenerationResult:
+        """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes); the text the target alone would give."""
+        event = None
+        for event in self.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, num_draft_tokens=num_draft_tokens, seed=seed, raw_prompt=raw_prompt):
+            pass
+        return event.result
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               num_draft_tokens: int | None = None, seed: int | None = None,
+               raw_prompt: bool = False) -> Iterator[StreamEvent]:
+        """Like ``generate``, one ``StreamEvent`` per round; the last has ``done=True`` and the ``result``.
+
+        Everything is validated before the first event, so a bad request raises ``MMSpecError`` right away.
+        """
+        config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              num_draft_tokens=num_draft_tokens, seed=seed)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
+        start = time.perf_counter()
+        pil = load_image(image)
+        text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
+        request = self.adapter.prepare(pil, text)
+        self.adapter.check_prompt_length(request)
+        return self._run(request, config, start)
+
+    @torch.inference_mode()  # on a generator function torch applies it to each step, not to the caller
+    def _run(self, request, config: DecodeConfig, start: float) -> Iterator[StreamEvent]:
+        adapter = self.adapter
+        stats = Stats()
+        generator = None
+        if not config.greedy:
+            generator = torch.Generator(device=adapter.device)
+            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        adapter.image_features(request)
+        stats.vision_cache_hit = request.vision_cache_hit
+        target = adapter.session(request)
+        drafter = self.strategy.session(request, config, generator)
+        stats.draft_forwards = drafter.forwards
+        rounds, token_ids = [], []
+        draft_length = DraftLength(config.num_draft_tokens, self.strategy.default_k)
+        for rnd in speculative_decode(target, drafter, pending=request.prompt_ids[-1],
+                                      prompt_len=len(request.prompt_ids), config=config,
+                                      draft_length=draft_length, eos_ids=adapter.eos_token_ids,
+                                      context_length=adapter.context_length, stats=stats, generator=generator):
+            if not rounds:
+                stats.time_to_first_token_s = time.perf_counter() - start
+            rounds.append(rnd)
+            token_ids.extend(rnd.emitted)
+            stats.wall_s = time.perf_counter() - start
+            done = bool(stats.stop_reason)
+            text = adapter.decode(token_ids)
+            result = None
+            if done:
+                result = GenerationResult(text=text, token_ids=list(token_ids), rounds=list(rounds), stats=stats,
+                                          prompt_ids=list(request.prompt_ids))
+            yield StreamEvent(round=rnd, token_ids=list(token_ids), text=text, stats=stats, done=done,
+                              result=result)
+
+
+def _resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32 if str(device).startswith("cpu") else torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MMSpecError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def _from_pretrained(loader, what: str, path, **kwargs):
+    try:
+        return loader.from_pretrained(str(path), **kwargs)
+    except MMSpecError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MMSpecError(f"cannot load the {what} from {str(path)!r}: {first}") from e
+
+
+def load(target: str | Path | None = None, drafter: str | Path | None = "default", drafter_kind: str | None = None,
+         device: str = "cpu", dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+         trust_remote_code: bool = False, vision_cache: EmbeddingCache | None = None,
+         vision_cache_bytes: int = 512 * 2**20) -> Pipeline:
+    """Load a target VLM (hub id or folder) and a drafter into a ``Pipeline``.
+
+    With no arguments: the bundled default pair (offline, CPU). ``drafter_kind`` is one of
+    ``DRAFTER_KINDS``; it defaults to "text" when a drafter model is given and "ngram" otherwise.
+    ``device_map="auto"`` spreads a target larger than one device with accelerate.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    if drafter_kind is not None and drafter_kind not in DRAFTER_KINDS:
+        raise MMSpecError(f"unknown drafter kind {drafter_kind!r}; choose one of {sorted(DRAFTER_KINDS)}")
+    bundled = target is None
+    if bundled:
+        target = BUNDLED_TARGET
+    if drafter == "default":
+        if bundled:
+            drafter = BUNDLED_VISUAL_DRAFTER if drafter_kind == "visual" else BUNDLED_TEXT_DRAFTER
+        else:
+            drafter = None
+    if drafter_kind is None:
+        drafter_kind = "text" if drafter is not None else "ngram"
+    cls, needs_weights = DRAFTER_KINDS[drafter_kind]
+    if needs_weights and drafter is None:
+        raise MMSpecError(f"drafter_kind={drafter_kind!r} needs a drafter model (drafter=<hub id or folder>)")
+    torch_dtype = _resolve_dtype(dtype, device)
+
+    common = dict(trust_remote_code=trust_remote_code)
+    model_kwargs = dict(dtype=torch_dtype, use_safetensors=True, **common)
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
+    model = _from_pretrained(AutoModelForImageTextToText, "target", target, **model_kwargs)
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    processor = _from_pretrained(AutoProcessor, "target processor", target, **common)
+    adapter = adapter_for(model)(model, processor, vision_cache or EmbeddingCache(vision_cache_bytes))
+
+    if needs_weights:
+        d_model = _from_pretrained(AutoModelForCausalLM, "drafter", drafter, dtype=torch_dtype,
+                                   use_safetensors=True, **common)
+        d_model = d_model.to(adapter.device).eval()
+        d_tok = _from_pretrained(AutoTokenizer, "drafter tokenizer", drafter, **common)
+        strategy = cls(adapter, d_model, d_tok)
+    else:
+        strategy = cls(adapter)
+    return Pipeline(adapter, strategy)

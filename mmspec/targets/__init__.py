@@ -1,0 +1,20 @@
+"""Target adapters, one file per VLM family. ``adapter_for`` picks the one that accepts a loaded model."""
+
+from __future__ import annotations
+
+from mmspec.errors import MMSpecError
+from mmspec.targets.base import Request, TargetAdapter, TargetSession
+from mmspec.targets.llava import LlavaAdapter
+
+ADAPTERS: list[type[TargetAdapter]] = [LlavaAdapter]
+
+
+def adapter_for(model) -> type[TargetAdapter]:
+    for cls in ADAPTERS:
+        if cls.accepts(model):
+            return cls
+    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+    raise MMSpecError(f"target model type {model.config.model_type!r} is not supported yet; supported: {supported}")
+
+
+__all__ = ["ADAPTERS", "Request", "TargetAdapter", "TargetSession", "adapter_for"]
