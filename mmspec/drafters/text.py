@@ -30,7 +30,10 @@ class CausalLMDraftSession(DraftSession):
         self.max_len = drafter.context_length - (0 if prefix_embeds is None else prefix_embeds.shape[1])
         self.config = config
         self.generator = generator
-        self.seq = list(seq)
+        # Ids the drafter has no row for (the target's padding rows, its added tokens) are read as unknown.
+        self.rows = self.model.get_input_embeddings().weight.shape[0]
+        self.unk = drafter.unk_id
+        self.seq = self._readable(seq)
         self.cache = DynamicCache(config=self.model.config)
         self.cached = 0          # positions of ``seq`` whose keys/values are in the cache
         self.offset = 0          # positions before ``seq`` (visual prefix tokens)
@@ -42,6 +45,9 @@ class CausalLMDraftSession(DraftSession):
                        logits_to_keep=1, **{CACHE_KW: self.cache})
             self.offset = prefix_embeds.shape[1]
             self.forwards += 1
+
+    def _readable(self, ids: list[int]) -> list[int]:
+        return [t if t < self.rows else self.unk for t in ids]
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [n] -> logits of the last position [drafter_vocab]
@@ -79,7 +85,7 @@ class CausalLMDraftSession(DraftSession):
 
     def update(self, n_accepted: int, emitted: list[int]) -> None:
         before = len(self.seq)
-        self.seq.extend(emitted)
+        self.seq.extend(self._readable(emitted))
         if self._last_k:
             # The cache holds seq + drafts[:k-1]; the accepted drafts stay valid. When all k were accepted the
             # drafter has not seen the last draft nor the bonus token: the next propose feeds them
@@ -99,6 +105,8 @@ class TextDrafter(Drafter):
         self.tokenizer = tokenizer
         rows = model.get_output_embeddings().weight.shape[0]
         self.bad_ids = undraftable_ids(rows, target.vocab_size, tokenizer, target.image_token_ids)
+        unk = tokenizer.unk_token_id
+        self.unk_id = int(unk if unk is not None else (tokenizer.eos_token_id or 0))
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
 
     def session(self, request: Request, config: DecodeConfig, generator) -> DraftSession:

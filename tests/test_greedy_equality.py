@@ -1,0 +1,158 @@
+"""Greedy output of every drafter kind equals the target's own ``generate(do_sample=False)``, token for token.
+
+Drafters: the real kinds (text, ngram, none) plus three scripted ones (always right, never right, right for
+exactly j tokens), with an image in the input, a padded-vocabulary target, ``max_new_tokens`` above 2(k+1),
+and an end-of-sequence token inside a draft block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmspec
+from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.pipeline import Pipeline
+from tests.tiny import sample_image
+
+PROMPTS = ["what color is the circle ?", "describe the image ."]
+MAX_NEW = 24  # > 2 (k + 1) for every k used here
+
+
+def hf_greedy(pipe, image, prompt, max_new_tokens=MAX_NEW, eos=None):
+    text = pipe.adapter.format_prompt(prompt)
+    inputs = pipe.processor(images=image, text=text, return_tensors="pt")
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+    out = pipe.target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+class ScriptedSession(DraftSession):
+    """Proposes the reference continuation, right for the first ``right`` tokens of each block, then wrong."""
+
+    def __init__(self, reference, right, vocab, device):
+        self.reference, self.right, self.vocab, self.device = reference, right, vocab, device
+        self.n = 0
+        self.forwards = 0
+
+    def propose(self, k):
+        ids = []
+        for i in range(k):
+            true = self.reference[self.n + i] if self.n + i < len(self.reference) else 5
+            ids.append(true if i < self.right else (true + 1 + i) % self.vocab)
+        return Draft(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def update(self, n_accepted, emitted):
+        self.n += len(emitted)
+
+
+class ScriptedDrafter(Drafter):
+    kind = "scripted"
+
+    def __init__(self, target, reference, right, k):
+        super().__init__(target)
+        self.reference, self.right, self.default_k = reference, right, k
+
+    def session(self, request, config, generator):
+        return ScriptedSession(self.reference, self.right, len(self.target.tokenizer), self.target.device)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_target, tiny_drafter):
+    return {kind: mmspec.load(str(tiny_target), drafter=str(tiny_drafter) if kind == "text" else None,
+                              drafter_kind=kind) for kind in ("text", "ngram", "none")}
+
+
+def test_target_vocabulary_is_padded(pipes):
+    pipe = pipes["text"]
+    assert pipe.target.get_output_embeddings().weight.shape[0] > len(pipe.processor.tokenizer)
+    assert pipe.drafter.get_output_embeddings().weight.shape[0] < pipe.adapter.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["text", "ngram", "none"])
+@pytest.mark.parametrize("k", [None, 1, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_kind_matches_hf_greedy(pipes, kind, k, seed):
+    pipe = pipes[kind]
+    image = sample_image(seed)
+    prompt = PROMPTS[seed % 2]
+    expected = hf_greedy(pipe, image, prompt)
+    res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=k)
+    assert res.token_ids == expected
+    assert res.text == pipe.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert sum(len(r.emitted) for r in res.rounds) == len(res.token_ids)
+    assert res.stats.target_forwards == len(res.rounds)
+
+
+@pytest.mark.parametrize("right", ["always", "never", 1, 2, 3])
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_scripted_drafters_match_hf_greedy(pipes, right, k):
+    base = pipes["none"]
+    image = sample_image(1)
+    prompt = PROMPTS[1]
+    expected = hf_greedy(base, image, prompt)
+    n_right = {"always": k, "never": 0}.get(right, right)
+    pipe = Pipeline(base.adapter, ScriptedDrafter(base.adapter, expected, n_right, k))
+    res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=k)
+    assert res.token_ids == expected
+    full_rounds = [r for r in res.rounds if r.target_token is not None and len(r.draft_ids) == k]
+    assert full_rounds, "some rounds draft the full k tokens"
+    for r in full_rounds[:-1]:
+        assert r.n_accepted == min(n_right, k)
+    if right == "always":
+        assert res.stats.target_forwards <= -(-MAX_NEW // (k + 1)) + 1
+
+
+def _eos_case(pipes):
+    """A prompt/image whose greedy output, cut by a chosen extra end-of-sequence id, ends a few tokens in."""
+    base = pipes["none"]
+    for seed in range(8):
+        for prompt in PROMPTS:
+            image = sample_image(seed)
+            free = hf_greedy(base, image, prompt)
+            new = [t for i, t in enumerate(free[:-1]) if i >= 4 and t not in free[:i]]
+            if new:
+                return base, image, prompt, new[0], free
+    raise AssertionError("no tiny-model output long enough to place an end-of-sequence token in")
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_end_of_sequence_inside_a_draft_block(pipes, k):
+    base, image, prompt, eos_id, free = _eos_case(pipes)
+    configs = [p.target.generation_config for p in pipes.values()]
+    old = base.target.generation_config.eos_token_id
+    for cfg in configs:
+        cfg.eos_token_id = [old, eos_id]
+    try:
+        expected = hf_greedy(base, image, prompt)
+        assert expected[-1] == eos_id and len(expected) < MAX_NEW
+        # The always-right drafter proposes past the end of sequence; the output must still stop there.
+        pipe = Pipeline(base.adapter, ScriptedDrafter(base.adapter, free, k, k))
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=k)
+        assert res.token_ids == expected
+        assert res.stats.stop_reason == "eos"
+        assert res.rounds[-1].target_token is None or res.rounds[-1].target_token == eos_id
+        for kind in ("text", "ngram"):
+            assert pipes[kind].generate(image, prompt, max_new_tokens=MAX_NEW).token_ids == expected
+    finally:
+        for cfg in configs:
+            cfg.eos_token_id = old
+
+
+def test_max_new_tokens_is_exact(pipes):
+    image = sample_image(2)
+    for n in (1, 2, 7):
+        res = pipes["text"].generate(image, PROMPTS[1], max_new_tokens=n, num_draft_tokens=4)
+        expected = hf_greedy(pipes["none"], image, PROMPTS[1], max_new_tokens=n)
+        assert res.token_ids == expected
+        assert len(res.token_ids) <= n
+
+
+def test_stream_yields_one_event_per_round(pipes):
+    pipe = pipes["text"]
+    image = sample_image(0)
+    events = list(pipe.stream(image, PROMPTS[0], max_new_tokens=MAX_NEW))
+    assert [e.done for e in events] == [False] * (len(events) - 1) + [True]
+    final = events[-1].result
+    assert final is not None and [e.round for e in events] == final.rounds
+    assert events[-1].token_ids == final.token_ids == pipe.generate(image, PROMPTS[0], max_new_tokens=MAX_NEW).token_ids
