@@ -1,0 +1,387 @@
+"""``mmspec bench``: mmspec side by side with transformers, same inputs, same process, interleaved.
+
+Modes: ``hf-greedy`` (the target's own ``generate``, the baseline), ``hf-assisted`` (``assistant_model=`` the same
+text drafter), ``hf-prompt-lookup``, and every mmspec drafter kind available for the pair. Each timed call
+includes preprocessing and the vision tower: mmspec's image cache is cleared before every timed call, so the
+headline numbers never profit from having seen an image before; the warm-cache effect is reported separately
+as time to first token (cold vs warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmspec.errors import MMSpecError
+from mmspec.types import acceptance_by_position
+
+QUESTION_KINDS = ("color", "count", "position", "yesno")
+
+
+@dataclass
+class Input:
+    image: object
+    prompt: str
+    prompt_type: str
+    name: str
+
+
+@dataclass
+class Call:
+    """One timed call of one mode on one input."""
+
+    input: str
+    prompt_type: str
+    wall_s: float
+    ids: list[int]
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: list = field(default_factory=list)
+    peak_mb: float = 0.0
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    calls: list[Call] = field(default_factory=list)
+    ttft_cold: list[float] = field(default_factory=list)
+    ttft_warm: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+class PeakMemory:
+    """Peak memory during a call: CUDA allocator peak on GPU, resident set size (sampled) on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.peak = 0
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self.peak = self._rss()
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, self._rss())
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def scene_inputs(n: int, prompt_types: list[str]) -> list[Input]:
+    """Held-out scenes of the bundled world: one caption and one question per scene."""
+    from vision.scenes import HELDOUT_SEEDS, examples_for_scene
+
+    inputs = []
+    for i, seed in enumerate(list(HELDOUT_SEEDS)[-n:]):  # the end of the held-out range: not used by the tests
+        for ptype in prompt_types:
+            kind = "caption" if ptype == "caption" else QUESTION_KINDS[i % len(QUESTION_KINDS)]
+            ex = examples_for_scene(seed, kinds=(kind,))[0]
+            inputs.append(Input(ex.image, ex.prompt, ptype, f"scene{seed}:{kind}"))
+    return inputs
+
+
+def folder_inputs(folder: str, n: int, prompts: dict[str, str]) -> list[Input]:
+    from vision.images import load_image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})[:n]
+    if not files:
+        raise MMSpecError(f"no images found in {folder}")
+    return [Input(load_image(f), prompt, ptype, f"{f.name}:{ptype}") for f in files for ptype, prompt in prompts.items()]
+
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": device}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+class Bench:
+    def __init__(self, pipe, modes: list[str], max_new_tokens: int, temperature: float, k: int | None,
+                 lookup_tokens: int):
+        from mmspec.drafters import NgramDrafter, NoDrafter
+        from mmspec.pipeline import Pipeline
+
+        self.pipe, self.adapter = pipe, pipe.adapter
+        self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
+        self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
+                          "mmspec-ngram": Pipeline(pipe.adapter, NgramDrafter(pipe.adapter)),
+                          "mmspec-none": Pipeline(pipe.adapter, NoDrafter(pipe.adapter))}
+        available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
+        available += list(self.pipelines)
+        self.modes = [m for m in available if not modes or m in modes]
+        unknown = set(modes or []) - set(available)
+        if unknown:
+            raise MMSpecError(f"unknown or unavailable modes {sorted(unknown)}; available: {available}")
+        if "hf-greedy" not in self.modes:
+            self.modes.insert(0, "hf-greedy")
+        self.results = {m: ModeResult(m) for m in self.modes}
+
+    def _hf(self, mode: str, inp: Input) -> tuple[list[int], float]:
+        from vision.images import load_image
+
+        start = time.perf_counter()
+        text = self.adapter.format_prompt(inp.prompt)
+        inputs = self.pipe.processor(images=load_image(inp.image), text=text, return_tensors="pt")
+        inputs = inputs.to(self.adapter.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.pipe.target.dtype)
+        kwargs = dict(max_new_tokens=self.max_new_tokens)
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        if mode == "hf-assisted":
+            kwargs["assistant_model"] = self.pipe.drafter
+        elif mode == "hf-prompt-lookup":
+            kwargs["prompt_lookup_num_tokens"] = self.lookup
+        with torch.inference_mode():
+            out = self.pipe.target.generate(**inputs, **kwargs)
+        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return ids, time.perf_counter() - start
+
+    def run_one(self, mode: str, inp: Input, record: bool) -> None:
+        res = self.results[mode]
+        if res.error:
+            return
+        try:
+            with PeakMemory(self.adapter.device.type) as mem:
+                if mode.startswith("hf-"):
+                    ids, wall = self._hf(mode, inp)
+                else:
+                    self.adapter.vision_cache.clear()  # every timed call encodes its image
+                    out = self.pipelines[mode].generate(inp.image, inp.prompt, max_new_tokens=self.max_new_tokens,
+                                                        temperature=self.temperature, num_draft_tokens=self.k,
+                                                        seed=0 if self.temperature > 0 else None)
+                    ids, wall = out.token_ids, out.stats.wall_s
+        except Exception as e:  # a mode that breaks (e.g. HF assisted decoding on a padded vocab) is reported
+            res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            return
+        if not record:
+            return
+        call = Call(inp.name, inp.prompt_type, wall, ids, peak_mb=mem.mb)
+        if not mode.startswith("hf-"):
+            call.forwards, call.drafted = out.stats.target_forwards, out.stats.drafted_tokens
+            call.accepted, call.rounds = out.stats.accepted_tokens, out.rounds
+        res.calls.append(call)
+
+    def time_to_first_token(self, inputs: list[Input]) -> None:
+        for mode, pipe in self.pipelines.items():
+            if mode not in self.modes:
+                continue
+            for inp in inputs:
+                self.adapter.vision_cache.clear()
+                cold = pipe.generate(inp.image, inp.prompt, max_new_tokens=1).stats.time_to_first_token_s
+                warm = pipe.generate(inp.image, inp.prompt, max_new_tokens=1).stats.time_to_first_token_s
+                self.results[mode].ttft_cold.append(cold)
+                self.results[mode].ttft_warm.append(warm)
+
+    def summary(self, inputs: list[Input]) -> list[dict]:
+        """One row per mode over ``inputs`` (all inputs, or those of one prompt type)."""
+        names = {i.name for i in inputs}
+
+        def calls(mode):
+            return [c for c in self.results[mode].calls if c.input in names]
+
+        def median_rate(cs):
+            rates = [len(c.ids) / c.wall_s for c in cs if c.wall_s > 0]
+            return statistics.median(rates) if rates else 0.0
+
+        base = median_rate(calls("hf-greedy"))
+        reference = {c.input: c.ids for c in calls("hf-greedy")}
+        rows = []
+        for mode in self.modes:
+            r, cs = self.results[mode], calls(mode)
+            tps = median_rate(cs)
+            mismatches = sorted({c.input for c in cs if c.ids != reference.get(c.input)})
+            forwards, drafted = sum(c.forwards for c in cs), sum(c.drafted for c in cs)
+            checked = self.temperature == 0 and not r.error
+            rows.append({
+                "mode": mode,
+                "tokens_per_s": round(tps, 2),
+                "speedup_vs_hf_greedy": round(tps / base, 3) if base and tps else None,
+                "mean_accepted": round(sum(len(c.ids) for c in cs) / forwards, 3) if forwards else None,
+                "acceptance_rate": round(sum(c.accepted for c in cs) / drafted, 3) if drafted else None,
+                "acceptance_by_position": [round(a, 3) for a in
+                                           acceptance_by_position([x for c in cs for x in c.rounds])] or None,
+                "ttft_cold_s": round(statistics.median(r.ttft_cold), 4) if r.ttft_cold else None,
+                "ttft_warm_s": round(statistics.median(r.ttft_warm), 4) if r.ttft_warm else None,
+                "peak_memory_mb": round(max((c.peak_mb for c in cs), default=0.0), 1),
+                "lossless": (not mismatches and {c.input for c in cs} == names) if checked else None,
+                "mismatched_inputs": mismatches if checked else [],
+                "runs": len(cs),
+                "error": r.error,
+            })
+        return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| mode | tokens/s | speedup vs hf-greedy | mean accepted / target fwd | acceptance | "
+            "TTFT cold / warm (s) | peak mem (MB) | lossless |")
+    lines = [head, "|" + "---|" * 8]
+    fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        lossless = {True: "yes", False: f"NO ({len(r['mismatched_inputs'])} inputs)", None: "–"}[r["lossless"]]
+        if r["error"]:
+            lines.append(f"| {r['mode']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        lines.append(f"| {r['mode']} | {fmt(r['tokens_per_s'], '{:.1f}')} | {fmt(r['speedup_vs_hf_greedy'])}x | "
+                     f"{fmt(r['mean_accepted'])} | {fmt(r['acceptance_rate'])} | {fmt(r['ttft_cold_s'], '{:.3f}')} / "
+                     f"{fmt(r['ttft_warm_s'], '{:.3f}')} | {fmt(r['peak_memory_mb'], '{:.0f}')} | {lossless} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["speedup_vs_hf_greedy"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh([r["mode"] for r in ok], [r["speedup_vs_hf_greedy"] for r in ok],
+           color=["#888" if r["mode"].startswith("hf-") else "#2a7" for r in ok])
+    a.axvline(1.0, color="k", lw=0.8)
+    a.set_xlabel("speedup vs hf-greedy (ratio of median tokens/s)")
+    a.set_title("speed")
+    for r in rows:
+        if r["acceptance_by_position"]:
+            pos = list(range(1, len(r["acceptance_by_position"]) + 1))
+            b.plot(pos, r["acceptance_by_position"], marker="o", label=r["mode"])
+    b.set_xlabel("draft position")
+    b.set_ylabel("acceptance rate")
+    b.set_ylim(0, 1.05)
+    b.set_title("acceptance by draft position")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmspec.cli import add_model_arguments
+
+    add_model_arguments(parser)
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--n", type=int, default=12, help="number of scenes / images (default 12)")
+    g.add_argument("--prompt-types", default="caption,question", help="caption,question (default both)")
+    g.add_argument("--images", default=None, help="folder of images instead of the bundled world's scenes")
+    g.add_argument("--caption-prompt", default="Describe the image.", help="caption prompt for --images")
+    g.add_argument("--question-prompt", default="What is in the image?", help="question prompt for --images")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--repeats", type=int, default=2, help="timed passes over all inputs (default 2)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed inputs per mode first (default 2)")
+    g.add_argument("--temperature", type=float, default=0.0, help="> 0 benchmarks sampling (no lossless check)")
+    g.add_argument("--num-draft-tokens", type=int, default=None, help="fixed k for mmspec (default: adaptive)")
+    g.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for hf-prompt-lookup")
+    g.add_argument("--modes", default="", help="comma list to restrict modes (hf-greedy is always run)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--json", default=None, help="write results as JSON to this file")
+    g.add_argument("--plot", default=None, help="write a PNG plot (speedup per mode, acceptance by position)")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from mmspec.cli import load_from_args
+
+    if args.n < 1 or args.repeats < 1 or args.max_new_tokens < 1:
+        raise MMSpecError("--n, --repeats and --max-new-tokens must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_from_args(args)
+    prompt_types = [p.strip() for p in args.prompt_types.split(",") if p.strip()]
+    if set(prompt_types) - {"caption", "question"}:
+        raise MMSpecError("--prompt-types takes caption and/or question")
+    if args.images:
+        prompts = {"caption": args.caption_prompt, "question": args.question_prompt}
+        inputs = folder_inputs(args.images, args.n, {p: prompts[p] for p in prompt_types})
+    elif args.target is None:
+        inputs = scene_inputs(args.n, prompt_types)
+    else:
+        raise MMSpecError("with --target, give --images FOLDER to benchmark on")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bench = Bench(pipe, modes, args.max_new_tokens, args.temperature, args.num_draft_tokens, args.lookup_tokens)
+
+    by_type = {p: [i for i in inputs if i.prompt_type == p] for p in prompt_types}
+    total = len(bench.modes) * (min(args.warmup, len(inputs)) + args.repeats * len(inputs))
+    with tqdm(total=total, desc="bench", unit="call") as bar:
+        for inp in inputs[: args.warmup]:
+            for mode in bench.modes:
+                bench.run_one(mode, inp, record=False)
+                bar.update()
+        for rep in range(args.repeats):
+            for inp in inputs:
+                # interleave modes per input, rotating the order so no mode always runs first
+                order = bench.modes[rep % len(bench.modes):] + bench.modes[: rep % len(bench.modes)]
+                for mode in order:
+                    bench.run_one(mode, inp, record=True)
+                    bar.update()
+    bench.time_to_first_token(inputs[:3])
+
+    report = {"machine": machine_info(str(pipe.adapter.device)),
+              "config": {"target": str(args.target or "bundled"), "drafter_kind": pipe.drafter_kind,
+                         "n_inputs": len(inputs), "prompt_types": prompt_types, "repeats": args.repeats,
+                         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                         "num_draft_tokens": args.num_draft_tokens, "lookup_tokens": args.lookup_tokens},
+              "modes": bench.summary(inputs), "by_prompt_type": {}}
+    for ptype, subset in by_type.items():
+        report["by_prompt_type"][ptype] = bench.summary(subset)
+
+    print(markdown_table(report["modes"]))
+    for ptype, rows in report["by_prompt_type"].items():
+        print(f"\n{ptype} prompts:\n" + markdown_table(rows))
+    bad = [r["mode"] for r in report["modes"] if r["lossless"] is False]
+    if bad:
+        print(f"\nNOT LOSSLESS: {bad}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report["modes"], args.plot, f"mmspec bench: {report['config']['target']} on {report['machine']['cpu']}")
+    return 1 if bad else 0
