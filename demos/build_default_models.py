@@ -214,7 +214,7 @@ def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_i
             labs.append([-100] * len(pids) + aids)
             pix.append(j)
     seqs, labs, pix = seqs[:batch], labs[:batch], pix[:batch]
-    L = max(len(s) for s in seqs)
+    L = -(-max(len(s) for s in seqs) // 8) * 8  # few distinct shapes: new shapes are slow on CPU
     ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((batch, L), -100, dtype=torch.long)
     mask = torch.zeros((batch, L), dtype=torch.long)
@@ -295,6 +295,8 @@ def cmd_train_target(args):
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     step = 0
+    t0 = time.time()
+    prev_elapsed = 0.0  # training seconds spent before this (resumed) run
     rng = random.Random(args.seed)
     ckpt = work / "target_ckpt.pt"
     log = open(work / "target_log.txt", "a")
@@ -305,27 +307,33 @@ def cmd_train_target(args):
         step = st["step"]
         rng.setstate(st["rng"])
         torch.set_rng_state(st["torch_rng"])
-        print(f"resumed from step {step}", flush=True)
+        prev_elapsed = st.get("elapsed", 0.0)
+        print(f"resumed from step {step} ({prev_elapsed / 60:.1f} min trained)", flush=True)
+
+    def progress(s):
+        p = (s - args.warmup) / max(1, args.steps - args.warmup)
+        if args.max_minutes:  # time-based schedule: anneal within the wall-clock budget
+            p = max(p, (prev_elapsed + time.time() - t0) / (60 * args.max_minutes))
+        return min(1.0, max(0.0, p))
 
     def lr_at(s):
         if s < args.warmup:
             return args.lr * (s + 1) / args.warmup
-        t = min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(s))))
 
     def save():
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                    "elapsed": prev_elapsed + time.time() - t0}, tmp)
         os.replace(tmp, ckpt)
 
     model.train()
-    t0 = time.time()
     ema = None
     bar = tqdm(total=args.steps, initial=step, desc="train target", mininterval=5)
     while step < args.steps:
-        if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
-            print(f"time budget reached at step {step}", flush=True)
+        if step >= args.warmup and progress(step) >= 1.0:
+            print(f"schedule finished (time budget) at step {step}", flush=True)
             break
         ids, mask, labels, pix = sample_batch(pool, cache, rng, args.batch)
         for g in opt.param_groups:
@@ -340,7 +348,7 @@ def cmd_train_target(args):
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.1e}")
         if step % 50 == 0:
-            log.write(f"step {step} loss {ema:.4f} elapsed {time.time() - t0:.0f}s\n")
+            log.write(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} elapsed {prev_elapsed + time.time() - t0:.0f}s\n")
             log.flush()
         if step % args.ckpt_every == 0 or step == args.steps:
             save()
@@ -362,6 +370,284 @@ def cmd_train_target(args):
     print(f"saved {final} after {step} steps, {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
+# --------------------------------------------------------------------------- export
+
+def _save_16bit(model, folder: Path, dtype=torch.float16):
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(folder, safe_serialization=True)
+    model.to(torch.float32)
+
+
+def cmd_export(args):
+    """Copy trained models from the workdir into assets/models in 16-bit safetensors."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    work = Path(args.workdir)
+    target_dir, drafter_dir = bundled_paths()
+    processor = build_processor()
+    src = work / "target_fp32"
+    if src.exists() and args.what in ("all", "target"):
+        m = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+        set_generation_config(m, processor.tokenizer)
+        _save_16bit(m, target_dir)
+        processor.save_pretrained(target_dir)
+        print(f"exported target -> {target_dir}")
+    src = work / "drafter_fp32"
+    if src.exists() and args.what in ("all", "drafter"):
+        m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        set_generation_config(m, processor.tokenizer)
+        _save_16bit(m, drafter_dir)
+        processor.tokenizer.save_pretrained(drafter_dir)
+        print(f"exported text drafter -> {drafter_dir}")
+
+
+def load_target(path=None, dtype=torch.float32):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path) if path else bundled_paths()[0]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+    return model, processor
+
+
+def load_drafter(path=None, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path else bundled_paths()[1]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------- drafter distillation
+
+def drafter_prompt_ids(target_prompt_ids, image_token_id):
+    """The drafter's view of a target prompt: the same ids with every image placeholder removed."""
+    return [t for t in target_prompt_ids if t != image_token_id]
+
+
+@torch.no_grad()
+def target_greedy_ids(model, processor, examples, batch_size=32, max_new_tokens=48):
+    """Target prompt ids (unpadded) and greedy answer ids (through EOS when produced)."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    res = []
+    for i in tqdm(range(0, len(examples), batch_size), desc="target greedy", mininterval=5):
+        chunk = examples[i:i + batch_size]
+        texts = [chat_prompt(processor, e.prompt) for e in chunk]
+        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        P = inputs["input_ids"].shape[1]
+        for b in range(len(chunk)):
+            pids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
+            ans = []
+            for t in gen[b, P:].tolist():
+                if t == tok.pad_token_id:
+                    break
+                ans.append(t)
+                if t == tok.eos_token_id:
+                    break
+            res.append((pids, ans))
+    return res
+
+
+def _pad_batch(seqs, labs, pad_id):
+    L = -(-max(len(s) for s in seqs) // 8) * 8
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(s)] = 1
+    return ids, mask, labels
+
+
+def cmd_distill_drafter(args):
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.workdir)
+    tpath = bundled_paths()[0] if (bundled_paths()[0] / "config.json").exists() else work / "target_fp32"
+    print(f"distilling from target {tpath}", flush=True)
+    target, processor = load_target(tpath)
+    tok = processor.tokenizer
+    img_id = target.config.image_token_id
+    data_path = work / f"drafter_data_{args.scenes}.pt"
+    if data_path.exists():
+        data = torch.load(data_path)
+    else:
+        exs = []
+        for s in range(TRAIN_SEED_START + 500_000, TRAIN_SEED_START + 500_000 + args.scenes):
+            exs += scenes.examples_for_scene(s)
+        data = target_greedy_ids(target, processor, exs)
+        torch.save(data, data_path)
+    seqs, labs = [], []
+    for pids, ans in data:
+        d = drafter_prompt_ids(pids, img_id)
+        seqs.append(d + ans)
+        labs.append([-100] * len(d) + ans)
+    print(f"{len(seqs)} distillation sequences", flush=True)
+    model = LlamaForCausalLM(drafter_config(tok))
+    set_generation_config(model, tok)
+    print(f"drafter parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    rng = random.Random(args.seed)
+    model.train()
+    for step in tqdm(range(args.steps), desc="distill drafter", mininterval=5):
+        lr = args.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = [rng.randrange(len(seqs)) for _ in range(args.batch)]
+        ids, mask, labels = _pad_batch([seqs[i] for i in idx], [labs[i] for i in idx], tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    out = work / "drafter_fp32"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"saved {out}", flush=True)
+
+
+@torch.no_grad()
+def measure_acceptance(target, processor, drafter, examples, k=4):
+    """Greedy agreement of the drafter with the target on the target's greedy answers.
+
+    token_match: fraction of answer positions (incl. EOS) where the drafter's greedy
+    next token, teacher-forced on the target's greedy answer, equals the target's.
+    mean_accepted: simulated greedy speculative decoding with draft length k: the
+    mean number of drafted tokens accepted per target verification step.
+    """
+    img_id = target.config.image_token_id
+    data = target_greedy_ids(target, processor, examples)
+    match = total = 0
+    acc_sum = rounds = 0
+    for pids, ans in data:
+        d = drafter_prompt_ids(pids, img_id)
+        ids = torch.tensor([d + ans])
+        pred = drafter(input_ids=ids).logits[0].argmax(-1).tolist()
+        P = len(d)
+        m = [pred[P - 1 + j] == ans[j] for j in range(len(ans))]
+        match += sum(m)
+        total += len(m)
+        i = 0
+        while i < len(ans):  # speculative rounds
+            ctx = d + ans[:i]
+            draft = []
+            for _ in range(min(k, len(ans) - i)):
+                nxt = drafter(input_ids=torch.tensor([ctx + draft])).logits[0, -1].argmax().item()
+                draft.append(nxt)
+            a = 0
+            while a < len(draft) and draft[a] == ans[i + a]:
+                a += 1
+            acc_sum += a
+            rounds += 1
+            i += a + 1
+    return {"token_match": match / max(1, total), "mean_accepted": acc_sum / max(1, rounds),
+            "k": k, "answer_tokens": total, "rounds": rounds}
+
+
+# --------------------------------------------------------------------------- eval / bench
+
+def cmd_eval(args):
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model, processor = load_target(args.target)
+    exs = heldout_examples(args.n, start=args.start)
+    answers = generate_answers(model, processor, exs)
+    per = score(exs, answers)
+    print(f"held-out scenes {args.start}..{args.start + args.n - 1} ({len(exs)} prompts), greedy, "
+          f"target {args.target or bundled_paths()[0]}")
+    print(format_scores(per))
+    if args.show_errors:
+        for e, a in zip(exs, answers):
+            if not is_correct(a, e):
+                print(f"  seed {e.seed} {e.kind}: {e.prompt!r} -> {a!r} (truth {e.answer!r})")
+    if args.acceptance:
+        drafter, _ = load_drafter(args.drafter)
+        acc = measure_acceptance(model, processor, drafter, heldout_examples(args.acceptance, start=args.start))
+        print(f"text drafter vs target on {args.acceptance} held-out scenes x 5 prompts: "
+              f"greedy token match {100 * acc['token_match']:.2f}% of {acc['answer_tokens']} answer tokens; "
+              f"mean accepted tokens per round (k={acc['k']}) {acc['mean_accepted']:.3f}")
+    print(f"({time.time() - t0:.0f}s)")
+
+
+@torch.no_grad()
+def per_token_latency(model, prefix_ids, extra=None, n=40, warmup=5):
+    """Median seconds of one single-token forward with a KV cache (float32, CPU)."""
+    from transformers import DynamicCache
+
+    extra = extra or {}
+    cache = DynamicCache()
+    out = model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, **extra)
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(n + warmup):
+        t = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        cache.crop(-nxt.shape[1])  # drop the new token: keep the context length fixed
+    return float(np.median(times[warmup:]))
+
+
+def cmd_bench(args):
+    torch.set_num_threads(args.threads)
+    target, processor = load_target(args.target)
+    drafter, _ = load_drafter(args.drafter)
+    e = heldout_examples(1)[0]
+    inputs = processor(images=e.image, text=chat_prompt(processor, e.prompt), return_tensors="pt")
+    t_lat = per_token_latency(target, inputs["input_ids"], {"pixel_values": inputs["pixel_values"]})
+    d_ids = torch.tensor([drafter_prompt_ids(inputs["input_ids"][0].tolist(), target.config.image_token_id)])
+    d_lat = per_token_latency(drafter, d_ids)
+    tp = sum(p.numel() for p in target.parameters())
+    dp = sum(p.numel() for p in drafter.parameters())
+    print(f"threads={args.threads}")
+    print(f"target : {tp / 1e6:.2f}M params, per-token forward (1 token, KV cache, fp32, CPU) {1e3 * t_lat:.2f} ms")
+    print(f"drafter: {dp / 1e6:.3f}M params, per-token forward (1 token, KV cache, fp32, CPU) {1e3 * d_lat:.2f} ms")
+    print(f"ratio target/drafter: {t_lat / d_lat:.1f}x")
+
+
+def cmd_images(args):
+    """Render sample held-out scenes into assets/images (288x288 PNG) + answers.json."""
+    out = ROOT / "assets" / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = []
+    for s in range(args.count):
+        exs = scenes.examples_for_scene(s, size=288)
+        name = f"scene_{s:03d}.png"
+        exs[0].image.save(out / name)
+        meta.append({"file": name, "seed": s, "caption": exs[0].scene.caption(),
+                     "scene": exs[0].scene.to_dict(),
+                     "prompts": [{"kind": e.kind, "prompt": e.prompt, "answer": e.answer} for e in exs]})
+    (out / "answers.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {args.count} images to {out}")
+
+
+def cmd_all(args):
+    a = argparse.Namespace(**vars(args))
+    for k, v in dict(steps=1300, batch=32, lr=1e-3, warmup=100, pool=10000, ckpt_every=100,
+                     eval_every=300, max_minutes=0, resume=args.resume).items():
+        setattr(a, k, v)
+    cmd_train_target(a)
+    a.what = "target"
+    cmd_export(a)
+    for k, v in dict(steps=3000, batch=64, lr=3e-3, scenes=600).items():
+        setattr(a, k, v)
+    cmd_distill_drafter(a)
+    a.what = "drafter"
+    cmd_export(a)
+    a.count = 16
+    cmd_images(a)
+    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance = 200, 0, None, None, False, 50
+    cmd_eval(a)
+    cmd_bench(a)
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -380,9 +666,43 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=12000, help="pre-rendered training scenes")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=300)
-    p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: off)")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(fn=cmd_train_target)
+
+    p = sub.add_parser("export", help="write trained models to assets/models (16-bit safetensors)")
+    p.add_argument("--what", choices=["all", "target", "drafter"], default="all")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("distill-drafter", help="distill the text drafter on the target's greedy answers")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--scenes", type=int, default=600, help="training scenes (x5 prompts) answered by the target")
+    p.set_defaults(fn=cmd_distill_drafter)
+
+    p = sub.add_parser("eval", help="held-out accuracy per prompt type (and drafter acceptance)")
+    p.add_argument("--n", type=int, default=200, help="held-out scenes (each asked all 5 prompt types)")
+    p.add_argument("--start", type=int, default=0, help="first held-out scene seed")
+    p.add_argument("--target", default=None, help="target folder (default: bundled)")
+    p.add_argument("--drafter", default=None, help="drafter folder (default: bundled)")
+    p.add_argument("--acceptance", type=int, default=0, help="also measure drafter acceptance on this many scenes")
+    p.add_argument("--show-errors", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="per-token forward latency of target and drafter")
+    p.add_argument("--target", default=None)
+    p.add_argument("--drafter", default=None)
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("images", help="render sample held-out scenes to assets/images")
+    p.add_argument("--count", type=int, default=16)
+    p.set_defaults(fn=cmd_images)
+
+    p = sub.add_parser("all", help="train-target, export, distill-drafter, export, images, eval, bench")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(fn=cmd_all)
 
     args = ap.parse_args(argv)
     args.fn(args)
