@@ -21,6 +21,7 @@ SUBCOMMANDS = {
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every subcommand shares; without them the bundled default pair is used."""
     g = parser.add_argument_group("model (default: the bundled tiny pair in assets/models, offline, CPU)")
+    g.add_argument("--preset", default=None, help="a known real pair (see mmspec.presets / README)")
     g.add_argument("--target", default=None, help="target VLM: hub id or local folder")
     g.add_argument("--drafter", default="default",
                    help="drafter model: hub id or folder; 'none' for weightless kinds (default: bundled with "
@@ -38,7 +39,7 @@ def load_from_args(args):
     import mmspec
 
     drafter = None if str(args.drafter).lower() == "none" else args.drafter
-    return mmspec.load(target=args.target, drafter=drafter, drafter_kind=args.drafter_kind, device=args.device,
+    return mmspec.load(target=args.target, preset=args.preset, drafter=drafter, drafter_kind=args.drafter_kind, device=args.device,
                        dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 

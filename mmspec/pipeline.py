@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from mmspec.config import DecodeConfig
-from mmspec.drafters import DRAFTER_KINDS, Drafter
+from mmspec.drafters import Drafter, drafter_class
 from mmspec.errors import MMSpecError
 from mmspec.loop import DraftLength, speculative_decode
 from mmspec.targets import TargetAdapter, adapter_for
@@ -126,7 +126,7 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _from_pretrained(loader, what: str, path, **kwargs):
+def from_pretrained(loader, what: str, path, **kwargs):
     try:
         return loader.from_pretrained(str(path), **kwargs)
     except MMSpecError:
@@ -138,18 +138,25 @@ def _from_pretrained(loader, what: str, path, **kwargs):
 
 def load(target: str | Path | None = None, drafter: str | Path | None = "default", drafter_kind: str | None = None,
          device: str = "cpu", dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
-         trust_remote_code: bool = False, vision_cache: EmbeddingCache | None = None,
+         trust_remote_code: bool = False, preset: str | None = None, vision_cache: EmbeddingCache | None = None,
          vision_cache_bytes: int = 512 * 2**20) -> Pipeline:
     """Load a target VLM (hub id or folder) and a drafter into a ``Pipeline``.
 
-    With no arguments: the bundled default pair (offline, CPU). ``drafter_kind`` is one of
+    With no arguments: the bundled default pair (offline, CPU). ``preset`` names a known real pair (see
+    ``mmspec.presets.PRESETS``); explicit arguments override it. ``drafter_kind`` is one of
     ``DRAFTER_KINDS``; it defaults to "text" when a drafter model is given and "ngram" otherwise.
     ``device_map="auto"`` spreads a target larger than one device with accelerate.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if drafter_kind is not None and drafter_kind not in DRAFTER_KINDS:
-        raise MMSpecError(f"unknown drafter kind {drafter_kind!r}; choose one of {sorted(DRAFTER_KINDS)}")
+    if preset is not None:
+        from mmspec.presets import resolve_preset
+
+        p = resolve_preset(preset)
+        target = target or p.target
+        drafter = p.drafter if drafter == "default" else drafter
+        drafter_kind = drafter_kind or p.drafter_kind
+        dtype = dtype or (p.dtype if not str(device).startswith("cpu") else None)
     bundled = target is None
     if bundled:
         target = BUNDLED_TARGET
@@ -160,28 +167,22 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
             drafter = None
     if drafter_kind is None:
         drafter_kind = "text" if drafter is not None else "ngram"
-    cls, needs_weights = DRAFTER_KINDS[drafter_kind]
-    if needs_weights and drafter is None:
+    cls = drafter_class(drafter_kind)
+    if cls.needs_weights and drafter is None:
         raise MMSpecError(f"drafter_kind={drafter_kind!r} needs a drafter model (drafter=<hub id or folder>)")
     torch_dtype = _resolve_dtype(dtype, device)
 
-    common = dict(trust_remote_code=trust_remote_code)
-    model_kwargs = dict(dtype=torch_dtype, use_safetensors=True, **common)
+    model_kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device_map is not None:
         model_kwargs["device_map"] = device_map
-    model = _from_pretrained(AutoModelForImageTextToText, "target", target, **model_kwargs)
+    model = from_pretrained(AutoModelForImageTextToText, "target", target, **model_kwargs)
     if device_map is None:
         model = model.to(device)
     model.eval()
-    processor = _from_pretrained(AutoProcessor, "target processor", target, **common)
+    processor = from_pretrained(AutoProcessor, "target processor", target, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model)(model, processor, vision_cache or EmbeddingCache(vision_cache_bytes))
-
-    if needs_weights:
-        d_model = _from_pretrained(AutoModelForCausalLM, "drafter", drafter, dtype=torch_dtype,
-                                   use_safetensors=True, **common)
-        d_model = d_model.to(adapter.device).eval()
-        d_tok = _from_pretrained(AutoTokenizer, "drafter tokenizer", drafter, **common)
-        strategy = cls(adapter, d_model, d_tok)
+    if cls.needs_weights:
+        strategy = cls.from_pretrained(adapter, drafter, torch_dtype, trust_remote_code=trust_remote_code)
     else:
         strategy = cls(adapter)
     return Pipeline(adapter, strategy)

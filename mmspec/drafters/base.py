@@ -46,10 +46,15 @@ class DraftSession(ABC):
 class Drafter(ABC):
     kind: str = ""
     default_k: int = 4
-    model = None          # the underlying HF model, when there is one
+    needs_weights: bool = False   # True: built by ``from_pretrained(target, path, ...)``
+    model = None                  # the underlying HF model, when there is one
 
     def __init__(self, target: TargetAdapter):
         self.target = target
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "Drafter":
+        raise NotImplementedError(f"drafter kind {cls.kind!r} has no weights to load")
 
     @abstractmethod
     def session(self, request: Request, config: DecodeConfig, generator: torch.Generator | None) -> DraftSession:

@@ -97,6 +97,18 @@ class CausalLMDraftSession(DraftSession):
 class TextDrafter(Drafter):
     kind = "text"
     default_k = 4
+    needs_weights = True
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "TextDrafter":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mmspec.pipeline import from_pretrained
+
+        kw = dict(trust_remote_code=trust_remote_code)
+        model = from_pretrained(AutoModelForCausalLM, "drafter", path, dtype=dtype, use_safetensors=True, **kw)
+        tokenizer = from_pretrained(AutoTokenizer, "drafter tokenizer", path, **kw)
+        return cls(target, model.to(target.device).eval(), tokenizer)
 
     def __init__(self, target: TargetAdapter, model, tokenizer):
         super().__init__(target)
