@@ -1,0 +1,76 @@
+"""``drafter_kind="visual"``: a small causal LM fed ``m`` compressed visual tokens before the prompt text.
+
+The visual tokens come from features that are already cached: the target's own projected image features
+(``source="target"``), or an open_clip image embedding (``source="open_clip"``), pooled to ``m`` tokens and
+mapped into the drafter's embedding space by a trained projector (``vision.compress.VisualProjector``). The
+drafter's visual tokens are cached beside the image's features, so a repeated image costs nothing extra.
+Folders are made by ``mmspec train-drafter --kind visual``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from mmspec.drafters.text import CausalLMDraftSession, TextDrafter
+from mmspec.errors import MMSpecError
+from mmspec.targets.base import Request, TargetAdapter
+from vision.compress import VisualProjector, pool_tokens
+
+
+class VisualDrafter(TextDrafter):
+    kind = "visual"
+    needs_weights = True
+
+    def __init__(self, target: TargetAdapter, model, tokenizer, projector: VisualProjector):
+        super().__init__(target, model, tokenizer)
+        self.projector = projector.to(target.device, model.dtype).eval()
+        self.encoder = None
+        if projector.source == "open_clip":
+            from vision.openclip import OpenClipEncoder
+
+            self.encoder = OpenClipEncoder.get(projector.config["open_clip_model"],
+                                               projector.config["open_clip_pretrained"], target.device)
+        expected = self.projector.config["in_dim"]
+        got = self.encoder.dim if self.encoder else target.model.config.get_text_config().hidden_size
+        if expected != got:
+            raise MMSpecError(f"this visual drafter's projector takes {expected}-dim features but its "
+                              f"{projector.source} features are {got}-dim: it was trained for another target")
+        self._cache_tag = f"visual-drafter:{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "VisualDrafter":
+        from pathlib import Path
+
+        if not VisualProjector.exists(path) and Path(str(path)).is_dir():
+            raise MMSpecError(f"{path} is not a visual drafter (no visual projector in it); make one with "
+                              "`mmspec train-drafter --kind visual`")
+        text = TextDrafter.from_pretrained(target, path, dtype, trust_remote_code)
+        if not VisualProjector.exists(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(str(path))  # a hub id: fetch the projector files beside the weights
+        return cls(target, text.model, text.tokenizer, VisualProjector.from_pretrained(path))
+
+    def pooled_features(self, request: Request) -> torch.Tensor:
+        """The source features of ``request``'s image pooled to [m, in_dim] (no trained parameters)."""
+        if self.encoder is not None:
+            feats, _ = self.encoder.features(request.image, self.target.vision_cache)
+        else:
+            feats = request.features
+        return pool_tokens(feats.float(), self.projector.num_tokens)
+
+    @torch.inference_mode()
+    def visual_tokens(self, request: Request) -> torch.Tensor:
+        """[1, m, drafter_hidden], computed once per image and cached beside the image's features."""
+        def compute():
+            pooled = self.pooled_features(request).to(self.target.device, self.model.dtype)
+            return self.projector(pooled)[None]
+
+        tokens, _ = self.target.vision_cache.get_or_compute(f"{request.image_key}/{self._cache_tag}", compute)
+        return tokens
+
+    def session(self, request: Request, config, generator) -> CausalLMDraftSession:
+        return CausalLMDraftSession(self, request.text_only_ids, config, generator,
+                                    prefix_embeds=self.visual_tokens(request))
