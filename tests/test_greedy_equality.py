@@ -156,3 +156,22 @@ def test_stream_yields_one_event_per_round(pipes):
     final = events[-1].result
     assert final is not None and [e.round for e in events] == final.rounds
     assert events[-1].token_ids == final.token_ids == pipe.generate(image, PROMPTS[0], max_new_tokens=MAX_NEW).token_ids
+
+
+def test_lean_drafter_step_matches_the_full_forward(pipes):
+    """The drafter's lean one-token step (speed only) gives the logits of its model's own forward."""
+    from transformers import DynamicCache
+
+    from mmspec.drafters.text import lean_decode_step
+    from mmspec.kv import CACHE_KW
+
+    strategy = pipes["text"].strategy
+    assert strategy.lean_step
+    model = strategy.model
+    ids = torch.tensor([4, 9, 17, 22, 8, 30, 11])
+    with torch.inference_mode():
+        ref = model(input_ids=ids[None]).logits[0]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[None, :3], use_cache=True, **{CACHE_KW: cache})
+        for i in range(3, len(ids)):
+            assert torch.allclose(lean_decode_step(model, ids[i:i + 1], cache), ref[i], atol=1e-4)

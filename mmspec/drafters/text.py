@@ -17,12 +17,55 @@ from mmspec.kv import CACHE_KW, rollback
 from mmspec.targets.base import Request, TargetAdapter
 
 
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def lean_decode_step(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """One-token forward through the model's own layers, without the mask building and output plumbing of
+    the full ``forward`` (a single new query attends to the whole cache, so it needs no mask). Drafting is
+    latency-bound and its numerics never change what is emitted; this roughly halves a tiny drafter's step.
+
+    ids: [1] -> logits [vocab]
+    """
+    inner = model.model
+    hidden = inner.embed_tokens(ids[None])
+    position = torch.tensor([[cache.get_seq_length()]], device=hidden.device)
+    rotary = inner.rotary_emb(hidden, position)
+    for layer in inner.layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=position, position_embeddings=rotary,
+                       use_cache=True, **{CACHE_KW: cache})
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return model.lm_head(inner.norm(hidden))[0, -1]
+
+
+def lean_step_works(model) -> bool:
+    """Use the lean step only where it reproduces the model's own forward (checked once, at load)."""
+    if getattr(model.config, "model_type", None) not in LEAN_MODEL_TYPES or getattr(model.config, "sliding_window", None):
+        return False
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    try:
+        with torch.inference_mode():
+            device = model.get_input_embeddings().weight.device
+            ids = torch.arange(1, 6, device=device) % model.config.vocab_size
+            full = DynamicCache(config=model.config)
+            ref = model(input_ids=ids[None], use_cache=True, **{CACHE_KW: full}).logits[0, -1]
+            lean = DynamicCache(config=model.config)
+            model(input_ids=ids[None, :-1], use_cache=True, **{CACHE_KW: lean})
+            got = lean_decode_step(model, ids[-1:], lean)
+        return bool(torch.allclose(ref.float(), got.float(), atol=1e-3, rtol=1e-3))
+    except Exception:  # another layer signature: the regular forward is always right
+        return False
+
+
 class CausalLMDraftSession(DraftSession):
     """Autoregressive drafting with a KV cache over ``seq`` (the drafter's view of prompt + output)."""
 
     def __init__(self, drafter: "TextDrafter", seq: list[int], config: DecodeConfig,
                  generator: torch.Generator | None, prefix_embeds: torch.Tensor | None = None):
         self.model = drafter.model
+        self.lean = drafter.lean_step
         self.embed = self.model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.bad = drafter.bad_ids.to(self.device)
@@ -51,9 +94,13 @@ class CausalLMDraftSession(DraftSession):
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [n] -> logits of the last position [drafter_vocab]
-        out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{CACHE_KW: self.cache})
         self.forwards += 1
-        return out.logits[0, -1].float().masked_fill(self.bad, float("-inf"))
+        if self.lean and ids.shape[0] == 1:
+            logits = lean_decode_step(self.model, ids, self.cache)
+        else:
+            logits = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1,
+                                **{CACHE_KW: self.cache}).logits[0, -1]
+        return logits.float().masked_fill(self.bad, float("-inf"))
 
     def propose(self, k: int) -> Draft:
         k = min(k, self.max_len - len(self.seq))
@@ -117,6 +164,7 @@ class TextDrafter(Drafter):
         self.tokenizer = tokenizer
         rows = model.get_output_embeddings().weight.shape[0]
         self.bad_ids = undraftable_ids(rows, target.vocab_size, tokenizer, target.image_token_ids)
+        self.lean_step = lean_step_works(model)
         unk = tokenizer.unk_token_id
         self.unk_id = int(unk if unk is not None else (tokenizer.eos_token_id or 0))
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
