@@ -1,0 +1,187 @@
+"""``drafter_kind="vlm"``: a smaller VLM of the target's family drafts while seeing the image.
+
+The drafter runs through its own target adapter (``adapter_for(model)``), so it gets the same prompt handling,
+image features and positions (M-RoPE for Qwen-VL, image packing for LLaVA-NeXT, tiles for Idefics3) as that
+family's target does. Its adapter shares the target's vision cache: when its vision side (vision tower, projector,
+image processor) is the target's -- same config and identical tensors -- it reads the target's cached features;
+otherwise its own features are cached under its own key, so a second request with the same image is a hit.
+
+The tokenizer must be the target's (``check_same_tokenizer``); padded vocabularies on either side work: ids the
+drafter has no row for get draft probability 0 and are fed to it as unknown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmspec.acceptance import warp_logits
+from mmspec.config import DecodeConfig
+from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
+from mmspec.targets.base import Request, TargetAdapter
+
+_META_KEYS = {"text_config", "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
+              "_commit_hash", "use_cache", "tie_word_embeddings"}
+
+
+def vision_parameters(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer outside the language model and its head: vision tower, projector, newlines."""
+    lm = {id(p) for p in model.get_decoder().parameters()}
+    lm |= {id(b) for b in model.get_decoder().buffers()}
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None:
+        lm |= {id(p) for p in out_emb.parameters()}
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: t for n, t in named if id(t) not in lm}
+
+
+def _vision_config(model) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k not in _META_KEYS}
+
+
+def _image_processor_config(processor) -> dict:
+    ip = getattr(processor, "image_processor", None)
+    return {} if ip is None else {k: v for k, v in ip.to_dict().items() if not k.startswith("_")}
+
+
+def shares_vision(target: TargetAdapter, drafter: TargetAdapter) -> bool:
+    """True when the drafter's image features are bit-identical to the target's for every image."""
+    if type(target) is not type(drafter) or target.model.dtype != drafter.model.dtype:
+        return False
+    if _vision_config(target.model) != _vision_config(drafter.model):
+        return False
+    if _image_processor_config(target.processor) != _image_processor_config(drafter.processor):
+        return False
+    a, b = vision_parameters(target.model), vision_parameters(drafter.model)
+    if a.keys() != b.keys():
+        return False
+    return all(a[n].shape == b[n].shape and a[n].device == b[n].device and torch.equal(a[n], b[n]) for n in a)
+
+
+class VlmDraftSession(DraftSession):
+    """Drafting through a drafter-side target session (the drafter VLM's own KV cache, rolled back by crop)."""
+
+    def __init__(self, drafter: "VlmDrafter", request: Request, config: DecodeConfig,
+                 generator: torch.Generator | None):
+        adapter = drafter.adapter
+        self.device = adapter.device
+        self.config, self.generator = config, generator
+        self.bad = drafter.bad_ids.to(self.device)
+        self.rows = drafter.rows
+        self.unk = drafter.unk_id
+        self.target_vocab = drafter.target.vocab_size
+        self.context_length = adapter.context_length
+        dreq = drafter.drafter_request(request)
+        adapter.image_features(dreq)
+        self.vision_cache_hit = dreq.vision_cache_hit
+        self.sess = adapter.session(dreq)
+        self.forwards = 1
+        # tokens of the sequence not in the drafter's cache yet (first: the prompt's last position)
+        self.pending: list[int] = [dreq.prompt_ids[-1]]
+        self._drafts: list[int] = []
+        self._base = 0
+
+    def _readable(self, ids: list[int]) -> list[int]:
+        return [t if t < self.rows else self.unk for t in ids]
+
+    def _step(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self.forwards += 1
+        # [drafter_vocab]: the distribution after the last fed position
+        return self.sess.forward(ids)[-1].float().masked_fill(self.bad, float("-inf"))
+
+    def propose(self, k: int) -> Draft:
+        self._base = self.sess.length
+        k = min(k, self.context_length - (self._base + len(self.pending)))
+        self._drafts = []
+        if k <= 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=self.device))
+        logits = self._step(self.pending)
+        ids, qs = [], []
+        for i in range(k):
+            if self.config.greedy:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                q = warp_logits(logits, self.config.temperature, self.config.top_p)
+                token = torch.multinomial(q, 1, generator=self.generator)
+                qs.append(q)
+            ids.append(token)
+            if i < k - 1:
+                logits = self._step(token)
+        draft_ids = torch.cat(ids)
+        self._drafts = draft_ids.tolist()
+        q = None
+        if qs:
+            # [k, drafter_vocab] -> [k, target_vocab]; ids beyond the drafter's rows have q = 0
+            q = torch.stack(qs)
+            pad = self.target_vocab - q.shape[-1]
+            q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, : self.target_vocab]
+        return Draft(draft_ids, q)
+
+    def update(self, n_accepted: int, emitted: list[int]) -> None:
+        k = len(self._drafts)
+        if k == 0:
+            self.pending = self.pending + self._readable(emitted)
+            return
+        # The cache holds pending + drafts[:k-1]; keep the accepted ones, feed the rest of ``emitted`` next time.
+        kept = min(n_accepted, k - 1)
+        self.sess.rollback(self._base + len(self.pending) + kept)
+        self.pending = self._readable(emitted[kept:])
+        self._drafts = []
+
+
+class VlmDrafter(Drafter):
+    kind = "vlm"
+    default_k = 4
+    needs_weights = True
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "VlmDrafter":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from mmspec.pipeline import from_pretrained
+
+        kw = dict(trust_remote_code=trust_remote_code)
+        model = from_pretrained(AutoModelForImageTextToText, "drafter", path, dtype=dtype, use_safetensors=True,
+                                **kw)
+        processor = from_pretrained(AutoProcessor, "drafter processor", path, **kw)
+        return cls(target, model.to(target.device).eval(), processor)
+
+    def __init__(self, target: TargetAdapter, model, processor):
+        from mmspec.errors import MMSpecError
+        from mmspec.targets import adapter_for
+
+        super().__init__(target)
+        adapter_cls = adapter_for(model)
+        if adapter_cls is not type(target):
+            raise MMSpecError(f"drafter_kind='vlm' needs a drafter of the target's family ({target.family}); "
+                              f"this drafter is {model.config.model_type!r}")
+        self.adapter = adapter_cls(model, processor, target.vision_cache)
+        check_same_tokenizer(target.tokenizer, self.adapter.tokenizer, target.image_token_ids)
+        self.shared_vision = shares_vision(target, self.adapter)
+        if self.shared_vision:
+            # identical vision side: the target's cached features are the drafter's
+            self.adapter.cache_namespace = target.cache_namespace
+        self.model = model
+        self.processor = processor
+        tok = self.adapter.tokenizer
+        self.rows = model.get_input_embeddings().weight.shape[0]
+        out_rows = model.get_output_embeddings().weight.shape[0]
+        self.bad_ids = undraftable_ids(out_rows, target.vocab_size, tok,
+                                       target.image_token_ids | self.adapter.image_token_ids)
+        unk = tok.unk_token_id
+        self.unk_id = int(unk if unk is not None else (tok.eos_token_id or 0))
+
+    def drafter_request(self, request: Request) -> Request:
+        """The drafter's own request for the same image and prompt (its processor, its cache key)."""
+        text = request.extras.get("prompt_text")
+        if text is not None:
+            return self.adapter.prepare(request.image, text)
+        # adapters that do not record the prompt text: same family and processor, so the same inputs
+        return Request(prompt_ids=list(request.prompt_ids), image=request.image,
+                       image_key=self.adapter.image_key(request.image), model_inputs=request.model_inputs,
+                       image_token_ids=self.adapter.image_token_ids)
+
+    def session(self, request: Request, config: DecodeConfig, generator) -> DraftSession:
+        return VlmDraftSession(self, request, config, generator)

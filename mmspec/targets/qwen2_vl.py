@@ -1,0 +1,128 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+Two things differ from LLaVA:
+
+- the number of image placeholders depends on the image size (``image_grid_thw`` after ``smart_resize``); the
+  processor expands them, and the model's own ``get_image_features`` returns one feature row per placeholder;
+- positions are 3-D (M-RoPE: temporal, height, width). For the prompt they come from the model's own
+  ``get_rope_index``; every later position p (cache length + i) is ``p + rope_deltas`` on all three axes, exactly
+  as ``generate()`` continues them. Positions are passed as the 4-row tensor ``generate()`` passes (row 0: the
+  plain 1-D text positions the causal mask is built from; rows 1-3: M-RoPE).
+
+A text-only drafter is unaffected: it numbers its own prompt (image placeholders removed) with 1-D positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from mmspec.errors import MMSpecError
+from mmspec.kv import CACHE_KW, rollback
+from mmspec.targets.base import Request, TargetAdapter, TargetSession
+
+
+class MRopeSession(TargetSession):
+    """A target session over ``inputs_embeds`` with M-RoPE positions: prompt positions given, then cache + delta."""
+
+    def __init__(self, model, prompt_embeds: torch.Tensor, prompt_positions: torch.Tensor, rope_delta: int):
+        # prompt_embeds: [1, L, hidden]; prompt_positions: [3, 1, L]
+        self.model = model
+        self.embed = model.get_input_embeddings()
+        self.delta = int(rope_delta)
+        self.cache = DynamicCache(config=model.config.get_text_config())
+        self._pending_embed = prompt_embeds[:, -1:]
+        self._pending_pos = prompt_positions[:, :, -1:]
+        n = prompt_embeds.shape[1] - 1
+        if n > 0:
+            pos = self._with_text_row(prompt_positions[:, :, :-1], 0)
+            model(inputs_embeds=prompt_embeds[:, :-1], position_ids=pos, use_cache=True, logits_to_keep=1,
+                  **{CACHE_KW: self.cache})
+
+    @staticmethod
+    def _with_text_row(mrope: torch.Tensor, start: int) -> torch.Tensor:
+        # [3, 1, n] -> [4, 1, n]: row 0 holds the 1-D text positions, as generate() prepends them
+        text = torch.arange(start, start + mrope.shape[-1], device=mrope.device).view(1, 1, -1)
+        return torch.cat([text, mrope], dim=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.embed.weight.device)
+        embeds = self.embed(ids[None])
+        start = self.length
+        # [3, 1, n]: position p of the sequence sits at p + rope_delta on every M-RoPE axis
+        mrope = (torch.arange(start, start + ids.shape[0], device=ids.device) + self.delta).view(1, 1, -1)
+        mrope = mrope.expand(3, 1, -1)
+        if self._pending_embed is not None:
+            embeds = torch.cat([self._pending_embed.to(embeds.dtype), embeds[:, 1:]], dim=1)
+            mrope = torch.cat([self._pending_pos.to(ids.device), mrope[:, :, 1:]], dim=-1)
+            self._pending_embed = self._pending_pos = None
+        out = self.model(inputs_embeds=embeds, position_ids=self._with_text_row(mrope, start), use_cache=True,
+                         **{CACHE_KW: self.cache})
+        # [n, vocab]
+        return out.logits[0].float()
+
+    def rollback(self, length: int) -> None:
+        rollback(self.cache, length)
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+
+class Qwen2VLAdapter(TargetAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    @property
+    def image_token_ids(self) -> frozenset[int]:
+        cfg = self.model.config
+        return frozenset(int(i) for i in (cfg.image_token_id, cfg.video_token_id) if i is not None)
+
+    def prepare(self, image, prompt_text: str) -> Request:
+        image_token = getattr(self.processor, "image_token", "<|image_pad|>")
+        if image_token not in prompt_text:
+            raise MMSpecError(f"the prompt must contain the image token {image_token!r} (raw_prompt=True passes "
+                              "the prompt unchanged; leave it False to use the chat template)")
+        inputs = dict(self.processor(images=image, text=prompt_text, return_tensors="pt"))
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+        token_types = inputs.pop("mm_token_type_ids", None)
+        if token_types is None:
+            image_ids = torch.tensor(sorted(self.image_token_ids))
+            token_types = torch.isin(torch.tensor([ids]), image_ids).long()
+        return Request(prompt_ids=ids, image=image, image_key=self.image_key(image), model_inputs=inputs,
+                       image_token_ids=self.image_token_ids,
+                       extras={"prompt_text": prompt_text, "mm_token_type_ids": token_types})
+
+    @torch.inference_mode()
+    def encode_image(self, request: Request) -> torch.Tensor:
+        inner = self.model.model
+        pixel_values = request.model_inputs["pixel_values"].to(self.device)
+        grid = request.model_inputs["image_grid_thw"].to(self.device)
+        out = inner.get_image_features(pixel_values, grid, return_dict=True)
+        # [n_image_tokens, hidden]
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def prompt_embeds(self, request: Request) -> torch.Tensor:
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = ids == int(self.model.config.image_token_id)
+        n_slots, n_feats = int(mask.sum()), request.features.shape[0]
+        if n_slots != n_feats:
+            raise MMSpecError(f"the prompt has {n_slots} image placeholders but the image gives {n_feats} "
+                              "features; use one image token per image in the prompt")
+        # [1, L, hidden]
+        return embeds.masked_scatter(mask[..., None], request.features.to(embeds.device, embeds.dtype))
+
+    def rope_positions(self, request: Request) -> tuple[torch.Tensor, int]:
+        """The model's own 3-D prompt positions [3, 1, L] and its rope delta (as ``generate()`` computes them)."""
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        types = request.extras["mm_token_type_ids"].to(self.device)
+        grid = request.model_inputs["image_grid_thw"].to(self.device)
+        positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+        return positions, int(deltas.view(-1)[0])
+
+    @torch.inference_mode()
+    def session(self, request: Request) -> TargetSession:
+        positions, delta = self.rope_positions(request)
+        return MRopeSession(self.model, self.prompt_embeds(request), positions, delta)
