@@ -427,27 +427,52 @@ def drafter_prompt_ids(target_prompt_ids, image_token_id):
 
 
 @torch.no_grad()
-def target_greedy_ids(model, processor, examples, batch_size=32, max_new_tokens=48):
-    """Target prompt ids (unpadded) and greedy answer ids (through EOS when produced)."""
+def forced_greedy(model, processor, examples, batch_size=32, cache=None):
+    """Exact greedy check by teacher forcing on the true answers (one forward per batch).
+
+    Greedy decoding reproduces the true answer (+EOS) iff the argmax at every answer
+    position equals the true token.  Returns per example (prompt_ids, answer_ids+EOS,
+    matched: bool, first_argmax: the target's greedy first answer token).
+    Right padding keeps every real position exactly as in an unpadded run.
+    """
+    cache = cache or PromptCache(processor)
     tok = processor.tokenizer
-    tok.padding_side = "left"
     res = []
-    for i in tqdm(range(0, len(examples), batch_size), desc="target greedy", mininterval=5):
+    for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        texts = [chat_prompt(processor, e.prompt) for e in chunk]
-        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
-        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        P = inputs["input_ids"].shape[1]
-        for b in range(len(chunk)):
-            pids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
-            ans = []
-            for t in gen[b, P:].tolist():
-                if t == tok.pad_token_id:
-                    break
-                ans.append(t)
-                if t == tok.eos_token_id:
-                    break
-            res.append((pids, ans))
+        pids = [cache.prompt_ids(e.prompt) for e in chunk]
+        aids = [cache.answer_ids(e.answer) for e in chunk]
+        ids, mask, _ = _pad_batch([p + a for p, a in zip(pids, aids)], [[] for _ in chunk], tok.pad_token_id)
+        pix = processor.image_processor(images=[e.image for e in chunk], return_tensors="pt")["pixel_values"]
+        pred = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits.argmax(-1)
+        for b, (p, a) in enumerate(zip(pids, aids)):
+            got = pred[b, len(p) - 1:len(p) - 1 + len(a)].tolist()
+            res.append((p, a, got == a, got[0]))
+    return res
+
+
+@torch.no_grad()
+def _generate_one(model, processor, e, max_new_tokens=48):
+    tok = processor.tokenizer
+    inputs = processor(images=e.image, text=chat_prompt(processor, e.prompt), return_tensors="pt")
+    gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ans = gen[0, inputs["input_ids"].shape[1]:].tolist()
+    if tok.eos_token_id in ans:
+        ans = ans[:ans.index(tok.eos_token_id) + 1]
+    return inputs["input_ids"][0].tolist(), ans
+
+
+@torch.no_grad()
+def target_greedy_ids(model, processor, examples, batch_size=32, max_new_tokens=48):
+    """Target prompt ids and unpadded batch-1 greedy answer ids (through EOS when produced).
+
+    Uses the exact teacher-forcing check first and runs generate only where the
+    target's greedy answer differs from the truth.
+    """
+    res = []
+    checked = forced_greedy(model, processor, examples, batch_size)
+    for e, (p, a, ok, _) in zip(tqdm(examples, desc="target greedy", mininterval=5), checked):
+        res.append((p, a) if ok else _generate_one(model, processor, e, max_new_tokens))
     return res
 
 
@@ -559,10 +584,16 @@ def cmd_eval(args):
     t0 = time.time()
     model, processor = load_target(args.target)
     exs = heldout_examples(args.n, start=args.start)
-    answers = generate_answers(model, processor, exs)
+    if args.method == "generate":
+        answers = generate_answers(model, processor, exs)
+    else:  # exact teacher-forced greedy check; wrong answers are generated to show them
+        checked = forced_greedy(model, processor, exs)
+        answers = [e.answer if ok else (processor.tokenizer.decode(_generate_one(model, processor, e)[1],
+                                                                   skip_special_tokens=True))
+                   for e, (_, _, ok, _) in zip(exs, checked)]
     per = score(exs, answers)
-    print(f"held-out scenes {args.start}..{args.start + args.n - 1} ({len(exs)} prompts), greedy, "
-          f"target {args.target or bundled_paths()[0]}")
+    print(f"held-out scenes {args.start}..{args.start + args.n - 1} ({len(exs)} prompts), greedy "
+          f"({args.method}), target {args.target or bundled_paths()[0]}")
     print(format_scores(per))
     if args.show_errors:
         for e, a in zip(exs, answers):
@@ -577,36 +608,51 @@ def cmd_eval(args):
     print(f"({time.time() - t0:.0f}s)")
 
 
-@torch.no_grad()
-def per_token_latency(model, prefix_ids, extra=None, n=40, warmup=5):
-    """Median seconds of one single-token forward with a KV cache (float32, CPU)."""
-    from transformers import DynamicCache
+class _Stepper:
+    """Single-token forwards with a KV cache on a fixed context (the new token is cropped)."""
 
-    extra = extra or {}
-    cache = DynamicCache()
-    out = model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, **extra)
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for i in range(n + warmup):
+    def __init__(self, model, prefix_ids, extra=None):
+        from transformers import DynamicCache
+
+        self.model, self.cache = model, DynamicCache()
+        with torch.no_grad():
+            out = model(input_ids=prefix_ids, past_key_values=self.cache, use_cache=True, **(extra or {}))
+        self.nxt = out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def __call__(self):
         t = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t)
-        cache.crop(-nxt.shape[1])  # drop the new token: keep the context length fixed
-    return float(np.median(times[warmup:]))
+        self.model(input_ids=self.nxt, past_key_values=self.cache, use_cache=True)
+        dt = time.perf_counter() - t
+        self.cache.crop(-1)
+        return dt
+
+
+def measure_latencies(target, processor, drafter, n=200, warmup=10):
+    """Median per-token forward latency (s) of target and drafter, measured interleaved
+    (alternating calls) so both see the same machine load."""
+    e = heldout_examples(1)[0]
+    inputs = processor(images=e.image, text=chat_prompt(processor, e.prompt), return_tensors="pt")
+    ts = _Stepper(target, inputs["input_ids"], {"pixel_values": inputs["pixel_values"]})
+    d_ids = torch.tensor([drafter_prompt_ids(inputs["input_ids"][0].tolist(), target.config.image_token_id)])
+    ds = _Stepper(drafter, d_ids)
+    tt, dd = [], []
+    for i in range(n + warmup):
+        a, b = ts(), ds()
+        if i >= warmup:
+            tt.append(a)
+            dd.append(b)
+    return float(np.median(tt)), float(np.median(dd))
 
 
 def cmd_bench(args):
     torch.set_num_threads(args.threads)
     target, processor = load_target(args.target)
     drafter, _ = load_drafter(args.drafter)
-    e = heldout_examples(1)[0]
-    inputs = processor(images=e.image, text=chat_prompt(processor, e.prompt), return_tensors="pt")
-    t_lat = per_token_latency(target, inputs["input_ids"], {"pixel_values": inputs["pixel_values"]})
-    d_ids = torch.tensor([drafter_prompt_ids(inputs["input_ids"][0].tolist(), target.config.image_token_id)])
-    d_lat = per_token_latency(drafter, d_ids)
+    t_lat, d_lat = measure_latencies(target, processor, drafter, n=args.n)
     tp = sum(p.numel() for p in target.parameters())
     dp = sum(p.numel() for p in drafter.parameters())
-    print(f"threads={args.threads}")
+    print(f"torch threads={args.threads}, {args.n} interleaved single-token forwards each, median")
     print(f"target : {tp / 1e6:.2f}M params, per-token forward (1 token, KV cache, fp32, CPU) {1e3 * t_lat:.2f} ms")
     print(f"drafter: {dp / 1e6:.3f}M params, per-token forward (1 token, KV cache, fp32, CPU) {1e3 * d_lat:.2f} ms")
     print(f"ratio target/drafter: {t_lat / d_lat:.1f}x")
@@ -643,8 +689,9 @@ def cmd_all(args):
     cmd_export(a)
     a.count = 16
     cmd_images(a)
-    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance = 200, 0, None, None, False, 50
+    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance, a.method = 200, 0, None, None, False, 50, "generate"
     cmd_eval(a)
+    a.n = 200
     cmd_bench(a)
 
 
@@ -689,11 +736,15 @@ def main(argv=None):
     p.add_argument("--drafter", default=None, help="drafter folder (default: bundled)")
     p.add_argument("--acceptance", type=int, default=0, help="also measure drafter acceptance on this many scenes")
     p.add_argument("--show-errors", action="store_true")
+    p.add_argument("--method", choices=["generate", "forced"], default="generate",
+                   help="generate: batched model.generate (left padding); forced: exact greedy check by "
+                        "teacher forcing, batch-1 generate only for the misses (much faster)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="per-token forward latency of target and drafter")
     p.add_argument("--target", default=None)
     p.add_argument("--drafter", default=None)
+    p.add_argument("--n", type=int, default=200, help="timed forwards per model")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("images", help="render sample held-out scenes to assets/images")
