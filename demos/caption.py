@@ -1,0 +1,661 @@
+"""Batch captioning that never loses work: ``mmspec caption PATHS... --out captions.jsonl``.
+
+Inputs are image files, folders (searched recursively for image extensions), glob patterns, or list files
+(``.txt``: one path per line; ``.jsonl``: one ``{"path": ..., "prompt": ...}`` per line). Each input gets
+exactly one JSON line in ``--out``::
+
+    {"path", "prompt", "caption", "tokens", "mean_accepted", "acceptance_rate", "time_s", "error", ...}
+
+Guarantees (see docs/CAPTIONING.md):
+
+- every line is written with one ``write``, flushed and ``fsync``-ed before the next input starts, so a crash
+  loses at most the input being captioned;
+- a rerun with the same ``--out`` skips the inputs already done (same path and prompt) and finishes the rest;
+  a last line cut by a crash is detected, removed, and that input is redone;
+- one process at a time writes an output file (an exclusive ``flock``), so two runs cannot interleave;
+- inputs whose line records an error count as done (the error is the answer for a corrupt file);
+  ``--retry-errors`` redoes them, replacing their error lines so that each input still has one line;
+- a bad image never stops the batch: it gets an error line and the exit status is 1.
+
+The captions are exactly what ``pipe.generate(image, prompt)`` returns. ``--backend ray`` runs the same
+captioner on Ray Data, one model replica per worker; the driver alone writes the file, with the same guarantees.
+Also runnable as ``python -m demos.caption``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import glob
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from mmspec.errors import MMSpecError
+
+DEFAULT_PROMPT = "Describe the image."
+FIELDS = ("path", "prompt", "caption", "tokens", "mean_accepted", "acceptance_rate", "time_s", "error")
+EXTRA_FIELDS = ("drafted", "accepted", "target_forwards", "plain_time_s", "speedup", "plain_matches")
+IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .jpe .jfif .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm .ico "
+                             ".tga .dib .avif .heic .heif".split())
+LIST_EXTENSIONS = (".txt", ".jsonl")
+MAX_ERROR_CHARS = 300
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    path: str
+    prompt: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return record_key({"path": self.path, "prompt": self.prompt})
+
+
+def record_key(rec: dict) -> tuple[str, str]:
+    """What identifies an input: its absolute path (relative paths are taken from the current folder) and prompt."""
+    return os.path.abspath(os.path.expanduser(str(rec["path"]))), str(rec["prompt"])
+
+
+def _walk_images(folder: str) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(root, name)
+
+
+def _expand_one(arg: str, prompt: str, allow_lists: bool = True) -> list[Task]:
+    path = os.path.expanduser(arg)
+    if os.path.isdir(path):
+        return [Task(p, prompt) for p in _walk_images(path)]
+    if os.path.isfile(path):
+        if allow_lists and path.lower().endswith(LIST_EXTENSIONS):
+            return _read_list(path, prompt)
+        return [Task(os.path.normpath(path), prompt)]  # given explicitly: tried whatever its extension
+    if glob.has_magic(path):
+        out: list[Task] = []
+        for match in sorted(glob.glob(path, recursive=True)):
+            if os.path.isdir(match):
+                out.extend(Task(p, prompt) for p in _walk_images(match))
+            elif os.path.splitext(match)[1].lower() in IMAGE_EXTENSIONS:
+                out.append(Task(os.path.normpath(match), prompt))
+        if out:
+            return out
+    # Not there: still an input, so it gets an error line ("image not found") instead of vanishing silently.
+    return [Task(os.path.normpath(path), prompt)]
+
+
+def _read_list(list_path: str, default_prompt: str) -> list[Task]:
+    """Entries of a .txt/.jsonl list; relative paths are taken from the list file's folder."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    is_jsonl = list_path.lower().endswith(".jsonl")
+    try:
+        text = Path(list_path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MMSpecError(f"cannot read the input list {list_path}: {e}") from None
+    tasks: list[Task] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompt = default_prompt
+        if is_jsonl:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MMSpecError(f"{list_path} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise MMSpecError(f'{list_path} line {lineno}: expected {{"path": "...", "prompt": "..."}}')
+            if entry.get("prompt") is not None:
+                if not isinstance(entry["prompt"], str) or not entry["prompt"].strip():
+                    raise MMSpecError(f"{list_path} line {lineno}: the prompt must be a non-empty string")
+                prompt = entry["prompt"]
+            entry_path = entry["path"]
+        else:
+            entry_path = line
+        entry_path = os.path.expanduser(entry_path)
+        if not os.path.isabs(entry_path):
+            entry_path = os.path.join(base, entry_path)
+        tasks.extend(_expand_one(entry_path, prompt, allow_lists=False))
+    return tasks
+
+
+def expand_inputs(args: Iterable[str], prompt: str = DEFAULT_PROMPT) -> list[Task]:
+    """Every input in order, each (path, prompt) once."""
+    seen: set[tuple[str, str]] = set()
+    out: list[Task] = []
+    for arg in args:
+        for task in _expand_one(str(arg), prompt):
+            if task.key not in seen:
+                seen.add(task.key)
+                out.append(task)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the output file
+# ----------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse_line(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("prompt"), str):
+        return None
+    return rec
+
+
+class CaptionLog:
+    """The JSONL output: exclusive while open, repaired on open, appended to durably one line at a time."""
+
+    def __init__(self, path: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None):
+        self.path = str(path)
+        self.warn = warn
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        created = not os.path.exists(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise MMSpecError(f"{self.path} is being written by another 'mmspec caption' run; wait for it to end "
+                              f"or choose another --out") from None
+        if created:
+            _fsync_dir(self.path)
+        self.records: dict[tuple[str, str], dict] = {}
+        self.repaired_bytes = 0
+        self._load()
+
+    def _load(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        end = data.rfind(b"\n") + 1          # everything after the last newline is a line cut by a crash
+        lines = data[:end].split(b"\n")[:-1] if end else []
+        parsed = [_parse_line(line) for line in lines]
+        while parsed and parsed[-1] is None:  # a complete-looking but unreadable last line: cut by a crash too
+            parsed.pop()
+            end -= len(lines.pop()) + 1
+        if end < len(data):
+            self.repaired_bytes = len(data) - end
+            self.warn(f"{self.path}: removed an incomplete last line ({self.repaired_bytes} bytes, left by an "
+                      f"interrupted run); that input is captioned again")
+            os.ftruncate(self.fd, end)
+            os.fsync(self.fd)
+        bad = [i + 1 for i, rec in enumerate(parsed) if rec is None]
+        if bad:
+            self.warn(f"{self.path}: ignoring {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+                      f"{' ...' if len(bad) > 5 else ''}); they were not written by mmspec caption")
+        for rec in parsed:
+            if rec is not None:
+                self.records[record_key(rec)] = rec  # the last line for an input wins
+
+    def is_done(self, key: tuple[str, str], retry_errors: bool = False) -> bool:
+        rec = self.records.get(key)
+        return rec is not None and (rec.get("error") is None or not retry_errors)
+
+    def append(self, rec: dict) -> None:
+        """Write one line with a single write, then fsync: it is on disk before the next input starts."""
+        data = (json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        os.fsync(self.fd)
+        self.records[record_key(rec)] = rec
+
+    def drop(self, keys: set[tuple[str, str]]) -> int:
+        """Remove the lines of ``keys`` (errors to redo) with an atomic rewrite; returns how many went."""
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]
+        keep, dropped = [], 0
+        for line in lines:
+            rec = _parse_line(line)
+            if rec is not None and record_key(rec) in keys:
+                dropped += 1
+            else:
+                keep.append(line + b"\n")
+        if not dropped:
+            return 0
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, b"".join(keep))
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path)
+        os.close(self.fd)
+        self.fd = fd
+        for key in keys:
+            self.records.pop(key, None)
+        return dropped
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # also releases the lock
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_records(path: str) -> list[dict]:
+    """The valid lines of a caption JSONL, last line per input, in file order."""
+    out: dict[tuple[str, str], dict] = {}
+    with open(path, "rb") as f:
+        for line in f.read().split(b"\n"):
+            rec = _parse_line(line) if line.strip() else None
+            if rec is not None:
+                out.pop(record_key(rec), None)
+                out[record_key(rec)] = rec
+    return list(out.values())
+
+
+def write_csv(jsonl_path: str, csv_path: str) -> int:
+    """Write every input of ``jsonl_path`` as a CSV row (atomically); returns the number of rows."""
+    records = read_records(jsonl_path)
+    columns = list(FIELDS) + [f for f in EXTRA_FIELDS if any(f in r for r in records)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in columns})
+    tmp = f"{csv_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, csv_path)
+    return len(records)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# captioning one input
+# ----------------------------------------------------------------------------------------------------------
+def _short(e: BaseException, path: str = "") -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if path and text.startswith(f"{path}: "):  # the line already names the file
+        text = text[len(path) + 2:]
+    msg = text if isinstance(e, MMSpecError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return msg if len(msg) <= MAX_ERROR_CHARS else msg[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def baseline_pipeline(pipe):
+    """Plain decoding (drafter kind "none") through the same target weights, with its own vision cache, so
+    the baseline pays for encoding each image exactly as the speculative run does."""
+    from mmspec.drafters import NoDrafter
+    from mmspec.pipeline import Pipeline
+    from vision.cache import EmbeddingCache
+
+    adapter = type(pipe.adapter)(pipe.adapter.model, pipe.adapter.processor,
+                                 EmbeddingCache(pipe.vision_cache.max_bytes))
+    return Pipeline(adapter, NoDrafter(adapter))
+
+
+def warm_up(*pipes) -> None:
+    """One short request per pipeline so one-time costs do not land on the first image's timing."""
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (120, 80, 200))
+    for p in pipes:
+        try:
+            p.generate(img, DEFAULT_PROMPT, max_new_tokens=4)
+        except Exception:  # noqa: BLE001 - a failed warm-up only costs accuracy of the first timing
+            pass
+
+
+def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | None, baseline=None) -> dict:
+    """One record for ``task``; never raises for a bad input (only for KeyboardInterrupt and the like)."""
+    rec = {"path": task.path, "prompt": task.prompt, "caption": None, "tokens": 0, "mean_accepted": None,
+           "acceptance_rate": None, "time_s": 0.0, "error": None}
+    start = time.perf_counter()
+    try:
+        res = pipe.generate(task.path, task.prompt, max_new_tokens=max_new_tokens,
+                            num_draft_tokens=num_draft_tokens)
+        elapsed = time.perf_counter() - start
+        s = res.stats
+        rec.update(caption=res.text, tokens=s.new_tokens, mean_accepted=round(s.mean_accepted, 4),
+                   acceptance_rate=round(s.acceptance_rate, 4), time_s=round(elapsed, 4),
+                   drafted=s.drafted_tokens, accepted=s.accepted_tokens, target_forwards=s.target_forwards)
+        if baseline is not None:
+            t0 = time.perf_counter()
+            plain = baseline.generate(task.path, task.prompt, max_new_tokens=max_new_tokens)
+            plain_s = time.perf_counter() - t0
+            rec.update(plain_time_s=round(plain_s, 4), speedup=round(plain_s / elapsed, 4) if elapsed > 0 else None,
+                       plain_matches=plain.token_ids == res.token_ids)
+    except MMSpecError as e:
+        rec.update(error=_short(e, task.path), time_s=round(time.perf_counter() - start, 4))
+    except Exception as e:  # noqa: BLE001 - one odd input must not stop the batch; KeyboardInterrupt still does
+        rec.update(error=_short(e, task.path), time_s=round(time.perf_counter() - start, 4))
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backends: each yields records for ``pending`` in any order; the caller writes them
+# ----------------------------------------------------------------------------------------------------------
+def _model_kwargs(args) -> dict:
+    """The shared model flags (whatever ``mmspec.cli.add_model_arguments`` defines), to rebuild them in a worker."""
+    dests = getattr(args, "model_dests", None) or ("target", "drafter", "drafter_kind", "device", "dtype",
+                                                   "device_map", "trust_remote_code")
+    return {k: getattr(args, k, None) for k in dests}
+
+
+def run_local(args, pending: list[Task]) -> Iterator[dict]:
+    """Loads the models now (before the progress bar starts), then captions lazily, one input per ``next``."""
+    from mmspec.cli import load_from_args
+
+    pipe = load_from_args(args)
+    baseline = baseline_pipeline(pipe) if args.compare else None
+    if baseline is not None:
+        warm_up(pipe, baseline)
+    return (caption_one(pipe, task, args.max_new_tokens, args.num_draft_tokens, baseline) for task in pending)
+
+
+class RayCaptioner:
+    """The Ray Data worker: one model replica per actor, loaded once, captioning one batch of inputs at a time."""
+
+    def __init__(self, model_kwargs: dict, max_new_tokens: int, num_draft_tokens: int | None, compare: bool,
+                 num_threads: int = 1):
+        import argparse as _argparse
+
+        import torch
+
+        from mmspec.cli import load_from_args
+
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.pipe = load_from_args(_argparse.Namespace(**model_kwargs))
+        self.baseline = baseline_pipeline(self.pipe) if compare else None
+        if self.baseline is not None:
+            warm_up(self.pipe, self.baseline)
+        self.max_new_tokens = max_new_tokens
+        self.num_draft_tokens = num_draft_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        # Records travel back as JSON strings: no Arrow type inference over None/str/float columns.
+        out = []
+        for path, prompt in zip(batch["path"], batch["prompt"]):
+            rec = caption_one(self.pipe, Task(str(path), str(prompt)), self.max_new_tokens, self.num_draft_tokens,
+                              self.baseline)
+            out.append(json.dumps(rec, ensure_ascii=False))
+        return {"record": out}
+
+
+def run_ray(args, pending: list[Task]) -> Iterator[dict]:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise MMSpecError("--backend ray needs Ray Data: pip install 'mmspec[ray]' (or 'ray[data]>=2.9,<3')") from None
+    if not pending:
+        return
+    workers = max(1, int(args.workers))
+    cpus = float(args.num_cpus_per_worker)
+    gpus = float(args.num_gpus_per_worker)
+    model_kwargs = _model_kwargs(args)
+    if gpus > 0 and str(model_kwargs["device"]).startswith("cpu"):
+        model_kwargs["device"] = "cuda"  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+    started_here = False
+    if not ray.is_initialized():
+        init = dict(include_dashboard=False, log_to_driver=not args.quiet, ignore_reinit_error=True)
+        if args.ray_address:
+            ray.init(address=args.ray_address, **init)
+        else:
+            # a local instance: enough logical CPUs for the actors plus the driver-side read tasks
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(workers * max(cpus, 1)) + 1), **init)
+        started_here = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        items = [{"path": t.path, "prompt": t.prompt} for t in pending]
+        # Workers open the files themselves: on a remote cluster the paths must be visible to every node.
+        if "override_num_blocks" in _params(ray.data.from_items):
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+        else:  # Ray < 2.10
+            ds = ray.data.from_items(items, parallelism=len(items))
+        ds = ds.map_batches(RayCaptioner, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=workers),
+                            fn_constructor_kwargs=dict(model_kwargs=model_kwargs, max_new_tokens=args.max_new_tokens,
+                                                       num_draft_tokens=args.num_draft_tokens, compare=args.compare,
+                                                       num_threads=max(1, int(cpus))),
+                            num_cpus=cpus, num_gpus=gpus if gpus > 0 else None)
+        rows = iter(ds.iter_rows())
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 - a dead worker, a lost cluster: the lines written stay valid
+                raise MMSpecError(f"the Ray run stopped ({_short(e)}); the captions written so far are kept, rerun "
+                                  f"the same command to finish") from e
+            yield json.loads(row["record"])
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _params(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+BACKENDS = {"local": run_local, "ray": run_ray}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmspec.cli import add_model_arguments
+
+    parser.add_argument("paths", nargs="+", metavar="PATHS",
+                        help="image files, folders (recursive), glob patterns, or .txt/.jsonl lists of paths "
+                             '(jsonl lines: {"path": ..., "prompt": ...})')
+    parser.add_argument("--out", required=True, help="JSONL output, one line per input; rerun with the same file "
+                                                     "to resume (done inputs are skipped)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                        help=f"prompt for every image (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default: 64)")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="draft tokens per round (default: adaptive, from the drafter kind)")
+    parser.add_argument("--csv", default=None, metavar="FILE",
+                        help="also write all captions of --out as CSV at the end")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time plain decoding (drafter kind 'none', same target) on each image and report "
+                             "the measured speedup")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N inputs")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="caption again the inputs whose line in --out records an error (their error line "
+                             "is replaced)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no per-image output, no summary")
+    g = parser.add_argument_group("backend")
+    g.add_argument("--backend", choices=sorted(BACKENDS), default="local",
+                   help="local: this process; ray: Ray Data, one model replica per worker (pip install 'mmspec[ray]')")
+    g.add_argument("--workers", type=int, default=2, help="ray: number of model replicas (default: 2)")
+    g.add_argument("--num-gpus-per-worker", type=float, default=0.0,
+                   help="ray: GPUs per replica; > 0 puts the models on CUDA (default: 0)")
+    g.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="ray: CPUs per replica (default: 1)")
+    g.add_argument("--ray-address", default=None,
+                   help="ray: address of an existing cluster ('auto', 'ray://host:10001'); default: start a local one")
+    before = {a.dest for a in parser._actions}
+    add_model_arguments(parser)
+    parser.set_defaults(model_dests=tuple(a.dest for a in parser._actions if a.dest not in before))
+
+
+def _print(quiet: bool, *parts, file=None) -> None:
+    if not quiet:
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(str(p) for p in parts), file=file or sys.stdout)
+
+
+def _summary(args, records: list[dict], n_new: int, wall: float) -> None:
+    """Totals over every input of this command, captioned now or in an earlier run of the same --out."""
+    ok = [r for r in records if r.get("error") is None]
+    errors = len(records) - len(ok)
+    tokens = sum(r.get("tokens") or 0 for r in ok)
+    gen_s = sum(r.get("time_s") or 0.0 for r in ok)
+    forwards = sum(r.get("target_forwards") or 0 for r in ok)
+    earlier = len(records) - n_new
+    lines = [f"{len(records)} input(s): {len(ok)} captioned, {errors} error(s); {n_new} done now in {wall:.1f}s"
+             + (f", {earlier} in an earlier run" if earlier else "") + f" -> {args.out}"]
+    if ok:
+        mean_acc = tokens / forwards if forwards else 0.0
+        drafted = sum(r.get("drafted") or 0 for r in ok)
+        accepted = sum(r.get("accepted") or 0 for r in ok)
+        lines.append(f"  {tokens} tokens, {tokens / gen_s if gen_s > 0 else 0.0:.1f} tokens/s, mean accepted "
+                     f"{mean_acc:.2f} tokens per target forward, {accepted}/{drafted} drafted tokens accepted"
+                     + (f" ({accepted / drafted:.0%})" if drafted else ""))
+    timed = [r for r in ok if r.get("plain_time_s") and r.get("time_s")]
+    if args.compare and timed:
+        plain = sum(r["plain_time_s"] for r in timed)
+        spec = sum(r["time_s"] for r in timed)
+        per_image = statistics.median(r["plain_time_s"] / r["time_s"] for r in timed)
+        same = sum(bool(r.get("plain_matches")) for r in timed)
+        lines.append(f"  speedup vs plain decoding (same target, drafter kind 'none'): {plain / spec:.2f}x overall "
+                     f"({plain:.2f}s -> {spec:.2f}s), median {per_image:.2f}x per image"
+                     + (f" (over {len(timed)} of {len(ok)} images; the others were captioned without --compare)"
+                        if len(timed) < len(ok) else "")
+                     + f"; identical output on {same}/{len(timed)}")
+    elif args.compare and ok:
+        lines.append("  no speedup measured: these images were captioned earlier without --compare")
+    for line in lines:
+        _print(args.quiet, line)
+
+
+def _per_image(args, rec: dict, i: int, n: int, earlier: bool = False) -> None:
+    """Errors always (on stderr); with --compare, every image: path, caption, accepted/drafted, speedup."""
+    tag = f"[{i}/{n}{', earlier run' if earlier else ''}] {rec['path']}"
+    if rec.get("error") is not None:
+        _print(args.quiet, f"{tag}: error: {rec['error']}", file=sys.stdout if earlier else sys.stderr)
+        return
+    if not args.compare:
+        return
+    if rec.get("speedup"):
+        speed = f"speedup {rec['speedup']:.2f}x ({rec['plain_time_s']:.3f}s plain -> {rec['time_s']:.3f}s)"
+    else:
+        speed = f"{rec['time_s']:.3f}s (not compared)"
+    same = "" if rec.get("plain_matches", True) else "  [WARNING: differs from plain decoding]"
+    _print(args.quiet, f"{tag}\n    {rec['caption']!r}\n    accepted {rec.get('accepted', 0)}/{rec.get('drafted', 0)} "
+                       f"drafted tokens, {rec['mean_accepted']:.2f} tokens per target forward, {speed}{same}")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    if args.max_new_tokens < 1:
+        raise MMSpecError("--max-new-tokens must be at least 1")
+    if not isinstance(args.prompt, str) or not args.prompt.strip():
+        raise MMSpecError("--prompt is empty")
+    tasks = expand_inputs(args.paths, args.prompt)
+    if args.limit is not None:
+        tasks = tasks[: max(0, args.limit)]
+    if not tasks:
+        raise MMSpecError(f"no inputs found in {' '.join(args.paths)}")
+    started = time.perf_counter()
+    warn = (lambda msg: None) if args.quiet else (lambda msg: print(f"mmspec caption: {msg}", file=sys.stderr))
+    with CaptionLog(args.out, warn=warn) as log:
+        pending = [t for t in tasks if not log.is_done(t.key, args.retry_errors)]
+        if args.retry_errors:
+            log.drop({t.key for t in pending})
+        skipped = len(tasks) - len(pending)
+        if skipped and not args.quiet:
+            warn(f"{skipped} of {len(tasks)} input(s) already done in {args.out}; captioning the other {len(pending)}")
+        if args.compare:  # the images done in an earlier run, so the measurement shows the whole batch
+            for i, t in enumerate(t for t in tasks if t.key not in {p.key for p in pending}):
+                _per_image(args, log.records[t.key], i + 1, len(tasks), earlier=True)
+        if args.quiet:
+            try:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            except ImportError:
+                pass
+        results = BACKENDS[args.backend](args, pending) if pending else iter(())
+        bar = tqdm(total=len(pending), unit="img", disable=args.quiet or not pending, dynamic_ncols=True,
+                   file=sys.stderr, desc="captioning")
+        n_new = n_errors = forwards = tokens = 0
+        want = {t.key for t in pending}
+        try:
+            for rec in results:
+                key = record_key(rec)
+                if key not in want:  # never twice, whatever a backend sends back
+                    continue
+                want.discard(key)
+                log.append(rec)
+                n_new += 1
+                if rec.get("error") is None:
+                    forwards += rec.get("target_forwards") or 0
+                    tokens += rec.get("tokens") or 0
+                else:
+                    n_errors += 1
+                bar.update(1)
+                bar.set_postfix(mean_acc=f"{tokens / forwards:.2f}" if forwards else "-", errors=n_errors,
+                                refresh=False)
+                _per_image(args, rec, skipped + n_new, len(tasks))
+        finally:
+            bar.close()
+        final = [log.records.get(t.key) for t in tasks]
+    _summary(args, [r for r in final if r is not None], n_new, time.perf_counter() - started)
+    if args.csv:
+        rows = write_csv(args.out, args.csv)
+        _print(args.quiet, f"  wrote {rows} row(s) to {args.csv}")
+    missing = sum(r is None for r in final)
+    failed = sum(r is not None and r.get("error") is not None for r in final)
+    if failed and skipped and not args.quiet:
+        warn(f"{failed} input(s) have an error line in {args.out}; --retry-errors captions them again")
+    return 1 if failed or missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demos.caption", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except MMSpecError as e:
+        print(f"mmspec caption: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmspec caption: interrupted; rerun the same command to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

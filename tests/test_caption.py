@@ -1,0 +1,346 @@
+"""Batch captioning (demos/caption.py): one line per input, bad files recorded not fatal, resumable after a
+SIGKILL, a cut last line repaired, captions equal to ``pipe.generate``. Tiny models, offline."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import mmspec
+from demos import caption
+from mmspec.cli import main as cli_main
+from tests.tiny import sample_image
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_NEW = 12
+PROMPT = "describe the image ."
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_target, tiny_drafter):
+    return mmspec.load(str(tiny_target), drafter=str(tiny_drafter))
+
+
+@pytest.fixture
+def model_flags(tiny_target, tiny_drafter):
+    return ["--target", str(tiny_target), "--drafter", str(tiny_drafter), "--max-new-tokens", str(MAX_NEW),
+            "--prompt", PROMPT]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _giant_png() -> bytes:
+    """A valid PNG whose header claims 100000 x 100000 pixels (10 gigapixels): must be refused before decoding."""
+    data = bytearray(_png(Image.new("L", (1, 1))))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def make_mixed_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Good images of every mode the loader accepts, and every kind of bad file; returns (readable, bad)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    readable = []
+
+    def save(name, img, fmt, **kw):
+        path = folder / name
+        img.save(path, fmt, **kw)
+        readable.append(path)
+
+    save("rgb_0.png", sample_image(0), "PNG")
+    save("sub/rgb_1.png", sample_image(1), "PNG")
+    save("gray.png", sample_image(2).convert("L"), "PNG")
+    save("palette.png", sample_image(3).convert("P"), "PNG")
+    rgba = sample_image(4).convert("RGBA")
+    rgba.putalpha(128)
+    save("rgba.png", rgba, "PNG")
+    save("cmyk.jpg", sample_image(5).convert("CMYK"), "JPEG")
+    save("sixteen.png", Image.new("I;16", (40, 30), 4000), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    save("rotated.jpg", sample_image(6, size=48).crop((0, 0, 48, 24)), "JPEG", exif=exif.tobytes())
+
+    bad = {"zero.png": b"", "text.png": b"this is a text file, not a picture\n",
+           "truncated.png": _png(sample_image(7))[:80], "giant.png": _giant_png()}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text("not an image extension: skipped by the folder walk\n")
+    return readable, [folder / n for n in bad]
+
+
+def read_lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), "the file must end with a complete line"
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def by_path(records: list[dict]) -> dict[str, dict]:
+    return {os.path.abspath(r["path"]): r for r in records}
+
+
+def test_mixed_folder_one_line_per_input_errors_recorded_captions_equal_generate(tmp_path, pipe, model_flags):
+    readable, bad = make_mixed_folder(tmp_path / "images")
+    out, csv_path = tmp_path / "captions.jsonl", tmp_path / "captions.csv"
+    rc = cli_main(["caption", str(tmp_path / "images"), "--out", str(out), "--csv", str(csv_path), "--quiet",
+                   *model_flags])
+    assert rc == 1  # some inputs failed
+    records = read_lines(out)
+    assert len(records) == len(readable) + len(bad)
+    got = by_path(records)
+    assert set(got) == {os.path.abspath(p) for p in readable + bad}
+    for rec in records:
+        assert set(caption.FIELDS) <= set(rec)
+        assert rec["prompt"] == PROMPT
+    for p in bad:
+        rec = got[str(p)]
+        assert rec["error"] and rec["caption"] is None, rec
+    assert "empty" in got[str(bad[0])]["error"]
+    assert "not an image" in got[str(bad[1])]["error"]
+    assert "corrupt or truncated" in got[str(bad[2])]["error"]
+    assert "too large" in got[str(bad[3])]["error"] or "limit is" in got[str(bad[3])]["error"]
+    for p in readable:
+        rec = got[str(p)]
+        assert rec["error"] is None, rec
+        expected = pipe.generate(str(p), PROMPT, max_new_tokens=MAX_NEW)
+        assert rec["caption"] == expected.text
+        assert rec["tokens"] == len(expected.token_ids) == expected.stats.new_tokens
+        assert rec["mean_accepted"] == pytest.approx(expected.stats.mean_accepted, abs=1e-3)
+        assert 0.0 <= rec["acceptance_rate"] <= 1.0 and rec["time_s"] > 0
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert {r["path"] for r in rows} == {r["path"] for r in records}
+    assert all(r["caption"] == got[os.path.abspath(r["path"])]["caption"] or r["error"] for r in rows)
+
+    # a rerun finds everything done: nothing appended, still exit status 1 (the failures are still there)
+    before = out.read_bytes()
+    assert cli_main(["caption", str(tmp_path / "images"), "--out", str(out), "--quiet", *model_flags]) == 1
+    assert out.read_bytes() == before
+
+
+def test_image_over_the_pixel_limit_gets_an_error_line(tmp_path, monkeypatch, model_flags):
+    import vision.images as images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 2000)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sample_image(30, size=40).save(folder / "fits.png")    # 1600 pixels
+    sample_image(31, size=48).save(folder / "big.png")     # 2304 pixels
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 1
+    got = {Path(r["path"]).name: r for r in read_lines(out)}
+    assert "limit is" in got["big.png"]["error"] and got["fits.png"]["error"] is None
+
+
+def test_all_good_exits_zero_and_limit(tmp_path, model_flags):
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(3):
+        sample_image(20 + i).save(folder / f"{i}.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--limit", "2", "--quiet", *model_flags]) == 0
+    assert [Path(r["path"]).name for r in read_lines(out)] == ["0.png", "1.png"]
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
+    assert [Path(r["path"]).name for r in read_lines(out)] == ["0.png", "1.png", "2.png"]
+
+
+def _slow_cmd(out: Path, folder: Path, model_flags: list[str]) -> list[str]:
+    # ``python -m demos.caption`` with each image made slower, so the kill lands in the middle of the batch
+    code = ("import sys, time\nimport demos.caption as c\nf = c.caption_one\n"
+            "def slow(*a, **k):\n    r = f(*a, **k)\n    time.sleep(0.25)\n    return r\n"
+            "c.caption_one = slow\nsys.exit(c.main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, str(folder), "--out", str(out), "--quiet", *model_flags]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_sigkill_mid_batch_then_resume_gives_exactly_one_line_per_input(tmp_path, pipe, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(10):
+        paths.append(folder / f"img_{i:02d}.png")
+        sample_image(40 + i).save(paths[-1])
+    out = tmp_path / "captions.jsonl"
+    proc = subprocess.Popen(_slow_cmd(out, folder, model_flags), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = out.read_bytes()
+    n_done = partial.count(b"\n")
+    assert 3 <= n_done < len(paths)
+
+    # resume (the plain module entry point this time): the rest is done, nothing twice, nothing corrupt
+    res = subprocess.run([sys.executable, "-m", "demos.caption", str(folder), "--out", str(out), "--quiet",
+                          *model_flags], cwd=ROOT, env=_env(), capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    data = out.read_bytes()
+    assert data.startswith(partial[: partial.rfind(b"\n") + 1])  # what was done before is kept as it was
+    records = read_lines(out)
+    assert len(records) == len(paths)
+    assert sorted(os.path.abspath(r["path"]) for r in records) == sorted(str(p) for p in paths)
+    for rec in records:
+        assert rec["error"] is None
+        assert rec["caption"] == pipe.generate(rec["path"], PROMPT, max_new_tokens=MAX_NEW).text
+
+
+def test_cut_last_line_is_removed_and_that_input_redone(tmp_path, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        sample_image(60 + i).save(folder / f"{i}.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    # a crash in the middle of writing the third line: half of it, no newline
+    out.write_bytes(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
+    new = out.read_bytes().splitlines(keepends=True)
+    assert new[:2] == lines[:2]  # the complete lines are untouched
+    assert len(new) == 3 and json.loads(new[2])["path"] == json.loads(lines[2])["path"]
+    assert json.loads(new[2])["caption"] == json.loads(lines[2])["caption"]
+
+    # a complete-looking last line that is not JSON (torn write ending on a newline) is also removed
+    out.write_bytes(lines[0] + lines[1] + b'{"path": "x", "cap\n')
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
+    records = read_lines(out)
+    assert [Path(r["path"]).name for r in records] == ["0.png", "1.png", "2.png"]
+
+
+def test_errors_are_kept_unless_retry_errors(tmp_path, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sample_image(70).save(folder / "good.png")
+    (folder / "later.png").write_bytes(b"")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 1
+    sample_image(71).save(folder / "later.png")  # the file gets fixed
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 1
+    assert len(read_lines(out)) == 2  # error kept: it counts as done
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", "--retry-errors", *model_flags]) == 0
+    records = read_lines(out)
+    assert len(records) == 2 and all(r["error"] is None for r in records)  # the error line was replaced
+
+
+def test_inputs_globs_lists_dedup_and_missing(tmp_path, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        sample_image(80 + i).save(folder / f"{i}.png")
+    (tmp_path / "list.txt").write_text("# a comment\nimgs/0.png\n\nimgs/1.png\n")
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": "imgs/2.png", "prompt": "what color is the circle ?"})
+                                         + "\n" + json.dumps({"path": str(folder / "0.png")}) + "\n")
+    tasks = caption.expand_inputs([str(folder / "*.png"), str(tmp_path / "list.txt"), str(tmp_path / "list.jsonl"),
+                                   str(folder / "0.png"), str(tmp_path / "missing.png")], PROMPT)
+    keys = [(Path(t.path).name, t.prompt) for t in tasks]
+    assert keys == [("0.png", PROMPT), ("1.png", PROMPT), ("2.png", PROMPT),
+                    ("2.png", "what color is the circle ?"), ("missing.png", PROMPT)]
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder / "*.png"), str(tmp_path / "list.jsonl"), str(tmp_path / "missing.png"),
+                     "--out", str(out), "--quiet", *model_flags]) == 1
+    records = read_lines(out)
+    assert len(records) == 5
+    assert "not found" in records[-1]["error"]
+    with pytest.raises(mmspec.MMSpecError, match="line 1"):
+        (tmp_path / "broken.jsonl").write_text("{not json\n")
+        caption.expand_inputs([str(tmp_path / "broken.jsonl")])
+
+
+def test_one_writer_at_a_time(tmp_path):
+    out = tmp_path / "c.jsonl"
+    with caption.CaptionLog(out):
+        with pytest.raises(mmspec.MMSpecError, match="another"):
+            caption.CaptionLog(out)
+    caption.CaptionLog(out).close()  # released on close
+
+
+def test_compare_reports_speedup_and_identical_output(tmp_path, model_flags, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        sample_image(90 + i).save(folder / f"{i}.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--compare", *model_flags]) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "0.png" in printed and "accepted" in printed
+    for rec in read_lines(out):
+        assert rec["plain_matches"] is True
+        assert rec["plain_time_s"] > 0 and rec["speedup"] > 0
+
+
+def test_help_lists_the_flags(capsys):
+    # (``python -m demos.caption`` itself runs in the SIGKILL test, to resume the batch)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["caption", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--out", "--csv", "--compare", "--limit", "--retry-errors", "--backend", "--workers",
+                 "--num-gpus-per-worker", "--ray-address", "--target", "--drafter-kind"):
+        assert flag in out
+
+
+def _ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ray_available(), reason="ray[data] is not installed (pip install 'mmspec[ray]')")
+def test_ray_backend_same_captions_as_local(tmp_path, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        sample_image(100 + i).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"garbage")
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(local), "--quiet", *model_flags]) == 1
+    # two done before: the Ray run must skip them and write only the other three
+    remote.write_bytes(b"".join(local.read_bytes().splitlines(keepends=True)[:2]))
+    rc = cli_main(["caption", str(folder), "--out", str(remote), "--quiet", "--backend", "ray", "--workers", "2",
+                   *model_flags])
+    assert rc == 1
+    got, want = read_lines(remote), read_lines(local)
+    assert len(got) == len(want) == 5
+    assert got[:2] == want[:2]  # the lines done before are kept as they were, not redone
+    assert {r["path"]: (r["caption"], r["error"] is None) for r in got} == \
+           {r["path"]: (r["caption"], r["error"] is None) for r in want}
