@@ -159,3 +159,142 @@ def hf_logits(pipe, image, prompt: str, new_ids: list[int]):
     with torch.no_grad():
         logits = pipe.target(**inputs).logits[0, -(n + 1):].float()
     return logits
+
+
+# --------------------------------------------------------------------------------------- LLaVA-NeXT / OneVision
+
+PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def build_tiny_llava_next(folder: Path, vocab_pad: int = 5, seed: int = 0, hidden: int = 48, layers: int = 2,
+                          onevision: bool = False, vision_from=None) -> Path:
+    """A LLaVA-NeXT (or LLaVA-OneVision) with 16-pixel tiles on an anyres grid: image-size-dependent token counts."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from tests.tiny import CHAT_TEMPLATE, make_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    if onevision:
+        tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    if onevision:   # SigLIP tower (no CLS token), all patch features, as llava-onevision-qwen2
+        from transformers import SiglipVisionConfig
+
+        vision = SiglipVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2)
+    else:
+        vision = CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    strategy = "full" if onevision else "default"
+    text = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    common = dict(vision_config=vision, text_config=text, image_token_id=image_token_id, image_grid_pinpoints=PINPOINTS,
+                  vision_feature_select_strategy=strategy, vision_feature_layer=-1)
+    if onevision:
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration as cls,
+                                  LlavaOnevisionImageProcessor as ip_cls, LlavaOnevisionProcessor as proc_cls)
+
+        config = LlavaOnevisionConfig(**common, vision_aspect_ratio="anyres_max_9",
+                                      video_token_id=tok.convert_tokens_to_ids("<video>"))
+    else:
+        from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration as cls,
+                                  LlavaNextImageProcessor as ip_cls, LlavaNextProcessor as proc_cls)
+
+        config = LlavaNextConfig(**common)
+    model = cls(config).eval()
+    _scale_language_model([model.model.language_model, model.lm_head])
+    if vision_from is not None:
+        copy_vision(vision_from, model, ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline"))
+    image_proc = ip_cls(size={"shortest_edge": 16} if not onevision else {"height": 16, "width": 16},
+                        crop_size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS)
+    kw = dict(image_processor=image_proc, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+              vision_feature_select_strategy=strategy, num_image_tokens=16) if onevision else \
+        dict(image_processor=image_proc, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+             chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+    if onevision:
+        from transformers import LlavaOnevisionVideoProcessor
+
+        kw["video_processor"] = LlavaOnevisionVideoProcessor(size={"height": 16, "width": 16})
+    processor = proc_cls(**kw)
+    return _finish(model, tok, folder, processor)
+
+
+# ------------------------------------------------------------------------------- checks shared by family tests
+
+PROMPTS = ["what color is the circle ?", "describe the image ."]
+KINDS = ["text", "ngram", "none", "vlm", "vlm-own"]
+
+
+def load_pipes(target: Path, drafters: dict[str, Path | None]) -> dict:
+    """One pipeline per drafter kind ("vlm-own" = a vlm drafter with its own vision tower)."""
+    import mmspec
+
+    return {kind: mmspec.load(str(target), drafter=None if d is None else str(d), drafter_kind=kind.split("-")[0])
+            for kind, d in drafters.items()}
+
+
+def check_padded_vocabularies(pipes) -> None:
+    vocab = pipes["none"].adapter.vocab_size
+    assert vocab > len(pipes["none"].processor.tokenizer)
+    assert pipes["text"].drafter.get_output_embeddings().weight.shape[0] < vocab
+    assert pipes["vlm"].drafter.get_output_embeddings().weight.shape[0] < vocab
+    assert pipes["vlm-own"].drafter.get_output_embeddings().weight.shape[0] > vocab
+    assert pipes["vlm"].strategy.shared_vision and not pipes["vlm-own"].strategy.shared_vision
+
+
+def check_greedy(pipe, images, k, max_new: int) -> None:
+    for i, image in enumerate(images):
+        prompt = PROMPTS[i % 2]
+        expected = hf_greedy(pipe, image, prompt, max_new)
+        res = pipe.generate(image, prompt, max_new_tokens=max_new, num_draft_tokens=k)
+        assert res.token_ids == expected, (i, res.rounds)
+        assert sum(len(r.emitted) for r in res.rounds) == len(res.token_ids)
+
+
+def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:
+    """Session logits over several new positions at once, and again after a rollback, equal HF's uncached forward."""
+    adapter = pipe.adapter
+    # any continuation works; image placeholders would be read as image slots by an uncached forward
+    new = [t for t in hf_greedy(pipe, image, prompt, 12) if t not in adapter.image_token_ids][:6]
+    new += [7, 8, 9][: max(0, 3 - len(new))]
+    ref = hf_logits(pipe, image, prompt, new)               # [len(new)+1, vocab]
+    req = adapter.prepare(image, adapter.format_prompt(prompt))
+    adapter.image_features(req)
+    with torch.inference_mode():
+        sess = adapter.session(req)
+        base = sess.length
+        got = sess.forward(torch.tensor([req.prompt_ids[-1]] + new))
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+        sess.rollback(base + 3)                              # reject the tail, verify it again
+        again = sess.forward(torch.tensor(new[2:]))
+        assert torch.allclose(again, ref[3:], atol=1e-4, rtol=1e-4)
+        assert sess.length == base + 1 + len(new)
+
+
+def check_cache_hit(pipe, kind: str, image) -> None:
+    before = len(pipe.vision_cache)
+    first = pipe.generate(image, PROMPTS[0], max_new_tokens=4)
+    second = pipe.generate(image, PROMPTS[1], max_new_tokens=4)
+    assert not first.stats.vision_cache_hit and second.stats.vision_cache_hit
+    # a drafter with the target's vision side reuses its features; one with its own caches them under its key
+    assert len(pipe.vision_cache) - before == (2 if kind == "vlm-own" else 1)
+
+
+def check_self_drafting(base, image, max_new: int) -> None:
+    """The target drafting for itself through the vlm kind: drafter-side prompt, image and positions are right."""
+    import mmspec
+
+    folder = base.target.config._name_or_path
+    pipe = mmspec.load(folder, drafter=folder, drafter_kind="vlm", vision_cache=base.vision_cache)
+    assert pipe.strategy.shared_vision
+    res = pipe.generate(image, PROMPTS[1], max_new_tokens=max_new, num_draft_tokens=4)
+    assert res.token_ids == hf_greedy(base, image, PROMPTS[1], max_new)
+    # every rejection is at a token the drafter may not propose (padding rows, image placeholders)
+    bad = set(torch.nonzero(pipe.strategy.bad_ids).flatten().tolist())
+    for r in res.rounds:
+        if r.target_token is not None and r.n_accepted < len(r.draft_ids):
+            assert r.target_token in bad, res.rounds
+    assert res.stats.mean_accepted > 1.5 or res.stats.stop_reason == "eos"
