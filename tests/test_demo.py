@@ -1,0 +1,188 @@
+"""The web demo without a browser: the generation handler's HTML matches the rounds, its text matches
+``pipe.generate``, bad input becomes a message, and the CLI binds to 127.0.0.1 with no share link by default."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import gradio as gr
+import pytest
+
+import mmspec
+from demos import app as demo_app
+from mmspec import cli
+from tests.tiny import sample_image
+
+PROMPT = "describe the image ."
+SPAN = re.compile(r'<span class="tok tok-(accepted|rejected|target)" data-id="(\d+)" data-round="(\d+)"[^>]*>'
+                  r'(.*?)</span>', re.S)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_target, tiny_drafter):
+    return mmspec.load(str(tiny_target), drafter=str(tiny_drafter))
+
+
+@pytest.fixture(scope="module")
+def app(pipe):
+    return demo_app.build_app(pipe, examples=[])
+
+
+def run_handler(app, *args, **kwargs):
+    outs = list(app.mmspec_backend.generate(*args, **kwargs))
+    assert outs, "the handler yielded nothing"
+    return outs
+
+
+def expected_spans(rounds):
+    out = []
+    for i, r in enumerate(rounds, 1):
+        out += [("accepted", t, i) for t in r.draft_ids[:r.n_accepted]]
+        out += [("rejected", t, i) for t in r.draft_ids[r.n_accepted:]]
+        if r.target_token is not None:
+            out.append(("target", r.target_token, i))
+    return out
+
+
+def test_build_app_is_blocks_with_the_drafter_kinds(app, pipe):
+    assert isinstance(app, gr.Blocks)
+    assert app.mmspec_backend.kinds == ["text", "ngram", "none"]
+    # extra kinds share the loaded target (weights and vision cache)
+    assert app.mmspec_backend.pipeline("ngram").adapter is pipe.adapter
+    assert app.mmspec_backend.pipeline("none").drafter_kind == "none"
+
+
+def test_build_app_accepts_a_factory(pipe):
+    built = demo_app.build_app(lambda: pipe, examples=[])
+    assert built.mmspec_backend.pipe is pipe
+
+
+@pytest.mark.parametrize("kind, seed", [("ngram", 0), ("text", 0), ("none", 1)])
+def test_html_spans_match_rounds_and_text_matches_generate(app, pipe, kind, seed):
+    img = sample_image(seed)
+    ref = app.mmspec_backend.pipeline(kind).generate(img, PROMPT, max_new_tokens=40)
+    plain = pipe.generate(img, PROMPT, max_new_tokens=40)
+    assert ref.token_ids == plain.token_ids  # lossless, whatever the drafter
+    outs = run_handler(app, img, PROMPT, kind, 0, 0.0, 40, False, 0)
+    tokens_html, table, stats, final, error = outs[-1]
+    assert error == ""
+    assert final == plain.text
+    spans = [(k, int(t), int(r)) for k, t, r, _ in SPAN.findall(tokens_html)]
+    assert spans == expected_spans(ref.rounds)
+    # one table row per round with "accepted/drafted"
+    assert len(table) == len(ref.rounds)
+    assert [row[2] for row in table] == [f"{r.n_accepted}/{len(r.draft_ids)}" for r in ref.rounds]
+    # the accepted and VLM tokens, in order, are exactly the output
+    emitted = [t for k, t, _ in spans if k != "rejected"]
+    assert emitted == plain.token_ids
+    # streamed: one yield per round (the last one carries the done stats)
+    assert len(outs) == len(ref.rounds)
+    assert "done" in stats and "tokens/s" in stats and "acceptance rate" in stats and "vision cache hit" in stats
+    # legend present, classes styled
+    for cls in ("tok-accepted", "tok-rejected", "tok-target"):
+        assert cls in tokens_html
+
+
+def test_ngram_run_shows_accepted_and_rejected_tokens(app):
+    # sample image 0 with this prompt: the ngram drafter gets some drafts accepted and many rejected
+    tokens_html = run_handler(app, sample_image(0), PROMPT, "ngram", 0, 0.0, 64, False, 0)[-1][0]
+    kinds = [k for k, *_ in SPAN.findall(tokens_html)]
+    assert "accepted" in kinds and "rejected" in kinds and "target" in kinds
+
+
+def test_visible_text_of_emitted_spans_concatenates_to_the_text(app, pipe):
+    img = sample_image(3)
+    res = pipe.generate(img, PROMPT, max_new_tokens=30)
+    tokens_html = run_handler(app, img, PROMPT, "ngram", 2, 0.0, 30, False, 0)[-1][0]
+    specials = set(pipe.processor.tokenizer.all_special_ids)
+    vocab = len(pipe.processor.tokenizer)
+    shown = "".join(html.unescape(txt) for k, t, _, txt in SPAN.findall(tokens_html)
+                    if k != "rejected" and int(t) not in specials and int(t) < vocab)
+    assert shown == res.text
+
+
+def test_compare_reports_speedup_and_identical_output(app, pipe):
+    img = sample_image(2)
+    outs = run_handler(app, img, PROMPT, "ngram", 0, 0.0, 16, True, 0)
+    _, _, stats, final, error = outs[-1]
+    assert error == "" and final == pipe.generate(img, PROMPT, max_new_tokens=16).text
+    assert "speedup on this request" in stats and "×" in stats
+    assert re.search(r">yes</div><div class='stat-name'[^>]*>same text as plain decoding<", stats)
+
+
+def test_sampling_runs_and_is_reproducible_with_a_seed(app):
+    img = sample_image(4)
+    a = run_handler(app, img, PROMPT, "text", 3, 0.8, 12, False, 7)[-1]
+    b = run_handler(app, img, PROMPT, "text", 3, 0.8, 12, False, 7)[-1]
+    assert a[4] == "" and a[3] == b[3]
+
+
+@pytest.mark.parametrize("image, prompt, kind, k, temp, n, message", [
+    (b"this is not an image at all", PROMPT, "ngram", 0, 0.0, 8, "not an image"),
+    (None, PROMPT, "ngram", 0, 0.0, 8, "no image"),
+    ("/nonexistent/picture.png", PROMPT, "ngram", 0, 0.0, 8, "image not found"),
+    (sample_image(0), "   ", "ngram", 0, 0.0, 8, "prompt is empty"),
+    (sample_image(0), PROMPT, "ngram", 0, -1.0, 8, "temperature"),
+    (sample_image(0), PROMPT, "ngram", 99, 0.0, 8, "num_draft_tokens"),
+    (sample_image(0), PROMPT, "ngram", 0, 0.0, 0, "max_new_tokens"),
+    (sample_image(0), PROMPT, "ngram", 0, 0.0, "many", "max new tokens"),
+    (sample_image(0), PROMPT, "visual", 0, 0.0, 8, "unknown drafter kind"),
+])
+def test_bad_input_becomes_a_message_not_an_exception(app, image, prompt, kind, k, temp, n, message):
+    outs = run_handler(app, image, prompt, kind, k, temp, n, False, 0)
+    tokens_html, table, stats, final, error = outs[-1]
+    assert message in html.unescape(error), error
+    assert "Traceback" not in error and final == ""
+
+
+def test_bad_file_on_disk_becomes_a_message(app, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    error = run_handler(app, str(bad), PROMPT, "ngram", 0, 0.0, 8, False, 0)[-1][4]
+    assert "corrupt or truncated" in error or "not an image" in error
+
+
+def test_image_input_hands_the_raw_path_to_mmspec(tmp_path):
+    # Gradio must not open the upload itself (a bad file would fail before the handler could explain it)
+    from gradio.data_classes import ImageData
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    comp = demo_app.raw_image_input(render=False)
+    assert comp.preprocess(ImageData(path=str(bad), orig_name="notes.png")) == str(bad)
+    assert comp.preprocess(None) is None
+
+
+def test_cli_defaults_bind_locally_without_share():
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo"])
+    assert args.module == "demos.app"
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.share is False
+    assert args.max_upload_mb > 0 and args.concurrency >= 1
+    assert args.target is None and args.drafter == "default"  # the bundled pair
+    args = parser.parse_args(["demo", "--host", "0.0.0.0", "--port", "8081", "--share", "--concurrency", "3",
+                              "--max-upload-mb", "2", "--drafter-kind", "ngram"])
+    assert (args.host, args.port, args.share, args.concurrency, args.max_upload_mb, args.drafter_kind) == \
+        ("0.0.0.0", 8081, True, 3, 2.0, "ngram")
+
+
+def test_launch_passes_host_port_share_and_limits(app, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(app, "launch", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(app, "queue", lambda **kw: seen.update(queue=kw))
+    demo_app.launch(app, max_upload_mb=3, concurrency=4)
+    assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7860 and seen["share"] is False
+    assert seen["max_file_size"] == 3 * 1024 * 1024
+    assert seen["queue"]["default_concurrency_limit"] == 4
+
+
+def test_run_wires_the_cli_flags(monkeypatch, pipe):
+    seen = {}
+    monkeypatch.setattr(cli, "load_from_args", lambda args: pipe)
+    monkeypatch.setattr(demo_app, "launch", lambda demo, **kw: seen.update(kw, demo=demo) or (None, "url", None))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    args = cli.build_parser().parse_args(["demo", "--port", "7999", "--concurrency", "5"])
+    assert demo_app.run(args) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 7999 and seen["share"] is False
+    assert seen["concurrency"] == 5 and isinstance(seen["demo"], gr.Blocks)
