@@ -316,13 +316,7 @@ def _short(e: BaseException, path: str = "") -> str:
 def baseline_pipeline(pipe):
     """Plain decoding (drafter kind "none") through the same target weights, with its own vision cache, so
     the baseline pays for encoding each image exactly as the speculative run does."""
-    from mmspec.drafters import NoDrafter
-    from mmspec.pipeline import Pipeline
-    from vision.cache import EmbeddingCache
-
-    adapter = type(pipe.adapter)(pipe.adapter.model, pipe.adapter.processor,
-                                 EmbeddingCache(pipe.vision_cache.max_bytes))
-    return Pipeline(adapter, NoDrafter(adapter))
+    return pipe.with_drafter_kind("none", own_vision_cache=True)
 
 
 def warm_up(*pipes) -> None:

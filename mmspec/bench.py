@@ -144,14 +144,11 @@ def machine_info(device: str) -> dict:
 class Bench:
     def __init__(self, pipe, modes: list[str], max_new_tokens: int, temperature: float, k: int | None,
                  lookup_tokens: int):
-        from mmspec.drafters import NgramDrafter, NoDrafter
-        from mmspec.pipeline import Pipeline
-
         self.pipe, self.adapter = pipe, pipe.adapter
         self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
         self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
-                          "mmspec-ngram": Pipeline(pipe.adapter, NgramDrafter(pipe.adapter)),
-                          "mmspec-none": Pipeline(pipe.adapter, NoDrafter(pipe.adapter))}
+                          "mmspec-ngram": pipe.with_drafter_kind("ngram"),
+                          "mmspec-none": pipe.with_drafter_kind("none")}
         available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
         available += list(self.pipelines)
         self.modes = [m for m in available if not modes or m in modes]

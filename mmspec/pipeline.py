@@ -54,6 +54,17 @@ class Pipeline:
     def vision_cache(self) -> EmbeddingCache:
         return self.adapter.vision_cache
 
+    def with_drafter_kind(self, kind: str, own_vision_cache: bool = False) -> "Pipeline":
+        """The same target (same weights) with a weightless drafter kind, e.g. ``"none"`` as the baseline of a
+        comparison. ``own_vision_cache=True`` gives it a separate image cache, so each side pays for encoding."""
+        cls = drafter_class(kind)
+        if cls.needs_weights:
+            raise MMSpecError(f"drafter kind {kind!r} needs weights; use mmspec.load(..., drafter_kind={kind!r})")
+        adapter = self.adapter
+        if own_vision_cache:
+            adapter = type(adapter)(adapter.model, adapter.processor, EmbeddingCache(adapter.vision_cache.max_bytes))
+        return Pipeline(adapter, cls(adapter))
+
     def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  num_draft_tokens: int | None = None, seed: int | None = None,
                  raw_prompt: bool = False) -> GenerationResult:
