@@ -298,3 +298,64 @@ def check_self_drafting(base, image, max_new: int) -> None:
         if r.target_token is not None and r.n_accepted < len(r.draft_ids):
             assert r.target_token in bad, res.rounds
     assert res.stats.mean_accepted > 1.5 or res.stats.stop_reason == "eos"
+
+
+# ------------------------------------------------------------------------------------------ Idefics3 / SmolVLM
+
+IDEFICS_ADDED = (["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+IDEFICS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+                    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                    "<end_of_utterance> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+
+
+def idefics_tokenizer() -> PreTrainedTokenizerFast:
+    return _word_tokenizer(["<unk>", "<s>", "</s>", "<pad>"], IDEFICS_ADDED, unk="<unk>", bos="<s>", eos="</s>",
+                           pad="<pad>", template=IDEFICS_TEMPLATE)
+
+
+def build_tiny_idefics3(folder: Path, smolvlm: bool = False, vocab_pad: int = 5, seed: int = 0, hidden: int = 48,
+                        layers: int = 2, vision_from=None) -> Path:
+    """An Idefics3 (or SmolVLM): images split into 16-pixel tiles (up to 2x2) plus a global tile, 4 tokens each."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    tok = idefics_tokenizer()
+    vision = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    text = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    image_kw = dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True)
+    common = dict(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                  image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+    if smolvlm:
+        import importlib.util
+
+        from transformers import (Idefics3ImageProcessor, Idefics3Processor, SmolVLMConfig,
+                                  SmolVLMForConditionalGeneration as cls, SmolVLMImageProcessor, SmolVLMProcessor,
+                                  SmolVLMVideoProcessor)
+
+        config = SmolVLMConfig(**common)
+        if importlib.util.find_spec("num2words") is not None:
+            processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**image_kw), tokenizer=tok,
+                                         video_processor=SmolVLMVideoProcessor(), image_seq_len=4,
+                                         chat_template=IDEFICS_TEMPLATE)
+        else:
+            # SmolVLMProcessor needs the optional ``num2words`` package (video timestamps); for images it lays out
+            # tiles exactly as Idefics3Processor does, which the model is then saved with.
+            processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**image_kw), tokenizer=tok,
+                                          image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
+    else:
+        from transformers import (Idefics3Config, Idefics3ForConditionalGeneration as cls, Idefics3ImageProcessor,
+                                  Idefics3Processor)
+
+        config = Idefics3Config(**common)
+        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**image_kw), tokenizer=tok,
+                                      image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
+    model = cls(config).eval()
+    _scale_language_model([model.model.text_model, model.lm_head])
+    if vision_from is not None:
+        copy_vision(vision_from, model, ("model.vision_model.", "model.connector."))
+    return _finish(model, tok, folder, processor)

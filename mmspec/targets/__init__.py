@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from mmspec.errors import MMSpecError
 from mmspec.targets.base import Request, TargetAdapter, TargetSession
+from mmspec.targets.idefics3 import Idefics3Adapter
 from mmspec.targets.llava import LlavaAdapter
 from mmspec.targets.llava_next import LlavaNextAdapter
 from mmspec.targets.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[TargetAdapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter]
+ADAPTERS: list[type[TargetAdapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Idefics3Adapter]
 
 
 def adapter_for(model) -> type[TargetAdapter]:
