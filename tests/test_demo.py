@@ -118,6 +118,18 @@ def test_sampling_runs_and_is_reproducible_with_a_seed(app):
     assert a[4] == "" and a[3] == b[3]
 
 
+def test_concurrent_requests_share_the_model_and_stay_exact(app, pipe):
+    # the page runs several requests at once (queue concurrency > 1) on one shared target
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(sample_image(i), kind) for i, kind in enumerate(["text", "ngram", "none", "ngram"])]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        finals = list(pool.map(lambda job: run_handler(app, job[0], PROMPT, job[1], 0, 0.0, 24, False, 0)[-1],
+                               jobs))
+    for (img, _), out in zip(jobs, finals):
+        assert out[4] == "" and out[3] == pipe.generate(img, PROMPT, max_new_tokens=24).text
+
+
 @pytest.mark.parametrize("image, prompt, kind, k, temp, n, message", [
     (b"this is not an image at all", PROMPT, "ngram", 0, 0.0, 8, "not an image"),
     (None, PROMPT, "ngram", 0, 0.0, 8, "no image"),

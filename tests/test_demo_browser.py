@@ -23,6 +23,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPT = "describe the image ."
 MAX_NEW = 64
+MAX_UPLOAD_MB = 0.25
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing (install Debian's chromium: apt-get install -y chromium)",
@@ -49,7 +50,7 @@ def server(pipe, tmp_path_factory):
     app = demo_app.build_app(pipe, examples=[[str(image_path)]], default_prompt=PROMPT,
                              default_max_new_tokens=MAX_NEW)
     port = free_port()
-    demo_app.launch(app, port=port, block=False, quiet=True, concurrency=2)
+    demo_app.launch(app, port=port, block=False, quiet=True, concurrency=2, max_upload_mb=MAX_UPLOAD_MB)
     try:
         yield f"http://127.0.0.1:{port}", image_path
     finally:
@@ -137,5 +138,20 @@ def test_bad_upload_shows_a_message_in_the_page(server, browser, tmp_path):
     alert = page.locator("#error-box [role=alert]")
     alert.wait_for(timeout=60_000)
     assert "not an image" in alert.inner_text()
+    assert "Traceback" not in page.content()
+    page.close()
+
+
+def test_upload_over_the_size_limit_is_refused_with_a_message(server, browser, tmp_path):
+    url, _ = server
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 * 2))
+    page = browser.new_page()
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.locator("#image-input input[type=file]").set_input_files(str(big))
+    # Gradio refuses it at upload time, with a toast naming the limit
+    page.wait_for_function("() => /exceed the maximum allowed size/i.test(document.body.innerText)", timeout=30_000)
+    assert page.locator("#image-input img").count() == 0
     assert "Traceback" not in page.content()
     page.close()
