@@ -1,4 +1,9 @@
-"""Known real target/drafter pairs (hub ids exactly as in the field's usage), for ``load(preset=...)``."""
+"""Known real target/drafter pairs (hub ids exactly as in the field's usage), for ``load(preset=...)``.
+
+Each preset names its target's ``model_type`` (``family``), so an unsupported family is refused with an
+``MMSpecError`` before anything is downloaded. ``needs`` is what it takes to run, for the README table: weights in
+the preset's dtype plus room for the KV cache and the image tokens.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,46 @@ class Preset:
     drafter_kind: str
     dtype: str = "float16"
     needs: str = ""          # what it takes to run, for the README table
+    family: str = "llava"    # the target's config.model_type (the drafter's too for kind "vlm")
 
 
 PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset("llava-hf/llava-1.5-7b-hf", "double7/vicuna-68m", "text",
-                           needs="~15 GB GPU memory in float16"),
+                           needs="~15 GB GPU memory in float16 (7.1B + 68M parameters)"),
     "llava-1.5-7b-llama68m": Preset("llava-hf/llava-1.5-7b-hf", "JackFram/llama-68m", "text",
-                                    needs="~15 GB GPU memory in float16"),
+                                    needs="~15 GB GPU memory in float16 (7.1B + 68M parameters)"),
+    "llava-1.6-13b": Preset("llava-hf/llava-v1.6-vicuna-13b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf", "vlm",
+                            family="llava_next",
+                            needs="~45 GB GPU memory in float16 (13.4B + 7.1B parameters; up to 2,880 image "
+                                  "tokens each); one 80 GB GPU, or device_map='auto' over two 24 GB+ GPUs"),
+    "llava-onevision-7b": Preset("llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                                 "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "vlm", family="llava_onevision",
+                                 needs="~20 GB GPU memory in float16 (8.0B + 0.9B parameters); a 24 GB GPU"),
+    "qwen2.5-vl-7b": Preset("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "vlm", dtype="bfloat16",
+                            family="qwen2_5_vl",
+                            needs="~26 GB GPU memory in bfloat16 (8.3B + 3.8B parameters); a 40 GB GPU for "
+                                  "large images"),
+    "qwen2.5-vl-7b-text": Preset("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "text",
+                                 dtype="bfloat16", family="qwen2_5_vl",
+                                 needs="~18 GB GPU memory in bfloat16 (8.3B + 0.5B parameters); a 24 GB GPU"),
+    "smolvlm2-2.2b": Preset("HuggingFaceTB/SmolVLM2-2.2B-Instruct", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+                            "vlm", dtype="bfloat16", family="smolvlm",
+                            needs="~6 GB GPU memory in bfloat16 (2.2B + 0.26B parameters); runs on CPU too "
+                                  "(~10 GB RAM in float32)"),
 }
+
+
+def supported_families() -> frozenset[str]:
+    from mmspec.targets import ADAPTERS
+
+    return frozenset(t for cls in ADAPTERS for t in cls.model_types)
 
 
 def resolve_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise MMSpecError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+    preset = PRESETS[name]
+    if preset.family not in supported_families():
+        raise MMSpecError(f"preset {name!r} needs a target adapter for the {preset.family!r} family, which this "
+                          f"build does not have; supported: {', '.join(sorted(supported_families()))}")
+    return preset
