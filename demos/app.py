@@ -109,10 +109,9 @@ class TokenRenderer:
         n = len(self.rounds_html) + 1
         drafts = [int(t) for t in rnd.draft_ids]
         spans, draft_pieces = [], []
-        for i, tid in enumerate(drafts[:rnd.n_accepted]):
-            added, full = self.piece(self.ids, self.text, tid)
+        for tid in drafts[:rnd.n_accepted]:
+            added, self.text = self.piece(self.ids, self.text, tid)
             self.ids.append(tid)
-            self.text = full if full.startswith(self.text) else self._decode(self.ids)
             spans.append(self.span("accepted", added, tid, n))
             draft_pieces.append(added)
         # rejected drafts: shown where they were rejected, i.e. right before the VLM's correction
@@ -126,9 +125,8 @@ class TokenRenderer:
         vlm = ""
         if rnd.target_token is not None:
             tid = int(rnd.target_token)
-            added, full = self.piece(self.ids, self.text, tid)
+            added, self.text = self.piece(self.ids, self.text, tid)
             self.ids.append(tid)
-            self.text = full if full.startswith(self.text) else self._decode(self.ids)
             spans.append(self.span("target", added, tid, n))
             vlm = added
         self.rounds_html.append("".join(spans))
@@ -137,8 +135,10 @@ class TokenRenderer:
                            else "(stopped inside the drafts)"])
 
     def html(self) -> str:
-        sep = '<span class="round-sep"></span>'
-        return LEGEND + '<div class="tok-view">' + sep.join(self.rounds_html) + "</div>"
+        sep = ('<span class="round-sep" style="display:inline-block;width:1px;height:1.1em;background:#999;'
+               'margin:0 3px;vertical-align:middle;opacity:.5"></span>')
+        return (LEGEND + '<div class="tok-view" style="white-space:pre-wrap;line-height:1.9">'
+                + sep.join(self.rounds_html) + "</div>")
 
 
 # --------------------------------------------------------------------------------------------------------------
