@@ -35,7 +35,9 @@ def family(request, tmp_path_factory):
     text = build_tiny_qwen_text_drafter(root / "text", vocab_rows=len(qwen_tokenizer()))  # fewer rows
     vlm = build_tiny_qwen_vl(root / "vlm", version=v, vocab_pad=2, seed=3, layers=1, vision_from=target)
     vlm_own = build_tiny_qwen_vl(root / "vlm-own", version=v, vocab_pad=11, seed=4, layers=1)  # more rows
-    pipes = load_pipes(target, {"text": text, "ngram": None, "none": None, "vlm": vlm, "vlm-own": vlm_own})
+    wide = build_tiny_qwen_text_drafter(root / "text-wide", vocab_rows=len(qwen_tokenizer()) + 20)  # more rows
+    pipes = load_pipes(target, {"text": text, "ngram": None, "none": None, "vlm": vlm, "vlm-own": vlm_own,
+                                "text-wide": wide})
     return v, pipes
 
 
@@ -44,6 +46,7 @@ def test_adapter_and_padded_vocabularies(family):
     assert isinstance(pipes["none"].adapter, Qwen2VLAdapter)
     assert pipes["none"].target.config.model_type == {"2": "qwen2_vl", "2.5": "qwen2_5_vl"}[v]
     check_padded_vocabularies(pipes)
+    assert pipes["text-wide"].drafter.get_output_embeddings().weight.shape[0] > pipes["none"].adapter.vocab_size
 
 
 def test_image_token_count_varies_with_size(family):
@@ -62,7 +65,7 @@ def test_text_drafter_sees_one_dimensional_prompt(family):
     assert len(req.text_only_ids) < len(req.prompt_ids)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["text-wide"])
 @pytest.mark.parametrize("k", [None, 1, 3])
 def test_every_kind_matches_hf_greedy(family, kind, k):
     _, pipes = family
@@ -85,11 +88,12 @@ def test_vlm_drafter_that_is_the_target_accepts_everything(family):
     check_self_drafting(pipes["none"], images()[1], MAX_NEW)
 
 
-def test_sampling_follows_the_target_with_a_vlm_drafter(family):
+@pytest.mark.parametrize("kind", ["vlm", "text-wide"])
+def test_sampling_follows_the_target(family, kind):
     v, pipes = family
     if v != "2":
         pytest.skip("the statistical test runs for one family version")
-    pipe = pipes["vlm"]
+    pipe = pipes[kind]
     image, prompt, temperature, top_p = sample_image(3, 40), "describe the image .", 1.0, 0.95
     p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
     firsts, seconds = [], []
