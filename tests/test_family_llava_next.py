@@ -72,3 +72,23 @@ def test_vision_cache_hit_on_second_request(family, kind):
 def test_vlm_drafter_that_is_the_target_accepts_everything(family):
     _, pipes = family
     check_self_drafting(pipes["none"], images()[1], MAX_NEW)
+
+
+def test_vlm_drafter_for_plain_llava(tmp_path):
+    """The vlm kind also drafts for LLaVA-1.5-style targets (whose adapter keeps no prompt text)."""
+    import mmspec
+    from tests.tiny import build_tiny_llava
+
+    folder = build_tiny_llava(tmp_path / "llava")
+    check_self_drafting(mmspec.load(str(folder), drafter=None, drafter_kind="none"), sample_image(2), MAX_NEW)
+
+
+def test_vlm_drafter_of_another_family_is_refused(family, tmp_path):
+    import mmspec
+    from mmspec.errors import MMSpecError
+    from tests.tiny_families import build_tiny_qwen_vl
+
+    _, pipes = family
+    other = build_tiny_qwen_vl(tmp_path / "qwen", layers=1)
+    with pytest.raises(MMSpecError, match="family"):
+        mmspec.load(pipes["none"].target.config._name_or_path, drafter=str(other), drafter_kind="vlm")
