@@ -71,3 +71,20 @@ def accept_sampling(draft_ids: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
         dist = p[k]
     token = int(torch.multinomial(dist, 1, generator=generator).item())
     return n, token
+
+
+def repetition_penalty_rows(logits: torch.Tensor, seen: torch.Tensor, draft_ids: torch.Tensor,
+                            penalty: float) -> torch.Tensor:
+    """transformers' ``RepetitionPenaltyLogitsProcessor`` applied to every verify row at once.
+
+    logits: [k+1, vocab]; seen: [vocab] bool, the tokens of the prompt and output so far; row i has also seen
+    the first i drafts. A target whose generation_config sets ``repetition_penalty`` applies it even in greedy
+    ``generate()``, so greedy equality needs it too.
+    """
+    k, vocab = draft_ids.shape[0], logits.shape[-1]
+    # [k+1, vocab]: drafts seen before each row
+    drafted = torch.nn.functional.one_hot(draft_ids.clamp_max(vocab - 1), vocab).cumsum(0) > 0
+    rows = seen[None, :vocab] | torch.cat([torch.zeros(1, vocab, dtype=torch.bool, device=logits.device),
+                                           drafted.to(logits.device)])[: k + 1]
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(rows, penalized, logits)

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from mmspec.acceptance import accept_greedy, accept_sampling, warp_logits
+from mmspec.acceptance import accept_greedy, accept_sampling, repetition_penalty_rows, warp_logits
 from mmspec.config import MAX_DRAFT_TOKENS, DecodeConfig
 from mmspec.drafters.base import DraftSession
 from mmspec.targets.base import TargetSession
@@ -36,10 +36,11 @@ class DraftLength:
 
 def speculative_decode(target: TargetSession, drafter: DraftSession, pending: int, prompt_len: int,
                        config: DecodeConfig, draft_length: DraftLength, eos_ids: frozenset[int],
-                       context_length: int, stats: Stats,
-                       generator: torch.Generator | None = None) -> Iterator[Round]:
+                       context_length: int, stats: Stats, generator: torch.Generator | None = None,
+                       repetition_penalty: float = 1.0, prompt_ids: list[int] | None = None) -> Iterator[Round]:
     """Yield one ``Round`` per target forward until end-of-sequence, ``max_new_tokens`` or the context end."""
     device = None
+    seen = None  # [vocab] bool, only when the target's generation_config asks for a repetition penalty
     n_generated = 0
     while True:
         # tokens this request may still add (the prompt's length was checked against the context upfront)
@@ -58,6 +59,11 @@ def speculative_decode(target: TargetSession, drafter: DraftSession, pending: in
         # [k+1, vocab]: row i is the target's distribution after i accepted drafts
         logits = target.forward(ids)
         stats.target_forwards += 1
+        if repetition_penalty != 1.0:
+            if seen is None:
+                seen = torch.zeros(logits.shape[-1] + 1, dtype=torch.bool, device=logits.device)
+                seen[torch.tensor(prompt_ids, device=logits.device).clamp_max(logits.shape[-1])] = True
+            logits = repetition_penalty_rows(logits, seen, draft.ids.to(logits.device), repetition_penalty)
 
         # 3. accept
         if config.greedy:
@@ -72,6 +78,8 @@ def speculative_decode(target: TargetSession, drafter: DraftSession, pending: in
         target.rollback(base + 1 + n_acc)
         emitted = draft_ids[:n_acc] + [token]
         drafter.update(n_acc, emitted)
+        if seen is not None:
+            seen[torch.tensor(emitted, device=seen.device).clamp_max(seen.shape[0] - 1)] = True
         draft_length.observe(k, n_acc)
 
         # 5. emit, cut at the first end-of-sequence token

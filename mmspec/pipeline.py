@@ -87,6 +87,7 @@ class Pipeline:
         if not isinstance(prompt, str) or not prompt.strip():
             raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
         start = time.perf_counter()
+        self.adapter.check_generation_config()
         pil = load_image(image)
         text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
         request = self.adapter.prepare(pil, text)
@@ -111,7 +112,9 @@ class Pipeline:
         for rnd in speculative_decode(target, drafter, pending=request.prompt_ids[-1],
                                       prompt_len=len(request.prompt_ids), config=config,
                                       draft_length=draft_length, eos_ids=adapter.eos_token_ids,
-                                      context_length=adapter.context_length, stats=stats, generator=generator):
+                                      context_length=adapter.context_length, stats=stats, generator=generator,
+                                      repetition_penalty=adapter.repetition_penalty,
+                                      prompt_ids=request.prompt_ids):
             if not rounds:
                 stats.time_to_first_token_s = time.perf_counter() - start
             rounds.append(rnd)

@@ -175,3 +175,33 @@ def test_lean_drafter_step_matches_the_full_forward(pipes):
         model(input_ids=ids[None, :3], use_cache=True, **{CACHE_KW: cache})
         for i in range(3, len(ids)):
             assert torch.allclose(lean_decode_step(model, ids[i:i + 1], cache), ref[i], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["text", "ngram", "none"])
+def test_repetition_penalty_from_generation_config(pipes, kind):
+    """Targets like Qwen2.5-VL ship repetition_penalty in generation_config; greedy generate() applies it."""
+    pipe = pipes[kind]
+    cfg = pipe.target.generation_config
+    plain = [hf_greedy(pipe, sample_image(seed), PROMPTS[1]) for seed in range(3)]
+    try:
+        cfg.repetition_penalty = 1.8
+        changed = 0
+        for seed in range(3):
+            image = sample_image(seed)
+            expected = hf_greedy(pipe, image, PROMPTS[1])
+            changed += expected != plain[seed]
+            assert pipe.generate(image, PROMPTS[1], max_new_tokens=MAX_NEW).token_ids == expected
+        assert changed, "the penalty must change some outputs, or this test checks nothing"
+    finally:
+        cfg.repetition_penalty = 1.0
+
+
+def test_unsupported_generation_settings_are_refused(pipes):
+    pipe = pipes["none"]
+    cfg = pipe.target.generation_config
+    try:
+        cfg.no_repeat_ngram_size = 3
+        with pytest.raises(mmspec.MMSpecError, match="no_repeat_ngram_size=3"):
+            pipe.generate(sample_image(0), PROMPTS[0])
+    finally:
+        cfg.no_repeat_ngram_size = 0

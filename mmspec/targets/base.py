@@ -108,6 +108,27 @@ class TargetAdapter(ABC):
             return frozenset()
         return frozenset([ids] if isinstance(ids, int) else ids)
 
+    # generation_config settings that change greedy ``generate()`` output and that the loop does not reproduce
+    UNSUPPORTED_GENERATION_SETTINGS = {"no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+                                       "min_new_tokens": None, "suppress_tokens": None,
+                                       "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                                       "forced_eos_token_id": None, "sequence_bias": None,
+                                       "exponential_decay_length_penalty": None}
+
+    @property
+    def repetition_penalty(self) -> float:
+        """Applied by the loop exactly as ``generate()`` applies it (e.g. Qwen2.5-VL ships 1.05)."""
+        return float(getattr(self.model.generation_config, "repetition_penalty", None) or 1.0)
+
+    def check_generation_config(self) -> None:
+        cfg = self.model.generation_config
+        for name, default in self.UNSUPPORTED_GENERATION_SETTINGS.items():
+            value = getattr(cfg, name, default)
+            if value not in (default, None, 0, [], ()):
+                raise MMSpecError(f"the target's generation_config sets {name}={value!r}, which mmspec does not "
+                                  f"apply yet, so its output would differ from generate(); reset it with "
+                                  f"pipe.target.generation_config.{name} = {default!r} if that is what you want")
+
     @abstractmethod
     def prepare(self, image: Image.Image, prompt_text: str) -> Request:
         """Run the processor: token ids with image placeholders expanded, and pixel inputs."""
