@@ -337,8 +337,12 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = mmspec.load(target=args.target, drafter=None, drafter_kind="none", device=args.device, dtype=args.dtype,
-                       device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    # The target answers through mmspec itself (lossless, so the answers are the target's greedy ones, only
+    # sooner); --drafter/--drafter-kind pick the helper drafter, by default the bundled text drafter or ngram.
+    kind = args.drafter_kind if args.drafter_kind in (None, "text", "ngram", "none") else None
+    pipe = mmspec.load(target=args.target, preset=args.preset, drafter=args.drafter, drafter_kind=kind,
+                       device=args.device, dtype=args.dtype, device_map=args.device_map,
+                       trust_remote_code=args.trust_remote_code)
     train_ex, held_ex = read_examples(args)
     m = args.num_visual_tokens if args.kind == "visual" else None
     t0 = time.time()
