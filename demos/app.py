@@ -26,7 +26,7 @@ import gradio as gr
 from mmspec.config import MAX_DRAFT_TOKENS
 from mmspec.drafters import NgramDrafter, NoDrafter
 from mmspec.errors import MMSpecError
-from mmspec.pipeline import ASSETS, Pipeline
+from mmspec.pipeline import ASSETS, BUNDLED_TARGET, Pipeline
 from mmspec.types import Round, Stats
 
 log = logging.getLogger("mmspec.demo")
@@ -342,7 +342,9 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
     backend = DemoBackend(pipe)
     if examples is None:
         examples = sample_examples()
-    target_name = Path(str(pipe.target.config._name_or_path or "target")).name
+    name_or_path = str(getattr(pipe.target.config, "_name_or_path", "") or "target")
+    target_name = ("the bundled default (assets/models/target)" if Path(name_or_path) == BUNDLED_TARGET
+                   else name_or_path if not Path(name_or_path).is_dir() else Path(name_or_path).name)
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {html.escape(title)}\n"
                     f"Target VLM **{html.escape(target_name)}**, loaded drafter **{html.escape(pipe.drafter_kind)}** "
