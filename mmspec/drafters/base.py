@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmspec.acceptance import warp_logits
 from mmspec.config import DecodeConfig
 from mmspec.targets.base import Request, TargetAdapter
 
@@ -31,6 +32,32 @@ class Draft:
         if self.q is not None:
             return self.q
         return torch.nn.functional.one_hot(self.ids, vocab_size).float()
+
+
+def sample_block(logits: torch.Tensor, step, k: int, config: DecodeConfig, generator: torch.Generator | None,
+                 target_vocab: int) -> Draft:
+    """Draft ``k`` tokens autoregressively: ``logits`` [drafter_vocab] predict the first, ``step(token)`` feeds a
+    token and returns the next logits (not called after the last). Greedy takes the argmax; sampling draws from
+    q = the warped distribution, returned over the target's vocabulary (ids the drafter lacks get q = 0)."""
+    ids, qs = [], []
+    for i in range(k):
+        if config.greedy:
+            # [1]; stays on the device: no host sync while drafting
+            token = logits.argmax(-1, keepdim=True)
+        else:
+            q = warp_logits(logits, config.temperature, config.top_p)
+            token = torch.multinomial(q, 1, generator=generator)
+            qs.append(q)
+        ids.append(token)
+        if i < k - 1:
+            logits = step(token)
+    q = None
+    if qs:
+        # [k, drafter_vocab] -> [k, target_vocab]
+        q = torch.stack(qs)
+        pad = target_vocab - q.shape[-1]
+        q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, :target_vocab]
+    return Draft(torch.cat(ids), q)
 
 
 class DraftSession(ABC):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from mmspec.acceptance import warp_logits
 from mmspec.config import DecodeConfig
-from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.base import Draft, Drafter, DraftSession, sample_block
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.kv import CACHE_KW, rollback
 from mmspec.targets.base import Request, TargetAdapter
@@ -108,27 +107,9 @@ class CausalLMDraftSession(DraftSession):
         if k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=self.device))
         logits = self._step(torch.tensor(self.seq[self.cached:], device=self.device))
-        ids, qs = [], []
-        for i in range(k):
-            if self.config.greedy:
-                # [1]; stays on the device: no host sync while drafting
-                token = logits.argmax(-1, keepdim=True)
-            else:
-                q = warp_logits(logits, self.config.temperature, self.config.top_p)
-                token = torch.multinomial(q, 1, generator=self.generator)
-                qs.append(q)
-            ids.append(token)
-            if i < k - 1:
-                logits = self._step(token)
+        draft = sample_block(logits, self._step, k, self.config, self.generator, self.target_vocab)
         self.cached = len(self.seq) + k - 1
-        draft_ids = torch.cat(ids)
-        q = None
-        if qs:
-            # [k, drafter_vocab] -> [k, target_vocab]; ids beyond the drafter's rows have q = 0
-            q = torch.stack(qs)
-            pad = self.target_vocab - q.shape[-1]
-            q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, : self.target_vocab]
-        return Draft(draft_ids, q)
+        return draft
 
     def update(self, n_accepted: int, emitted: list[int]) -> None:
         before = len(self.seq)

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.acceptance import warp_logits
 from mmspec.config import DecodeConfig
-from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.base import Draft, Drafter, DraftSession, sample_block
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.targets.base import Request, TargetAdapter
 
@@ -98,26 +97,9 @@ class VlmDraftSession(DraftSession):
         if k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=self.device))
         logits = self._step(self.pending)
-        ids, qs = [], []
-        for i in range(k):
-            if self.config.greedy:
-                token = logits.argmax(-1, keepdim=True)
-            else:
-                q = warp_logits(logits, self.config.temperature, self.config.top_p)
-                token = torch.multinomial(q, 1, generator=self.generator)
-                qs.append(q)
-            ids.append(token)
-            if i < k - 1:
-                logits = self._step(token)
-        draft_ids = torch.cat(ids)
-        self._drafts = draft_ids.tolist()
-        q = None
-        if qs:
-            # [k, drafter_vocab] -> [k, target_vocab]; ids beyond the drafter's rows have q = 0
-            q = torch.stack(qs)
-            pad = self.target_vocab - q.shape[-1]
-            q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, : self.target_vocab]
-        return Draft(draft_ids, q)
+        draft = sample_block(logits, self._step, k, self.config, self.generator, self.target_vocab)
+        self._drafts = draft.ids.tolist()
+        return draft
 
     def update(self, n_accepted: int, emitted: list[int]) -> None:
         k = len(self._drafts)
