@@ -15,7 +15,9 @@ from mmspec.targets.base import Request, TargetAdapter, TargetSession
 
 
 class SplicedEmbeddingSession(TargetSession):
-    """A target session for models that take ``inputs_embeds`` and number positions from the cache length."""
+    """A target session for models that take ``inputs_embeds``. Positions come from ``positions(start, n)``:
+    ``None`` (the default) lets the model number them from the cache length; families with their own scheme
+    (Qwen2-VL's M-RoPE) override it."""
 
     def __init__(self, model, prompt_embeds: torch.Tensor):
         # prompt_embeds: [1, prompt_len, hidden]
@@ -25,9 +27,13 @@ class SplicedEmbeddingSession(TargetSession):
         # The last prompt position is the loop's first pending token; its embedding may be an image
         # feature, so it is kept here and used in place of the embedding of that id on the first forward.
         self._pending_embed = prompt_embeds[:, -1:]
-        if prompt_embeds.shape[1] > 1:
-            model(inputs_embeds=prompt_embeds[:, :-1], use_cache=True, logits_to_keep=1,
-                  **{CACHE_KW: self.cache})
+        n = prompt_embeds.shape[1] - 1
+        if n > 0:
+            model(inputs_embeds=prompt_embeds[:, :-1], position_ids=self.positions(0, n), use_cache=True,
+                  logits_to_keep=1, **{CACHE_KW: self.cache})
+
+    def positions(self, start: int, n: int) -> torch.Tensor | None:
+        return None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [n] -> embeds [1, n, hidden]
@@ -35,7 +41,8 @@ class SplicedEmbeddingSession(TargetSession):
         if self._pending_embed is not None:
             embeds = torch.cat([self._pending_embed.to(embeds.dtype), embeds[:, 1:]], dim=1)
             self._pending_embed = None
-        out = self.model(inputs_embeds=embeds, use_cache=True, **{CACHE_KW: self.cache})
+        out = self.model(inputs_embeds=embeds, position_ids=self.positions(self.length, ids.shape[0]),
+                         use_cache=True, **{CACHE_KW: self.cache})
         # [n, vocab]
         return out.logits[0].float()
 

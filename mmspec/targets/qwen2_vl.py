@@ -15,58 +15,31 @@ A text-only drafter is unaffected: it numbers its own prompt (image placeholders
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from mmspec.errors import MMSpecError
-from mmspec.kv import CACHE_KW, rollback
 from mmspec.targets.base import Request, TargetAdapter, TargetSession
+from mmspec.targets.llava import SplicedEmbeddingSession
 
 
-class MRopeSession(TargetSession):
-    """A target session over ``inputs_embeds`` with M-RoPE positions: prompt positions given, then cache + delta."""
+class MRopeSession(SplicedEmbeddingSession):
+    """M-RoPE positions: the prompt's from ``get_rope_index``, then position p sits at p + rope_delta."""
 
     def __init__(self, model, prompt_embeds: torch.Tensor, prompt_positions: torch.Tensor, rope_delta: int):
-        # prompt_embeds: [1, L, hidden]; prompt_positions: [3, 1, L]
-        self.model = model
-        self.embed = model.get_input_embeddings()
+        # prompt_positions: [3, 1, prompt_len]
+        self.prompt_positions = prompt_positions
         self.delta = int(rope_delta)
-        self.cache = DynamicCache(config=model.config.get_text_config())
-        self._pending_embed = prompt_embeds[:, -1:]
-        self._pending_pos = prompt_positions[:, :, -1:]
-        n = prompt_embeds.shape[1] - 1
-        if n > 0:
-            pos = self._with_text_row(prompt_positions[:, :, :-1], 0)
-            model(inputs_embeds=prompt_embeds[:, :-1], position_ids=pos, use_cache=True, logits_to_keep=1,
-                  **{CACHE_KW: self.cache})
+        super().__init__(model, prompt_embeds)
 
-    @staticmethod
-    def _with_text_row(mrope: torch.Tensor, start: int) -> torch.Tensor:
-        # [3, 1, n] -> [4, 1, n]: row 0 holds the 1-D text positions, as generate() prepends them
-        text = torch.arange(start, start + mrope.shape[-1], device=mrope.device).view(1, 1, -1)
-        return torch.cat([text, mrope], dim=0)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(self.embed.weight.device)
-        embeds = self.embed(ids[None])
-        start = self.length
-        # [3, 1, n]: position p of the sequence sits at p + rope_delta on every M-RoPE axis
-        mrope = (torch.arange(start, start + ids.shape[0], device=ids.device) + self.delta).view(1, 1, -1)
-        mrope = mrope.expand(3, 1, -1)
-        if self._pending_embed is not None:
-            embeds = torch.cat([self._pending_embed.to(embeds.dtype), embeds[:, 1:]], dim=1)
-            mrope = torch.cat([self._pending_pos.to(ids.device), mrope[:, :, 1:]], dim=-1)
-            self._pending_embed = self._pending_pos = None
-        out = self.model(inputs_embeds=embeds, position_ids=self._with_text_row(mrope, start), use_cache=True,
-                         **{CACHE_KW: self.cache})
-        # [n, vocab]
-        return out.logits[0].float()
-
-    def rollback(self, length: int) -> None:
-        rollback(self.cache, length)
-
-    @property
-    def length(self) -> int:
-        return self.cache.get_seq_length()
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        device = self.prompt_positions.device
+        p = torch.arange(start, start + n, device=device)
+        # [3, 1, n]: after the prompt every M-RoPE axis continues at p + rope_delta
+        mrope = (p + self.delta).view(1, 1, -1).expand(3, 1, -1).clone()
+        in_prompt = p < self.prompt_positions.shape[-1]
+        if bool(in_prompt.any()):
+            mrope[:, :, in_prompt] = self.prompt_positions[:, :, p[in_prompt]]
+        # [4, 1, n]: row 0 holds the 1-D text positions (the causal mask is built from them), as generate() does
+        return torch.cat([p.view(1, 1, -1), mrope], dim=0)
 
 
 class Qwen2VLAdapter(TargetAdapter):
