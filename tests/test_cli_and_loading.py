@@ -18,7 +18,7 @@ def test_device_map_auto_and_dtype(tiny_target, tiny_drafter):
     img = sample_image(4)
     assert (pipe.generate(img, "describe the image .", max_new_tokens=12).token_ids
             == ref.generate(img, "describe the image .", max_new_tokens=12).token_ids)
-    assert hasattr(pipe.target, "hf_device_map")
+    assert pipe.target.device.type == "cpu"  # accelerate placed it on the only device there is
 
 
 def test_bfloat16_runs(tiny_target, tiny_drafter):
