@@ -143,12 +143,12 @@ def machine_info(device: str) -> dict:
 
 class Bench:
     def __init__(self, pipe, modes: list[str], max_new_tokens: int, temperature: float, k: int | None,
-                 lookup_tokens: int):
+                 lookup_tokens: int, extra: dict | None = None):
         self.pipe, self.adapter = pipe, pipe.adapter
         self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
         self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
                           "mmspec-ngram": pipe.with_drafter_kind("ngram"),
-                          "mmspec-none": pipe.with_drafter_kind("none")}
+                          "mmspec-none": pipe.with_drafter_kind("none"), **(extra or {})}
         available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
         available += list(self.pipelines)
         self.modes = [m for m in available if not modes or m in modes]
@@ -315,6 +315,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=2, help="untimed inputs per mode first (default 2)")
     g.add_argument("--temperature", type=float, default=0.0, help="> 0 benchmarks sampling (no lossless check)")
     g.add_argument("--num-draft-tokens", type=int, default=None, help="fixed k for mmspec (default: adaptive)")
+    g.add_argument("--visual-drafter", default="default",
+                   help="also time this visual drafter folder (default: the bundled one with the bundled target; "
+                        "'none' to skip)")
     g.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for hf-prompt-lookup")
     g.add_argument("--modes", default="", help="comma list to restrict modes (hf-greedy is always run)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -332,6 +335,12 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_from_args(args)
+    if args.visual_drafter == "default":
+        from mmspec.pipeline import BUNDLED_VISUAL_DRAFTER
+
+        args.visual_drafter = BUNDLED_VISUAL_DRAFTER if args.target is None and pipe.drafter_kind != "visual" else None
+    elif str(args.visual_drafter).lower() == "none":
+        args.visual_drafter = None
     prompt_types = [p.strip() for p in args.prompt_types.split(",") if p.strip()]
     if set(prompt_types) - {"caption", "question"}:
         raise MMSpecError("--prompt-types takes caption and/or question")
@@ -343,7 +352,16 @@ def run(args) -> int:
     else:
         raise MMSpecError("with --target, give --images FOLDER to benchmark on")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bench = Bench(pipe, modes, args.max_new_tokens, args.temperature, args.num_draft_tokens, args.lookup_tokens)
+    extra = {}
+    if args.visual_drafter:
+        # another drafter on the same target weights and image cache, e.g. the bundled visual drafter
+        from mmspec.drafters import drafter_class
+        from mmspec.pipeline import Pipeline
+
+        strategy = drafter_class("visual").from_pretrained(pipe.adapter, args.visual_drafter, pipe.target.dtype)
+        extra["mmspec-visual"] = Pipeline(pipe.adapter, strategy)
+    bench = Bench(pipe, modes, args.max_new_tokens, args.temperature, args.num_draft_tokens, args.lookup_tokens,
+                  extra)
 
     by_type = {p: [i for i in inputs if i.prompt_type == p] for p in prompt_types}
     total = len(bench.modes) * (min(args.warmup, len(inputs)) + args.repeats * len(inputs))
