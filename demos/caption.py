@@ -637,18 +637,14 @@ def run(args) -> int:
     return 1 if failed or missing else 0
 
 
+INTERRUPT_HINT = "rerun the same command to finish"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demos.caption", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MMSpecError as e:
-        print(f"mmspec caption: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mmspec caption: interrupted; rerun the same command to finish", file=sys.stderr)
-        return 130
+    """``python -m demos.caption`` is ``mmspec caption``: the same flags, errors and exit codes."""
+    from mmspec.cli import main as cli_main
+
+    return cli_main(["caption", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

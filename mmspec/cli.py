@@ -66,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "missing", None):
         print(f"mmspec {args.command}: not available in this build ({args.missing})", file=sys.stderr)
         return 2
+    module = importlib.import_module(args.module)
     try:
-        return int(importlib.import_module(args.module).run(args) or 0)
+        return int(module.run(args) or 0)
     except MMSpecError as e:
         print(f"mmspec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mmspec {args.command}: interrupted", file=sys.stderr)
+        hint = getattr(module, "INTERRUPT_HINT", "")
+        print(f"mmspec {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 
