@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path

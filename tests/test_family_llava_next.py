@@ -12,7 +12,7 @@ import pytest
 
 from mmspec.targets.llava_next import LlavaNextAdapter
 from tests.tiny import build_tiny_text_drafter, make_tokenizer, sample_image
-from tests.tiny_families import (KINDS, PROMPTS, build_tiny_llava_next, check_cache_hit, check_greedy,
+from tests.tiny_families import (KINDS, build_tiny_llava_next, check_cache_hit, check_greedy,
                                  check_padded_vocabularies, check_self_drafting, check_session_logits, load_pipes)
 
 MAX_NEW = 20

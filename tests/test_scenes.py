@@ -4,7 +4,6 @@ import random
 import re
 
 import numpy as np
-import pytest
 
 from vision import scenes
 from vision.scenes import (
