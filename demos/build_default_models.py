@@ -216,16 +216,8 @@ def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_i
             seqs.append(pids + aids)
             labs.append([-100] * len(pids) + aids)
             pix.append(j)
-    seqs, labs, pix = seqs[:batch], labs[:batch], pix[:batch]
-    L = -(-max(len(s) for s in seqs) // 8) * 8  # few distinct shapes: new shapes are slow on CPU
-    ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, L), -100, dtype=torch.long)
-    mask = torch.zeros((batch, L), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        ids[i, :len(s)] = torch.tensor(s)
-        labels[i, :len(l)] = torch.tensor(l)
-        mask[i, :len(s)] = 1
-    return ids, mask, labels, torch.tensor(pix)
+    ids, mask, labels = _pad_batch(seqs[:batch], labs[:batch], tok.pad_token_id)
+    return ids, mask, labels, torch.tensor(pix[:batch])
 
 
 # --------------------------------------------------------------------------- generation / eval
@@ -916,6 +908,18 @@ def cmd_all(args):
 
 # --------------------------------------------------------------------------- main
 
+def _training_args(p, *, steps, batch, lr, warmup, eval_every):
+    """Flags both training stages take (defaults: the settings the bundled models were built with)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--pool", type=int, default=10000, help="pre-rendered training scenes")
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m demos.build_default_models", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -925,28 +929,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train-vision", help="stage 1: train the CLIP tower to classify every grid cell (CPU)")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--pool", type=int, default=10000, help="pre-rendered training scenes")
+    _training_args(p, steps=800, batch=128, lr=1e-3, warmup=50, eval_every=100)
     p.add_argument("--val", type=int, default=100, help="held-out scenes for the cell accuracy (seeds 900+)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(fn=cmd_train_vision)
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--pool", type=int, default=10000, help="pre-rendered training scenes")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=300)
-    p.add_argument("--max-minutes", type=float, default=0,
+    _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
+    p.add_argument("--max-minutes", type=float, default=45,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.set_defaults(fn=cmd_train_target)
 

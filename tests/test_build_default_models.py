@@ -1,0 +1,80 @@
+"""Building blocks of the two-stage training of the bundled target (fast: random weights, no training)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import random
+
+import pytest
+import torch
+
+from demos import build_default_models as b
+from vision import scenes
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = b.build_processor()
+    model = LlavaForConditionalGeneration(b.target_config(processor.tokenizer)).eval()
+    return model, processor
+
+
+def test_cell_labels_match_the_scene():
+    for seed in range(1000, 1020):
+        lab = b.cell_labels(seed)
+        objs = {o.cell: o for o in scenes.scene_for_seed(seed).objects}
+        assert lab[:, 3].tolist() == list(range(9))
+        for c in range(9):
+            if c in objs:
+                o = objs[c]
+                assert scenes.SHAPES[lab[c, 0] - 1] == o.shape
+                assert list(scenes.COLORS)[lab[c, 1] - 1] == o.color
+                assert list(scenes.SIZES)[lab[c, 2] - 1] == o.size
+            else:
+                assert lab[c, :3].tolist() == [0, 0, 0]
+
+
+def test_code_targets_sum_one_code_per_head():
+    codes = b.cell_codes(16)
+    lab = torch.tensor([[[2, 3, 1, 4]]])
+    off = [0, b.CELL_HEADS[0], sum(b.CELL_HEADS[:2]), sum(b.CELL_HEADS[:3])]
+    want = codes[2 + off[0]] + codes[3 + off[1]] + codes[1 + off[2]] + codes[4 + off[3]]
+    assert torch.allclose(b.code_targets(codes, lab)[0, 0], want)
+
+
+def test_scale_tower_output_scales_features_exactly(setup):
+    model, processor = setup
+    tower = model.model.vision_tower
+    pix = b.heldout_pixels(processor, range(3))
+    with torch.no_grad():
+        before = b.image_features(tower, pix)
+    saved = {k: v.clone() for k, v in tower.state_dict().items()}
+    try:
+        b.scale_tower_output(tower, 8.0)
+        with torch.no_grad():
+            after = b.image_features(tower, pix)
+        assert torch.allclose(after, 8 * before, rtol=1e-4, atol=1e-4)
+    finally:
+        tower.load_state_dict(saved)
+
+
+def test_answer_loss_with_cached_features_equals_llava_loss(setup):
+    model, processor = setup
+    seeds = list(range(1000, 1004))
+    pix = b.heldout_pixels(processor, seeds)
+    pool = {"seeds": seeds, "pixels": pix}
+    ids, mask, labels, j = b.sample_batch(pool, b.PromptCache(processor), random.Random(0), 6)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix[j], labels=labels).loss
+        feats = b.image_features(model.model.vision_tower, pix)
+        ours = b.answer_loss(model, ids, mask, labels, feats[j])
+    assert torch.allclose(ref, ours, atol=1e-5)
+
+
+def test_train_target_refuses_without_a_vision_tower(tmp_path):
+    with pytest.raises(SystemExit, match="train-vision"):
+        b.main(["--workdir", str(tmp_path), "train-target", "--steps", "1"])
