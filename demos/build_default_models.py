@@ -199,14 +199,17 @@ def build_pool(processor, n_scenes: int, path: Path, seed_start: int = TRAIN_SEE
 
 
 KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, "yesno": 0.15}
+# Stage 3 (tune-questions): the questions that must find the object they name, mostly.
+QUESTION_WEIGHTS = {"caption": 0.2, "color": 0.2, "count": 0.1, "position": 0.25, "yesno": 0.25}
 
 
-def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_image: int = 2):
+def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_image: int = 2,
+                 kind_weights: dict[str, float] = KIND_WEIGHTS):
     """(input_ids, attention_mask, labels, pool indices) of a random batch; right padding."""
     tok = cache.tok
     n = len(pool["seeds"])
     seqs, labs, pix = [], [], []
-    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
+    kinds, weights = list(kind_weights), list(kind_weights.values())
     while len(seqs) < batch:
         j = rng.randrange(n)
         scene = scenes.scene_for_seed(pool["seeds"][j])
@@ -430,16 +433,77 @@ def pool_features(tower, pool, batch: int = 250) -> torch.Tensor:
     return torch.cat(out)
 
 
-def answer_loss(model, ids, mask, labels, feats):
-    """LLaVA's loss with precomputed image features spliced in (its own forward recomputes the tower)."""
+def answer_loss(model, ids, mask, labels, feats, per_example: bool = False, pointers=None):
+    """LLaVA's loss with precomputed image features spliced in (its own forward recomputes the tower).
+
+    ``per_example``: average each answer's tokens first, then the answers, so a one-word answer weighs
+    as much as a 40-token caption (LLaVA's own loss averages all tokens: captions take ~90% of it).
+    """
     emb = model.get_input_embeddings()(ids)
     img = model.model.multi_modal_projector(feats).to(emb.dtype)
     slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(slots, img)
-    h = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, output_attentions=pointers is not None)
+    h = out.last_hidden_state
     tgt = labels[:, 1:]
     keep = tgt != -100
-    return torch.nn.functional.cross_entropy(model.lm_head(h[:, :-1][keep]), tgt[keep])
+    if not per_example:
+        loss = torch.nn.functional.cross_entropy(model.lm_head(h[:, :-1][keep]), tgt[keep])
+    else:
+        tok_loss = torch.zeros(tgt.shape, dtype=h.dtype)
+        tok_loss[keep] = torch.nn.functional.cross_entropy(model.lm_head(h[:, :-1][keep]), tgt[keep],
+                                                           reduction="none")
+        loss = (tok_loss.sum(1) / keep.sum(1).clamp(min=1)).mean()
+    if pointers is None:
+        return loss
+    return loss, pointer_loss(out.attentions, pointers)
+
+
+# Stage 3's pointer supervision: one head is told which image token a question's object is in. Without it
+# the decoder sits on a plateau for questions that must find an object by its content (the CLIP features
+# support the lookup: a one-layer attention probe learns it at once, but the two-step circuit
+# "read the noun, then find its cell" has no gradient until both steps exist).
+POINTER_HEADS = {"noun": (3, 0), "answer": (8, 0)}  # (layer, head)
+
+
+def pointer_targets(ids, labels, seeds, tok, image_token_id):
+    """Where one head should look: ``{"noun": [(row, query position, image position)], "answer": [...]}``.
+
+    ``noun``: the object word of a question (the shape in "What color is the circle?", "Where is the red
+    square?", "Is there a blue star?") -> the image token of that object's grid cell. ``answer``: every position
+    that predicts an answer word of such a question -> the same image token. Questions whose object is absent
+    ("no") or not unique, captions and counts get none.
+    """
+    shape_of = {tok.convert_tokens_to_ids(x): x for x in scenes.SHAPES}
+    color_of = {tok.convert_tokens_to_ids(x): x for x in scenes.COLORS}
+    out = {"noun": [], "answer": []}
+    for r in range(ids.shape[0]):
+        row = ids[r].tolist()
+        plen = int((labels[r] != -100).nonzero()[0])  # the answer starts here (right padding is -100 too)
+        nouns = [p for p in range(plen) if row[p] in shape_of]
+        if not nouns:
+            continue
+        p = nouns[-1]
+        shape, color = shape_of[row[p]], color_of.get(row[p - 1])
+        hits = [o for o in scenes.scene_for_seed(seeds[r]).objects
+                if o.shape == shape and (color is None or o.color == color)]
+        if len(hits) != 1:
+            continue
+        cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell]
+        out["noun"].append((r, p, cell_pos))
+        n_words = int((labels[r] != -100).sum()) - 1  # answer words, without the EOS
+        out["answer"] += [(r, plen - 1 + i, cell_pos) for i in range(n_words)]
+    return out
+
+
+def pointer_loss(attentions, targets) -> torch.Tensor:
+    """Mean -log attention weight of each supervised head on its target image token."""
+    terms = []
+    for name, (layer, head) in POINTER_HEADS.items():
+        if targets[name]:
+            r, q, k = (torch.tensor(x) for x in zip(*targets[name]))
+            terms.append(-torch.log(attentions[layer][r, head, q, k] + 1e-6).mean())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def cmd_train_target(args):
@@ -454,7 +518,11 @@ def cmd_train_target(args):
         raise SystemExit(f"no trained vision tower at {vision_ckpt}: run the train-vision step first")
     processor = build_processor()
     tok = processor.tokenizer
-    model = LlavaForConditionalGeneration(target_config(tok))
+    questions = args.cmd == "tune-questions"
+    cfg = target_config(tok)
+    if questions:  # the pointer loss reads attention weights: only the eager implementation returns them
+        cfg.text_config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(cfg)
     set_generation_config(model, tok)
     model.model.vision_tower.load_state_dict(torch.load(vision_ckpt))
     model.model.vision_tower.requires_grad_(False)
@@ -470,8 +538,15 @@ def cmd_train_target(args):
     t0 = time.time()
     prev_elapsed = 0.0  # training seconds spent before this (resumed) run
     rng = random.Random(args.seed)
-    ckpt = work / "target_ckpt.pt"
-    log = open(work / "target_log.txt", "a")
+    weights = QUESTION_WEIGHTS if questions else KIND_WEIGHTS
+    ckpt = work / ("questions_ckpt.pt" if questions else "target_ckpt.pt")
+    log = open(work / ("questions_log.txt" if questions else "target_log.txt"), "a")
+    if questions and not (args.resume and ckpt.exists()):
+        start = Path(args.init_from) if args.init_from else work / "target_ckpt.pt"
+        if not start.exists():
+            raise SystemExit(f"no stage-2 checkpoint at {start}: run train-target first")
+        model.load_state_dict(torch.load(start, weights_only=False)["model"])
+        print(f"stage 3 starts from the weights in {start} (fresh optimizer and schedule)", flush=True)
     if args.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         model.load_state_dict(st["model"])
@@ -519,16 +594,22 @@ def cmd_train_target(args):
 
     model.train()
     model.model.vision_tower.eval()
-    ema = None
-    bar = tqdm(total=args.steps, initial=step, desc="train target", mininterval=5)
+    ema = aux_ema = None
+    bar = tqdm(total=args.steps, initial=step, desc="tune questions" if questions else "train target", mininterval=5)
     while step < args.steps:
         if step >= args.warmup and progress(step) >= 1.0:
             tqdm.write(f"schedule finished (time budget) at step {step}")
             break
-        ids, mask, labels, j = sample_batch(pool, cache, rng, args.batch)
+        ids, mask, labels, j = sample_batch(pool, cache, rng, args.batch, kind_weights=weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = answer_loss(model, ids, mask, labels, feats[j])
+        if questions:
+            ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok, model.config.image_token_id)
+            loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=True, pointers=ptr)
+            aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
+            loss = loss + args.pointer_weight * aux
+        else:
+            loss = answer_loss(model, ids, mask, labels, feats[j])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -538,7 +619,9 @@ def cmd_train_target(args):
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.1e}")
         if step % 50 == 0:
-            log.write(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} elapsed {prev_elapsed + time.time() - t0:.0f}s\n")
+            ptr_msg = f" pointer {aux_ema:.3f}" if aux_ema is not None else ""
+            log.write(f"step {step} loss {ema:.4f}{ptr_msg} lr {lr_at(step):.2e} "
+                      f"elapsed {prev_elapsed + time.time() - t0:.0f}s\n")
             log.flush()
         if step % args.ckpt_every == 0 or step == args.steps:
             save()
@@ -938,6 +1021,19 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=45,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
+    p.set_defaults(fn=cmd_train_target)
+
+    p = sub.add_parser("tune-questions",
+                       help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
+                            "equally (CPU)")
+    _training_args(p, steps=3000, batch=32, lr=1e-3, warmup=50, eval_every=150)
+    p.add_argument("--max-minutes", type=float, default=30,
+                   help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
+    p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
+    p.add_argument("--init-from", default=None,
+                   help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
+    p.add_argument("--pointer-weight", type=float, default=1.0,
+                   help="weight of the loss that shows two heads where a question's object is (0: off)")
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("export", help="write trained models to assets/models (16-bit safetensors)")

@@ -42,7 +42,7 @@ from mmspec.errors import MMSpecError
 
 DEFAULT_PROMPT = "Describe the image."
 FIELDS = ("path", "prompt", "caption", "tokens", "mean_accepted", "acceptance_rate", "time_s", "error")
-EXTRA_FIELDS = ("drafted", "accepted", "target_forwards", "plain_time_s", "speedup", "plain_matches")
+EXTRA_FIELDS = ("target", "drafted", "accepted", "target_forwards", "plain_time_s", "speedup", "plain_matches")
 IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .jpe .jfif .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm .ico "
                              ".tga .dib .avif .heic .heif".split())
 LIST_EXTENSIONS = (".txt", ".jsonl")
@@ -65,6 +65,57 @@ class Task:
 def record_key(rec: dict) -> tuple[str, str]:
     """What identifies an input: its absolute path (relative paths are taken from the current folder) and prompt."""
     return os.path.abspath(os.path.expanduser(str(rec["path"]))), str(rec["prompt"])
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FULL_HASH_BYTES = 256 << 20  # weight files up to this size are hashed whole; larger: size + first/last MiB
+
+
+def _file_fingerprint(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:  # a multi-GB checkpoint: its header (names, shapes) and both ends are enough to tell versions apart
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+
+
+def target_identity(args) -> str:
+    """Which target writes the captions: ``name@hash`` (a local folder's weights, a hub snapshot's commit).
+
+    Captions depend on the target only (the drafter never changes the output), so resuming an output file
+    is safe exactly when this string is the same.
+    """
+    import hashlib
+
+    from mmspec.pipeline import BUNDLED_TARGET
+
+    target = getattr(args, "target", None)
+    if target is None and getattr(args, "preset", None):
+        from mmspec.presets import resolve_preset
+
+        target = resolve_preset(args.preset).target
+    folder = Path(os.path.expanduser(str(target))) if target is not None else BUNDLED_TARGET
+    if folder.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(folder.iterdir()):
+            if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json":
+                _file_fingerprint(f, h)
+        name = "bundled" if target is None else str(folder.resolve())
+        return f"{name}@{h.hexdigest()[:16]}"
+    try:  # a hub id: the commit of the cached snapshot, found offline
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(target), "config.json")
+        if isinstance(cached, str):
+            return f"{target}@{Path(cached).parent.name[:16]}"
+    except Exception:  # noqa: BLE001 - an identity without a commit is still the id
+        pass
+    return str(target)
 
 
 def _walk_images(folder: str) -> Iterator[str]:
@@ -497,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-errors", action="store_true",
                         help="caption again the inputs whose line in --out records an error (their error line "
                              "is replaced)")
+    parser.add_argument("--redo-other-target", action="store_true",
+                        help="caption again the inputs whose line in --out was written by a different target model "
+                             "(their lines are replaced); without it such a file is refused")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no per-image output, no summary")
     g = parser.add_argument_group("backend")
     g.add_argument("--backend", choices=sorted(BACKENDS), default="local",
@@ -584,10 +638,17 @@ def run(args) -> int:
         raise MMSpecError(f"no inputs found in {' '.join(args.paths)}")
     started = time.perf_counter()
     warn = (lambda msg: None) if args.quiet else (lambda msg: print(f"mmspec caption: {msg}", file=sys.stderr))
+    target = target_identity(args)
     with CaptionLog(args.out, warn=warn) as log:
-        pending = [t for t in tasks if not log.is_done(t.key, args.retry_errors)]
-        if args.retry_errors:
-            log.drop({t.key for t in pending})
+        other = {k for k, rec in log.records.items() if rec.get("target") not in (None, target)}
+        if other and not args.redo_other_target:
+            seen = sorted({log.records[k]["target"] for k in other})
+            raise MMSpecError(f"{args.out} holds {len(other)} caption(s) written by another target "
+                              f"({', '.join(seen)}); this run's target is {target}. Use another --out, or "
+                              f"--redo-other-target to caption those inputs again and replace their lines")
+        pending = [t for t in tasks if t.key in other or not log.is_done(t.key, args.retry_errors)]
+        if args.retry_errors or other:
+            log.drop({t.key for t in pending})  # lines of inputs outside this run stay as they are
         skipped = len(tasks) - len(pending)
         if skipped and not args.quiet:
             warn(f"{skipped} of {len(tasks)} input(s) already done in {args.out}; captioning the other {len(pending)}")
@@ -612,6 +673,7 @@ def run(args) -> int:
                 if key not in want:  # never twice, whatever a backend sends back
                     continue
                 want.discard(key)
+                rec["target"] = target
                 log.append(rec)
                 n_new += 1
                 if rec.get("error") is None:

@@ -78,3 +78,61 @@ def test_answer_loss_with_cached_features_equals_llava_loss(setup):
 def test_train_target_refuses_without_a_vision_tower(tmp_path):
     with pytest.raises(SystemExit, match="train-vision"):
         b.main(["--workdir", str(tmp_path), "train-target", "--steps", "1"])
+
+
+def test_per_example_loss_weighs_every_answer_equally(setup):
+    model, processor = setup
+    seeds = list(range(1000, 1004))
+    pix = b.heldout_pixels(processor, seeds)
+    ids, mask, labels, j = b.sample_batch({"seeds": seeds, "pixels": pix}, b.PromptCache(processor),
+                                          random.Random(0), 6)
+    with torch.no_grad():
+        feats = b.image_features(model.model.vision_tower, pix)[j]
+        each = torch.stack([b.answer_loss(model, ids[i:i + 1], mask[i:i + 1], labels[i:i + 1], feats[i:i + 1])
+                            for i in range(len(ids))])
+        batch = b.answer_loss(model, ids, mask, labels, feats, per_example=True)
+    assert torch.allclose(batch, each.mean(), atol=1e-5)
+
+
+def test_pointer_targets_point_at_the_named_objects_cell(setup):
+    model, processor = setup
+    tok = processor.tokenizer
+    seeds = list(range(1000, 1060))
+    pool = {"seeds": seeds, "pixels": torch.zeros(len(seeds))}
+    ids, mask, labels, j = b.sample_batch(pool, b.PromptCache(processor), random.Random(0), 120,
+                                          kind_weights=b.QUESTION_WEIGHTS)
+    rows = [seeds[i] for i in j.tolist()]
+    ptr = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id)
+    assert len(ptr["noun"]) > 30
+    image_pos = (ids[0] == model.config.image_token_id).nonzero().flatten().tolist()
+    for r, p, k in ptr["noun"]:
+        words = tok.convert_ids_to_tokens(ids[r, :p + 1].tolist())
+        cell = image_pos.index(k)
+        [obj] = [o for o in scenes.scene_for_seed(rows[r]).objects if o.cell == cell]
+        assert obj.shape == words[-1]
+        if words[-2] in scenes.COLORS:  # "Where is the red square?", "Is there a red square?"
+            assert obj.color == words[-2]
+    # every answer word of those questions (not the EOS) is predicted at a pointed position
+    nouns = {r: k for r, _, k in ptr["noun"]}
+    for r, q, k in ptr["answer"]:
+        assert k == nouns[r] and labels[r, q + 1] not in (-100, tok.eos_token_id)
+    n_answer_words = sum(int((labels[r] != -100).sum()) - 1 for r in nouns)
+    assert len(ptr["answer"]) == n_answer_words
+    # colour and position questions always name one object; "no" answers, captions and counts get no pointer
+    for r in range(len(ids)):
+        answer = tok.decode(ids[r][labels[r] != -100], skip_special_tokens=True).strip()
+        if r in nouns:
+            assert answer in scenes.COLORS or answer in scenes.POSITIONS or answer == "yes"
+        else:
+            assert answer not in scenes.COLORS and answer not in scenes.POSITIONS
+
+
+def test_pointer_loss_is_small_only_when_the_head_looks_there():
+    att = [torch.full((1, 4, 5, 5), 0.01) for _ in range(9)]
+    targets = {"noun": [(0, 4, 2)], "answer": [(0, 3, 2)]}
+    far = b.pointer_loss(att, targets)
+    for name, (layer, head) in b.POINTER_HEADS.items():
+        q = targets[name][0][1]
+        att[layer][0, head, q, 2] = 0.99
+    near = b.pointer_loss(att, targets)
+    assert near < 0.02 < far

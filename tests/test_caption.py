@@ -258,6 +258,48 @@ def test_errors_are_kept_unless_retry_errors(tmp_path, model_flags):
     assert len(records) == 2 and all(r["error"] is None for r in records)  # the error line was replaced
 
 
+def test_a_file_written_by_another_target_is_refused_then_redone(tmp_path, model_flags, tiny_target, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        sample_image(80 + i).save(folder / f"{i}.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
+    first = read_lines(out)
+    assert {r["target"] for r in first} == {caption.target_identity(type("A", (), {"target": str(tiny_target)}))}
+
+    # the same target retrained: same folder layout, other weights
+    other = tmp_path / "retrained"
+    shutil.copytree(tiny_target, other)
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    flags = [f if f != str(tiny_target) else str(other) for f in model_flags]
+    sample_image(82).save(folder / "2.png")
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "another target" in err and "--redo-other-target" in err
+    assert out.read_bytes() == before  # refused: nothing written, nothing lost
+
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", "--redo-other-target", *flags]) == 0
+    records = read_lines(out)
+    new_id = caption.target_identity(type("A", (), {"target": str(other)}))
+    assert len(records) == 3 and {r["target"] for r in records} == {new_id} and new_id != first[0]["target"]
+    pipe_other = mmspec.load(str(other), drafter=None)  # any drafter: the output is the target's
+    for r in records:
+        assert r["caption"] == pipe_other.generate(r["path"], PROMPT, max_new_tokens=MAX_NEW).text
+    # the same target again: everything is done, nothing is redone
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *flags]) == 0
+    assert read_lines(out) == records
+
+
 def test_inputs_globs_lists_dedup_and_missing(tmp_path, model_flags):
     folder = tmp_path / "imgs"
     folder.mkdir()
