@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/mmspec caption assets/images --out runs/sample_captions.jsonl --compare --max-new-tokens 48
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mmspec caption assets/images --out runs/sample_captions.jsonl --compare --max-new-tokens 48 --redo-other-target
 
 # Debian's chromium for the browser test (never a browser downloaded by a test tool).
 browser:

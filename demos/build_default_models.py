@@ -5,6 +5,7 @@ The models know only the synthetic scene world of :mod:`vision.scenes`.
     python -m demos.build_default_models all            # everything, from scratch
     python -m demos.build_default_models train-vision   # stage 1: the CLIP tower learns to see the grid
     python -m demos.build_default_models train-target   # stage 2: projector + decoder (add --resume to continue)
+    python -m demos.build_default_models tune-questions # stage 3: mostly questions, two heads shown where to look
     python -m demos.build_default_models distill-drafter
     python -m demos.build_default_models export
     python -m demos.build_default_models eval --n 200
@@ -472,7 +473,7 @@ def pointer_targets(ids, labels, seeds, tok, image_token_id):
     ``noun``: the object word of a question (the shape in "What color is the circle?", "Where is the red
     square?", "Is there a blue star?") -> the image token of that object's grid cell. ``answer``: every position
     that predicts an answer word of such a question -> the same image token. Questions whose object is absent
-    ("no") or not unique, captions and counts get none.
+    ("no") point at BOS instead; questions whose object is not unique, captions and counts get none.
     """
     shape_of = {tok.convert_tokens_to_ids(x): x for x in scenes.SHAPES}
     color_of = {tok.convert_tokens_to_ids(x): x for x in scenes.COLORS}
@@ -487,9 +488,11 @@ def pointer_targets(ids, labels, seeds, tok, image_token_id):
         shape, color = shape_of[row[p]], color_of.get(row[p - 1])
         hits = [o for o in scenes.scene_for_seed(seeds[r]).objects
                 if o.shape == shape and (color is None or o.color == color)]
-        if len(hits) != 1:
+        if len(hits) > 1:
             continue
-        cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell]
+        # no such object ("Is there a blue star?" -> "no"): look at BOS, the place a head rests when nothing
+        # matches, so "an image token matched" is what tells yes from no
+        cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell] if hits else 0
         out["noun"].append((r, p, cell_pos))
         n_words = int((labels[r] != -100).sum()) - 1  # answer words, without the EOS
         out["answer"] += [(r, plen - 1 + i, cell_pos) for i in range(n_words)]
@@ -971,7 +974,11 @@ def cmd_all(args):
         setattr(a, k, v)
     cmd_train_vision(a)
     for k, v in dict(steps=4000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=500,
-                     max_minutes=45, vision=None, resume=args.resume).items():
+                     max_minutes=45, vision=None, resume=args.resume, cmd="train-target").items():
+        setattr(a, k, v)
+    cmd_train_target(a)
+    for k, v in dict(steps=3000, lr=7e-4, warmup=50, eval_every=150, max_minutes=40, init_from=None,
+                     pointer_weight=1.0, cmd="tune-questions").items():
         setattr(a, k, v)
     cmd_train_target(a)
     a.what = "target"
@@ -1026,8 +1033,8 @@ def main(argv=None):
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
-    _training_args(p, steps=3000, batch=32, lr=1e-3, warmup=50, eval_every=150)
-    p.add_argument("--max-minutes", type=float, default=30,
+    _training_args(p, steps=3000, batch=32, lr=7e-4, warmup=50, eval_every=150)
+    p.add_argument("--max-minutes", type=float, default=40,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.add_argument("--init-from", default=None,
@@ -1069,7 +1076,7 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=16)
     p.set_defaults(fn=cmd_images)
 
-    p = sub.add_parser("all", help="train-vision, train-target, export, distill-drafter, export, images, eval, bench")
+    p = sub.add_parser("all", help="train-vision, train-target, tune-questions, export, distill-drafter, export, images, eval, bench")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(fn=cmd_all)
 

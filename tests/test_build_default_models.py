@@ -105,10 +105,16 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
     ptr = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id)
     assert len(ptr["noun"]) > 30
     image_pos = (ids[0] == model.config.image_token_id).nonzero().flatten().tolist()
+    no_rows = set()
     for r, p, k in ptr["noun"]:
         words = tok.convert_ids_to_tokens(ids[r, :p + 1].tolist())
+        objects = scenes.scene_for_seed(rows[r]).objects
+        if k == 0:  # "Is there a blue star?" with no blue star: BOS
+            assert words[-3:-2] == ["a"] and not [o for o in objects if (o.color, o.shape) == tuple(words[-2:])]
+            no_rows.add(r)
+            continue
         cell = image_pos.index(k)
-        [obj] = [o for o in scenes.scene_for_seed(rows[r]).objects if o.cell == cell]
+        [obj] = [o for o in objects if o.cell == cell]
         assert obj.shape == words[-1]
         if words[-2] in scenes.COLORS:  # "Where is the red square?", "Is there a red square?"
             assert obj.color == words[-2]
@@ -118,13 +124,17 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
         assert k == nouns[r] and labels[r, q + 1] not in (-100, tok.eos_token_id)
     n_answer_words = sum(int((labels[r] != -100).sum()) - 1 for r in nouns)
     assert len(ptr["answer"]) == n_answer_words
-    # colour and position questions always name one object; "no" answers, captions and counts get no pointer
+    # colour and position questions always name one object, "no" questions point at BOS; captions and counts
+    # get no pointer
+    assert no_rows
     for r in range(len(ids)):
         answer = tok.decode(ids[r][labels[r] != -100], skip_special_tokens=True).strip()
-        if r in nouns:
+        if r in no_rows:
+            assert answer == "no"
+        elif r in nouns:
             assert answer in scenes.COLORS or answer in scenes.POSITIONS or answer == "yes"
         else:
-            assert answer not in scenes.COLORS and answer not in scenes.POSITIONS
+            assert answer not in scenes.COLORS and answer not in scenes.POSITIONS and answer != "no"
 
 
 def test_pointer_loss_is_small_only_when_the_head_looks_there():
