@@ -439,6 +439,7 @@ def answer_loss(model, ids, mask, labels, feats, per_example: bool = False, poin
 
     ``per_example``: average each answer's tokens first, then the answers, so a one-word answer weighs
     as much as a 40-token caption (LLaVA's own loss averages all tokens: captions take ~90% of it).
+    With ``pointers`` (from :func:`pointer_targets`) returns ``(loss, pointer loss)``, else the loss.
     """
     emb = model.get_input_embeddings()(ids)
     img = model.model.multi_modal_projector(feats).to(emb.dtype)
@@ -451,7 +452,7 @@ def answer_loss(model, ids, mask, labels, feats, per_example: bool = False, poin
     if not per_example:
         loss = torch.nn.functional.cross_entropy(model.lm_head(h[:, :-1][keep]), tgt[keep])
     else:
-        tok_loss = torch.zeros(tgt.shape, dtype=h.dtype)
+        tok_loss = torch.zeros(tgt.shape, dtype=h.dtype, device=h.device)
         tok_loss[keep] = torch.nn.functional.cross_entropy(model.lm_head(h[:, :-1][keep]), tgt[keep],
                                                            reduction="none")
         loss = (tok_loss.sum(1) / keep.sum(1).clamp(min=1)).mean()
@@ -519,11 +520,18 @@ def cmd_train_target(args):
     vision_ckpt = Path(args.vision) if args.vision else work / "vision_tower.pt"
     if not vision_ckpt.exists():
         raise SystemExit(f"no trained vision tower at {vision_ckpt}: run the train-vision step first")
+    questions = args.cmd == "tune-questions"
+    ckpt = work / ("questions_ckpt.pt" if questions else "target_ckpt.pt")
+    start = None  # stage 3 begins from stage 2's weights unless it resumes its own checkpoint
+    if questions and not (args.resume and ckpt.exists()):
+        start = Path(args.init_from) if args.init_from else work / "target_ckpt.pt"
+        if not start.exists():  # before the minutes of pool rendering and feature extraction
+            raise SystemExit(f"no stage-2 checkpoint at {start}: run train-target first")
     processor = build_processor()
     tok = processor.tokenizer
-    questions = args.cmd == "tune-questions"
+    pointing = questions and args.pointer_weight > 0
     cfg = target_config(tok)
-    if questions:  # the pointer loss reads attention weights: only the eager implementation returns them
+    if pointing:  # the pointer loss reads attention weights: only the eager implementation returns them
         cfg.text_config._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(cfg)
     set_generation_config(model, tok)
@@ -542,12 +550,8 @@ def cmd_train_target(args):
     prev_elapsed = 0.0  # training seconds spent before this (resumed) run
     rng = random.Random(args.seed)
     weights = QUESTION_WEIGHTS if questions else KIND_WEIGHTS
-    ckpt = work / ("questions_ckpt.pt" if questions else "target_ckpt.pt")
     log = open(work / ("questions_log.txt" if questions else "target_log.txt"), "a")
-    if questions and not (args.resume and ckpt.exists()):
-        start = Path(args.init_from) if args.init_from else work / "target_ckpt.pt"
-        if not start.exists():
-            raise SystemExit(f"no stage-2 checkpoint at {start}: run train-target first")
+    if start is not None:
         model.load_state_dict(torch.load(start, weights_only=False)["model"])
         print(f"stage 3 starts from the weights in {start} (fresh optimizer and schedule)", flush=True)
     if args.resume and ckpt.exists():
@@ -606,13 +610,13 @@ def cmd_train_target(args):
         ids, mask, labels, j = sample_batch(pool, cache, rng, args.batch, kind_weights=weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        if questions:
+        if pointing:
             ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok, model.config.image_token_id)
             loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=True, pointers=ptr)
             aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
             loss = loss + args.pointer_weight * aux
         else:
-            loss = answer_loss(model, ids, mask, labels, feats[j])
+            loss = answer_loss(model, ids, mask, labels, feats[j], per_example=questions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -999,7 +1003,8 @@ def cmd_all(args):
 # --------------------------------------------------------------------------- main
 
 def _training_args(p, *, steps, batch, lr, warmup, eval_every):
-    """Flags both training stages take (defaults: the settings the bundled models were built with)."""
+    """Flags every training stage takes (defaults: the bundled models' settings for stages 1 and 2; stage 3's
+    bundled run was made in three parts, see assets/models/README.md)."""
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--lr", type=float, default=lr)
@@ -1008,6 +1013,13 @@ def _training_args(p, *, steps, batch, lr, warmup, eval_every):
     p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def _decoder_args(p, *, max_minutes):
+    """Flags of the two decoder stages (train-target, tune-questions)."""
+    p.add_argument("--max-minutes", type=float, default=max_minutes,
+                   help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
+    p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
 
 
 def main(argv=None):
@@ -1025,18 +1037,14 @@ def main(argv=None):
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
     _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
-    p.add_argument("--max-minutes", type=float, default=45,
-                   help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
-    p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
+    _decoder_args(p, max_minutes=45)
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
     _training_args(p, steps=3000, batch=32, lr=7e-4, warmup=50, eval_every=150)
-    p.add_argument("--max-minutes", type=float, default=40,
-                   help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
-    p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
+    _decoder_args(p, max_minutes=40)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
     p.add_argument("--pointer-weight", type=float, default=1.0,

@@ -1,4 +1,4 @@
-"""Building blocks of the two-stage training of the bundled target (fast: random weights, no training)."""
+"""Building blocks of the three-stage training of the bundled target (fast: random weights, no training)."""
 
 import os
 
@@ -78,6 +78,13 @@ def test_answer_loss_with_cached_features_equals_llava_loss(setup):
 def test_train_target_refuses_without_a_vision_tower(tmp_path):
     with pytest.raises(SystemExit, match="train-vision"):
         b.main(["--workdir", str(tmp_path), "train-target", "--steps", "1"])
+
+
+def test_tune_questions_refuses_without_a_stage2_checkpoint_before_any_work(tmp_path):
+    (tmp_path / "vision_tower.pt").write_bytes(b"")  # present; never read when the check fails first
+    with pytest.raises(SystemExit, match="train-target"):
+        b.main(["--workdir", str(tmp_path), "tune-questions", "--steps", "1"])
+    assert not list(tmp_path.glob("pool_*.pt"))  # failed before rendering the pool
 
 
 def test_per_example_loss_weighs_every_answer_equally(setup):

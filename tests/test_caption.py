@@ -92,6 +92,15 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+def image_folder(tmp_path: Path, first_seed: int, n: int) -> Path:
+    """``tmp_path/imgs`` holding ``0.png .. {n-1}.png``: sample images of seeds ``first_seed ..``."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(n):
+        sample_image(first_seed + i).save(folder / f"{i}.png")
+    return folder
+
+
 def by_path(records: list[dict]) -> dict[str, dict]:
     return {os.path.abspath(r["path"]): r for r in records}
 
@@ -220,10 +229,7 @@ def test_sigkill_mid_batch_then_resume_gives_exactly_one_line_per_input(tmp_path
 
 
 def test_cut_last_line_is_removed_and_that_input_redone(tmp_path, model_flags):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(3):
-        sample_image(60 + i).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path, 60, 3)
     out = tmp_path / "c.jsonl"
     assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
     lines = out.read_bytes().splitlines(keepends=True)
@@ -259,18 +265,16 @@ def test_errors_are_kept_unless_retry_errors(tmp_path, model_flags):
 
 
 def test_a_file_written_by_another_target_is_refused_then_redone(tmp_path, model_flags, tiny_target, capsys):
+    import argparse
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(2):
-        sample_image(80 + i).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path, 80, 2)
     out = tmp_path / "c.jsonl"
     assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
     first = read_lines(out)
-    assert {r["target"] for r in first} == {caption.target_identity(type("A", (), {"target": str(tiny_target)}))}
+    assert {r["target"] for r in first} == {caption.target_identity(argparse.Namespace(target=str(tiny_target)))}
 
     # the same target retrained: same folder layout, other weights
     other = tmp_path / "retrained"
@@ -290,7 +294,7 @@ def test_a_file_written_by_another_target_is_refused_then_redone(tmp_path, model
 
     assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", "--redo-other-target", *flags]) == 0
     records = read_lines(out)
-    new_id = caption.target_identity(type("A", (), {"target": str(other)}))
+    new_id = caption.target_identity(argparse.Namespace(target=str(other)))
     assert len(records) == 3 and {r["target"] for r in records} == {new_id} and new_id != first[0]["target"]
     pipe_other = mmspec.load(str(other), drafter=None)  # any drafter: the output is the target's
     for r in records:
