@@ -199,9 +199,23 @@ def build_pool(processor, n_scenes: int, path: Path, seed_start: int = TRAIN_SEE
     return d
 
 
-KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, "yesno": 0.15}
+# Stage 2: each answer weighs the same (per-example loss), so captions need no more than their share.
+KIND_WEIGHTS = {"caption": 0.3, "color": 0.15, "count": 0.1, "position": 0.2, "yesno": 0.25}
 # Stage 3 (tune-questions): the questions that must find the object they name, mostly.
 QUESTION_WEIGHTS = {"caption": 0.2, "color": 0.2, "count": 0.1, "position": 0.25, "yesno": 0.25}
+
+
+def length_chunks(ids, mask, labels, j):
+    """Split a batch in two by length, each part cut to its own longest row (right padding): captions are
+    about twice as long as questions, so a mixed batch padded to its longest row wastes ~40% of a step."""
+    lens = mask.sum(1)
+    cut = (lens.min() + lens.max()) / 2
+    out = []
+    for rows in ((lens <= cut).nonzero().flatten(), (lens > cut).nonzero().flatten()):
+        if len(rows):
+            n = int(lens[rows].max())
+            out.append((ids[rows, :n], mask[rows, :n], labels[rows, :n], j[rows]))
+    return out
 
 
 def sample_batch(pool, cache: PromptCache, rng: random.Random, batch: int, per_image: int = 2,
@@ -473,27 +487,42 @@ def pointer_targets(ids, labels, seeds, tok, image_token_id):
 
     ``noun``: the object word of a question (the shape in "What color is the circle?", "Where is the red
     square?", "Is there a blue star?") -> the image token of that object's grid cell. ``answer``: every position
-    that predicts an answer word of such a question -> the same image token. Questions whose object is absent
-    ("no") point at BOS instead; questions whose object is not unique, captions and counts get none.
+    that predicts an answer word of such a question -> the same image token; in a caption, every position that
+    predicts a word describing an object (its size, colour, shape, position) -> that object's cell (the caption
+    lists objects in cell order, one "a ..." phrase each). Questions whose object is absent ("no") point at BOS
+    instead; questions whose object is not unique, and counts, get none.
     """
     shape_of = {tok.convert_tokens_to_ids(x): x for x in scenes.SHAPES}
     color_of = {tok.convert_tokens_to_ids(x): x for x in scenes.COLORS}
+    article, at = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("at")
+    joiners = {tok.convert_tokens_to_ids(x) for x in (",", "and", ".")} | {tok.eos_token_id}
     out = {"noun": [], "answer": []}
     for r in range(ids.shape[0]):
         row = ids[r].tolist()
         plen = int((labels[r] != -100).nonzero()[0])  # the answer starts here (right padding is -100 too)
+        image_pos = [q for q, t in enumerate(row) if t == image_token_id]
+        scene = scenes.scene_for_seed(seeds[r])
         nouns = [p for p in range(plen) if row[p] in shape_of]
-        if not nouns:
+        if not nouns:  # a caption or a count
+            answer = [t for t in labels[r, plen:].tolist() if t != -100]
+            if answer.count(article) != len(scene.objects):
+                continue  # a count ("How many objects are there?")
+            cells = sorted(o.cell for o in scene.objects)
+            k = -1
+            for i, t in enumerate(answer):
+                if t == article:
+                    k += 1
+                elif t not in joiners and t != at:
+                    out["answer"].append((r, plen - 1 + i, image_pos[cells[k]]))
             continue
         p = nouns[-1]
         shape, color = shape_of[row[p]], color_of.get(row[p - 1])
-        hits = [o for o in scenes.scene_for_seed(seeds[r]).objects
-                if o.shape == shape and (color is None or o.color == color)]
+        hits = [o for o in scene.objects if o.shape == shape and (color is None or o.color == color)]
         if len(hits) > 1:
             continue
         # no such object ("Is there a blue star?" -> "no"): look at BOS, the place a head rests when nothing
         # matches, so "an image token matched" is what tells yes from no
-        cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell] if hits else 0
+        cell_pos = image_pos[hits[0].cell] if hits else 0
         out["noun"].append((r, p, cell_pos))
         n_words = int((labels[r] != -100).sum()) - 1  # answer words, without the EOS
         out["answer"] += [(r, plen - 1 + i, cell_pos) for i in range(n_words)]
@@ -529,7 +558,7 @@ def cmd_train_target(args):
             raise SystemExit(f"no stage-2 checkpoint at {start}: run train-target first")
     processor = build_processor()
     tok = processor.tokenizer
-    pointing = questions and args.pointer_weight > 0
+    pointing = args.pointer_weight > 0
     cfg = target_config(tok)
     if pointing:  # the pointer loss reads attention weights: only the eager implementation returns them
         cfg.text_config._attn_implementation = "eager"
@@ -607,22 +636,29 @@ def cmd_train_target(args):
         if step >= args.warmup and progress(step) >= 1.0:
             tqdm.write(f"schedule finished (time budget) at step {step}")
             break
-        ids, mask, labels, j = sample_batch(pool, cache, rng, args.batch, kind_weights=weights)
+        batch = sample_batch(pool, cache, rng, args.batch, kind_weights=weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        if pointing:
-            ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok, model.config.image_token_id)
-            loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=True, pointers=ptr)
-            aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
-            loss = loss + args.pointer_weight * aux
-        else:
-            loss = answer_loss(model, ids, mask, labels, feats[j], per_example=questions)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = aux_total = 0.0
+        for ids, mask, labels, j in length_chunks(*batch):  # gradients add up to the whole batch's
+            share = len(ids) / args.batch
+            if pointing:
+                ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok,
+                                      model.config.image_token_id)
+                loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=True, pointers=ptr)
+                aux_total += share * aux.item()
+                loss = loss + args.pointer_weight * aux
+            else:
+                loss = answer_loss(model, ids, mask, labels, feats[j], per_example=True)
+            (share * loss).backward()
+            total += share * loss.item()
+        if pointing:
+            aux_ema = aux_total if aux_ema is None else 0.98 * aux_ema + 0.02 * aux_total
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = total if ema is None else 0.98 * ema + 0.02 * total
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.1e}")
         if step % 50 == 0:
@@ -972,31 +1008,33 @@ def cmd_images(args):
 
 
 def cmd_all(args):
+    """The bundled models from scratch: the flags of each stage are its parser defaults (see main)."""
     a = argparse.Namespace(**vars(args))
     for k, v in dict(steps=800, batch=128, lr=1e-3, warmup=50, pool=10000, val=100, eval_every=100,
                      ckpt_every=100).items():
         setattr(a, k, v)
     cmd_train_vision(a)
-    for k, v in dict(steps=4000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=500,
-                     max_minutes=45, vision=None, resume=args.resume, cmd="train-target").items():
+    for k, v in dict(steps=6000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=250,
+                     max_minutes=args.target_minutes, vision=None, pointer_weight=1.0, cmd="train-target").items():
         setattr(a, k, v)
     cmd_train_target(a)
-    for k, v in dict(steps=3000, lr=7e-4, warmup=50, eval_every=150, max_minutes=40, init_from=None,
-                     pointer_weight=1.0, cmd="tune-questions").items():
-        setattr(a, k, v)
-    cmd_train_target(a)
+    if args.tune_minutes > 0:
+        for k, v in dict(steps=3000, lr=7e-4, warmup=50, eval_every=150, max_minutes=args.tune_minutes,
+                         init_from=None, cmd="tune-questions").items():
+            setattr(a, k, v)
+        cmd_train_target(a)
     a.what = "target"
     cmd_export(a)
-    for k, v in dict(steps=3000, batch=64, lr=3e-3, scenes=600).items():
+    for k, v in dict(steps=400, batch=64, lr=3e-3, scenes=60).items():
         setattr(a, k, v)
     cmd_distill_drafter(a)
     a.what = "drafter"
     cmd_export(a)
     a.count = 16
     cmd_images(a)
-    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance, a.method = 200, 0, None, None, False, 50, "generate"
+    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance, a.method = 200, 0, None, None, False, 50, "forced"
     cmd_eval(a)
-    a.n = 200
+    a.n = 300
     cmd_bench(a)
 
 
@@ -1020,6 +1058,8 @@ def _decoder_args(p, *, max_minutes):
     p.add_argument("--max-minutes", type=float, default=max_minutes,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
+    p.add_argument("--pointer-weight", type=float, default=1.0,
+                   help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
 
 
 def main(argv=None):
@@ -1036,8 +1076,8 @@ def main(argv=None):
     p.set_defaults(fn=cmd_train_vision)
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
-    _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
-    _decoder_args(p, max_minutes=45)
+    _training_args(p, steps=6000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
+    _decoder_args(p, max_minutes=50)
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("tune-questions",
@@ -1047,8 +1087,6 @@ def main(argv=None):
     _decoder_args(p, max_minutes=40)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
-    p.add_argument("--pointer-weight", type=float, default=1.0,
-                   help="weight of the loss that shows two heads where a question's object is (0: off)")
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("export", help="write trained models to assets/models (16-bit safetensors)")
@@ -1056,10 +1094,10 @@ def main(argv=None):
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("distill-drafter", help="distill the text drafter on the target's greedy answers")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--scenes", type=int, default=600, help="training scenes (x5 prompts) answered by the target")
+    p.add_argument("--scenes", type=int, default=60, help="training scenes (x5 prompts) answered by the target")
     p.set_defaults(fn=cmd_distill_drafter)
 
     p = sub.add_parser("eval", help="held-out accuracy per prompt type (and drafter acceptance)")
@@ -1085,7 +1123,10 @@ def main(argv=None):
     p.set_defaults(fn=cmd_images)
 
     p = sub.add_parser("all", help="train-vision, train-target, tune-questions, export, distill-drafter, export, images, eval, bench")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the decoder stages from their checkpoints")
+    p.add_argument("--target-minutes", type=float, default=50, help="stage 2's wall-clock budget")
+    p.add_argument("--tune-minutes", type=float, default=0,
+                   help="stage 3's budget (0: skip; stage 2 already trains the pointer heads)")
     p.set_defaults(fn=cmd_all)
 
     args = ap.parse_args(argv)
