@@ -199,8 +199,7 @@ def build_pool(processor, n_scenes: int, path: Path, seed_start: int = TRAIN_SEE
     return d
 
 
-# Stage 2: each answer weighs the same (per-example loss), so captions need no more than their share.
-KIND_WEIGHTS = {"caption": 0.3, "color": 0.15, "count": 0.1, "position": 0.2, "yesno": 0.25}
+KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, "yesno": 0.15}
 # Stage 3 (tune-questions): the questions that must find the object they name, mostly.
 QUESTION_WEIGHTS = {"caption": 0.2, "color": 0.2, "count": 0.1, "position": 0.25, "yesno": 0.25}
 
@@ -487,42 +486,27 @@ def pointer_targets(ids, labels, seeds, tok, image_token_id):
 
     ``noun``: the object word of a question (the shape in "What color is the circle?", "Where is the red
     square?", "Is there a blue star?") -> the image token of that object's grid cell. ``answer``: every position
-    that predicts an answer word of such a question -> the same image token; in a caption, every position that
-    predicts a word describing an object (its size, colour, shape, position) -> that object's cell (the caption
-    lists objects in cell order, one "a ..." phrase each). Questions whose object is absent ("no") point at BOS
-    instead; questions whose object is not unique, and counts, get none.
+    that predicts an answer word of such a question -> the same image token. Questions whose object is absent
+    ("no") point at BOS instead; questions whose object is not unique, captions and counts get none.
     """
     shape_of = {tok.convert_tokens_to_ids(x): x for x in scenes.SHAPES}
     color_of = {tok.convert_tokens_to_ids(x): x for x in scenes.COLORS}
-    article, at = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("at")
-    joiners = {tok.convert_tokens_to_ids(x) for x in (",", "and", ".")} | {tok.eos_token_id}
     out = {"noun": [], "answer": []}
     for r in range(ids.shape[0]):
         row = ids[r].tolist()
         plen = int((labels[r] != -100).nonzero()[0])  # the answer starts here (right padding is -100 too)
-        image_pos = [q for q, t in enumerate(row) if t == image_token_id]
-        scene = scenes.scene_for_seed(seeds[r])
         nouns = [p for p in range(plen) if row[p] in shape_of]
-        if not nouns:  # a caption or a count
-            answer = [t for t in labels[r, plen:].tolist() if t != -100]
-            if answer.count(article) != len(scene.objects):
-                continue  # a count ("How many objects are there?")
-            cells = sorted(o.cell for o in scene.objects)
-            k = -1
-            for i, t in enumerate(answer):
-                if t == article:
-                    k += 1
-                elif t not in joiners and t != at:
-                    out["answer"].append((r, plen - 1 + i, image_pos[cells[k]]))
+        if not nouns:
             continue
         p = nouns[-1]
         shape, color = shape_of[row[p]], color_of.get(row[p - 1])
-        hits = [o for o in scene.objects if o.shape == shape and (color is None or o.color == color)]
+        hits = [o for o in scenes.scene_for_seed(seeds[r]).objects
+                if o.shape == shape and (color is None or o.color == color)]
         if len(hits) > 1:
             continue
         # no such object ("Is there a blue star?" -> "no"): look at BOS, the place a head rests when nothing
         # matches, so "an image token matched" is what tells yes from no
-        cell_pos = image_pos[hits[0].cell] if hits else 0
+        cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell] if hits else 0
         out["noun"].append((r, p, cell_pos))
         n_words = int((labels[r] != -100).sum()) - 1  # answer words, without the EOS
         out["answer"] += [(r, plen - 1 + i, cell_pos) for i in range(n_words)]
@@ -641,16 +625,19 @@ def cmd_train_target(args):
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         total = aux_total = 0.0
-        for ids, mask, labels, j in length_chunks(*batch):  # gradients add up to the whole batch's
-            share = len(ids) / args.batch
+        chunks = length_chunks(*batch)
+        n_answer = sum(int((c[2] != -100).sum()) for c in chunks)
+        for ids, mask, labels, j in chunks:  # gradients add up to the whole batch's
+            # each chunk's share of the batch loss: of its answers (per-example loss) or of its answer tokens
+            share = len(ids) / args.batch if questions else int((labels != -100).sum()) / n_answer
             if pointing:
                 ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok,
                                       model.config.image_token_id)
-                loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=True, pointers=ptr)
+                loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=questions, pointers=ptr)
                 aux_total += share * aux.item()
                 loss = loss + args.pointer_weight * aux
             else:
-                loss = answer_loss(model, ids, mask, labels, feats[j], per_example=True)
+                loss = answer_loss(model, ids, mask, labels, feats[j], per_example=questions)
             (share * loss).backward()
             total += share * loss.item()
         if pointing:
@@ -1010,16 +997,16 @@ def cmd_images(args):
 def cmd_all(args):
     """The bundled models from scratch: the flags of each stage are its parser defaults (see main)."""
     a = argparse.Namespace(**vars(args))
-    for k, v in dict(steps=800, batch=128, lr=1e-3, warmup=50, pool=10000, val=100, eval_every=100,
+    for k, v in dict(steps=400, batch=128, lr=1e-3, warmup=50, pool=10000, val=100, eval_every=100,
                      ckpt_every=100).items():
         setattr(a, k, v)
     cmd_train_vision(a)
-    for k, v in dict(steps=6000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=250,
+    for k, v in dict(steps=4000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=250,
                      max_minutes=args.target_minutes, vision=None, pointer_weight=1.0, cmd="train-target").items():
         setattr(a, k, v)
     cmd_train_target(a)
     if args.tune_minutes > 0:
-        for k, v in dict(steps=3000, lr=7e-4, warmup=50, eval_every=150, max_minutes=args.tune_minutes,
+        for k, v in dict(steps=4000, lr=7e-4, warmup=50, eval_every=250, max_minutes=args.tune_minutes,
                          init_from=None, cmd="tune-questions").items():
             setattr(a, k, v)
         cmd_train_target(a)
@@ -1071,20 +1058,20 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train-vision", help="stage 1: train the CLIP tower to classify every grid cell (CPU)")
-    _training_args(p, steps=800, batch=128, lr=1e-3, warmup=50, eval_every=100)
+    _training_args(p, steps=400, batch=128, lr=1e-3, warmup=50, eval_every=100)
     p.add_argument("--val", type=int, default=100, help="held-out scenes for the cell accuracy (seeds 900+)")
     p.set_defaults(fn=cmd_train_vision)
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
-    _training_args(p, steps=6000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
-    _decoder_args(p, max_minutes=50)
+    _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
+    _decoder_args(p, max_minutes=25)
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
-    _training_args(p, steps=3000, batch=32, lr=7e-4, warmup=50, eval_every=150)
-    _decoder_args(p, max_minutes=40)
+    _training_args(p, steps=4000, batch=32, lr=7e-4, warmup=50, eval_every=250)
+    _decoder_args(p, max_minutes=25)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
     p.set_defaults(fn=cmd_train_target)
@@ -1124,9 +1111,8 @@ def main(argv=None):
 
     p = sub.add_parser("all", help="train-vision, train-target, tune-questions, export, distill-drafter, export, images, eval, bench")
     p.add_argument("--resume", action="store_true", help="continue the decoder stages from their checkpoints")
-    p.add_argument("--target-minutes", type=float, default=50, help="stage 2's wall-clock budget")
-    p.add_argument("--tune-minutes", type=float, default=0,
-                   help="stage 3's budget (0: skip; stage 2 already trains the pointer heads)")
+    p.add_argument("--target-minutes", type=float, default=25, help="stage 2's wall-clock budget")
+    p.add_argument("--tune-minutes", type=float, default=25, help="stage 3's wall-clock budget (0: skip stage 3)")
     p.set_defaults(fn=cmd_all)
 
     args = ap.parse_args(argv)

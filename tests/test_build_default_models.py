@@ -127,29 +127,12 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
             assert obj.color == words[-2]
     # every answer word of those questions (not the EOS) is predicted at a pointed position
     nouns = {r: k for r, _, k in ptr["noun"]}
-    question_answers = [(r, q, k) for r, q, k in ptr["answer"] if r in nouns]
-    for r, q, k in question_answers:
+    for r, q, k in ptr["answer"]:
         assert k == nouns[r] and labels[r, q + 1] not in (-100, tok.eos_token_id)
     n_answer_words = sum(int((labels[r] != -100).sum()) - 1 for r in nouns)
-    assert len(question_answers) == n_answer_words
-    # in a caption, each object's size, colour, shape and position words point at that object's cell
-    caption_rows = set()
-    for r, q, k in ptr["answer"]:
-        if r in nouns:
-            continue
-        caption_rows.add(r)
-        answer = labels[r][labels[r] != -100].tolist()
-        start = int((labels[r] != -100).nonzero()[0]) - 1  # the position predicting the first answer word
-        i = q - start
-        word = tok.convert_ids_to_tokens(answer[i])
-        obj = [o for o in scenes.scene_for_seed(rows[r]).objects if o.cell == image_pos.index(k)][0]
-        assert word in (obj.size, obj.color, obj.shape, *obj.position.split())
-        # the object phrase this word belongs to is the n-th "a", n = the object's rank in cell order
-        n_before = tok.convert_ids_to_tokens(answer[:i]).count("a")
-        assert sorted(o.cell for o in scenes.scene_for_seed(rows[r]).objects)[n_before - 1] == obj.cell
-    assert caption_rows
-    # colour and position questions always name one object, "no" questions point at BOS; captions point at
-    # their objects and counts get no pointer
+    assert len(ptr["answer"]) == n_answer_words
+    # colour and position questions always name one object, "no" questions point at BOS; captions and counts
+    # get no pointer
     assert no_rows
     for r in range(len(ids)):
         answer = tok.decode(ids[r][labels[r] != -100], skip_special_tokens=True).strip()
@@ -157,10 +140,8 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
             assert answer == "no"
         elif r in nouns:
             assert answer in scenes.COLORS or answer in scenes.POSITIONS or answer == "yes"
-        elif r in caption_rows:
-            assert answer.startswith("a ") and answer.endswith(".")
         else:
-            assert answer in ("one", "two", "three", "four")
+            assert answer not in scenes.COLORS and answer not in scenes.POSITIONS and answer != "no"
 
 
 def test_pointer_loss_is_small_only_when_the_head_looks_there():
