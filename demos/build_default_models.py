@@ -1002,12 +1002,12 @@ def cmd_all(args):
         setattr(a, k, v)
     cmd_train_vision(a)
     for k, v in dict(steps=4000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=250,
-                     max_minutes=args.target_minutes, vision=None, pointer_weight=1.0, cmd="train-target").items():
+                     max_minutes=args.target_minutes, vision=None, pointer_weight=0.0, cmd="train-target").items():
         setattr(a, k, v)
     cmd_train_target(a)
     if args.tune_minutes > 0:
         for k, v in dict(steps=4000, lr=7e-4, warmup=50, eval_every=250, max_minutes=args.tune_minutes,
-                         init_from=None, cmd="tune-questions").items():
+                         init_from=None, pointer_weight=1.0, cmd="tune-questions").items():
             setattr(a, k, v)
         cmd_train_target(a)
     a.what = "target"
@@ -1040,12 +1040,12 @@ def _training_args(p, *, steps, batch, lr, warmup, eval_every):
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
-def _decoder_args(p, *, max_minutes):
+def _decoder_args(p, *, max_minutes, pointer_weight):
     """Flags of the two decoder stages (train-target, tune-questions)."""
     p.add_argument("--max-minutes", type=float, default=max_minutes,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
-    p.add_argument("--pointer-weight", type=float, default=1.0,
+    p.add_argument("--pointer-weight", type=float, default=pointer_weight,
                    help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
 
 
@@ -1064,14 +1064,14 @@ def main(argv=None):
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
     _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
-    _decoder_args(p, max_minutes=25)
+    _decoder_args(p, max_minutes=25, pointer_weight=0.0)
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
     _training_args(p, steps=4000, batch=32, lr=7e-4, warmup=50, eval_every=250)
-    _decoder_args(p, max_minutes=25)
+    _decoder_args(p, max_minutes=25, pointer_weight=1.0)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
     p.set_defaults(fn=cmd_train_target)
