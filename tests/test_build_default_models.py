@@ -101,6 +101,27 @@ def test_per_example_loss_weighs_every_answer_equally(setup):
     assert torch.allclose(batch, each.mean(), atol=1e-5)
 
 
+def test_length_chunks_give_the_whole_batchs_loss(setup):
+    """Training splits each batch by length; weighted as in the loop, the chunks' losses are the batch's."""
+    model, processor = setup
+    seeds = list(range(1000, 1010))
+    pix = b.heldout_pixels(processor, seeds)
+    batch = b.sample_batch({"seeds": seeds, "pixels": pix}, b.PromptCache(processor), random.Random(3), 16)
+    ids, mask, labels, j = batch
+    chunks = b.length_chunks(*batch)
+    assert len(chunks) == 2 and sum(len(c[0]) for c in chunks) == len(ids)
+    assert max(c[0].shape[1] for c in chunks) == int(mask.sum(1).max()) > min(c[0].shape[1] for c in chunks)
+    n_answer = int((labels != -100).sum())
+    with torch.no_grad():
+        feats = b.image_features(model.model.vision_tower, pix)
+        for per_example in (False, True):
+            whole = b.answer_loss(model, ids, mask, labels, feats[j], per_example=per_example)
+            parts = sum((len(c[0]) / len(ids) if per_example else int((c[2] != -100).sum()) / n_answer)
+                        * b.answer_loss(model, c[0], c[1], c[2], feats[c[3]], per_example=per_example)
+                        for c in chunks)
+            assert torch.allclose(whole, parts, atol=1e-5)
+
+
 def test_pointer_targets_point_at_the_named_objects_cell(setup):
     model, processor = setup
     tok = processor.tokenizer
