@@ -205,16 +205,24 @@ KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, 
 QUESTION_WEIGHTS = {"caption": 0.2, "color": 0.2, "count": 0.1, "position": 0.25, "yesno": 0.25}
 
 
-def length_chunks(ids, mask, labels, j):
+def length_chunks(ids, mask, labels, j, per_example: bool):
     """Split a batch in two by length, each part cut to its own longest row (right padding): captions are
-    about twice as long as questions, so a mixed batch padded to its longest row wastes ~40% of a step."""
+    about twice as long as questions, so one batch padded to its longest row spends much of a step on padding.
+
+    Returns ``(ids, mask, labels, j, share)`` per part; ``share`` is the part's weight in the batch loss (its
+    share of the answers for the per-example loss, of the answer tokens for the token-averaged one), so the
+    parts' weighted losses, and gradients, add up to the whole batch's.
+    """
     lens = mask.sum(1)
     cut = (lens.min() + lens.max()) / 2
+    n_answer = int((labels != -100).sum())
     out = []
     for rows in ((lens <= cut).nonzero().flatten(), (lens > cut).nonzero().flatten()):
         if len(rows):
             n = int(lens[rows].max())
-            out.append((ids[rows, :n], mask[rows, :n], labels[rows, :n], j[rows]))
+            part_labels = labels[rows, :n]
+            share = len(rows) / len(ids) if per_example else int((part_labels != -100).sum()) / n_answer
+            out.append((ids[rows, :n], mask[rows, :n], part_labels, j[rows], share))
     return out
 
 
@@ -626,11 +634,7 @@ def cmd_train_target(args):
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         total = aux_total = 0.0
-        chunks = length_chunks(*batch)
-        n_answer = sum(int((c[2] != -100).sum()) for c in chunks)
-        for ids, mask, labels, j in chunks:  # gradients add up to the whole batch's
-            # each chunk's share of the batch loss: of its answers (per-example loss) or of its answer tokens
-            share = len(ids) / args.batch if questions else int((labels != -100).sum()) / n_answer
+        for ids, mask, labels, j, share in length_chunks(*batch, per_example=questions):
             if pointing:
                 ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok,
                                       model.config.image_token_id)
@@ -996,34 +1000,22 @@ def cmd_images(args):
 
 
 def cmd_all(args):
-    """The bundled models from scratch: the flags of each stage are its parser defaults (see main)."""
-    a = argparse.Namespace(**vars(args))
-    for k, v in dict(steps=400, batch=128, lr=1e-3, warmup=50, pool=10000, val=100, eval_every=100,
-                     ckpt_every=100).items():
-        setattr(a, k, v)
-    cmd_train_vision(a)
-    for k, v in dict(steps=4000, batch=32, lr=1.5e-3, warmup=100, ckpt_every=100, eval_every=250,
-                     max_minutes=args.target_minutes, vision=None, pointer_weight=0.0, cmd="train-target").items():
-        setattr(a, k, v)
-    cmd_train_target(a)
+    """The bundled models from scratch: every stage runs with its own parser defaults (the command lines below)."""
+    def stage(*argv):
+        common = ["--workdir", args.workdir, "--threads", str(args.threads), "--seed", str(args.seed)]
+        return build_parser().parse_args(common + list(argv))
+
+    resume = ["--resume"] if args.resume else []
+    cmd_train_vision(stage("train-vision", *resume))
+    cmd_train_target(stage("train-target", "--max-minutes", str(args.target_minutes), *resume))
     if args.tune_minutes > 0:
-        for k, v in dict(steps=4000, lr=7e-4, warmup=50, eval_every=250, max_minutes=args.tune_minutes,
-                         init_from=None, pointer_weight=1.0, cmd="tune-questions").items():
-            setattr(a, k, v)
-        cmd_train_target(a)
-    a.what = "target"
-    cmd_export(a)
-    for k, v in dict(steps=400, batch=64, lr=3e-3, scenes=60).items():
-        setattr(a, k, v)
-    cmd_distill_drafter(a)
-    a.what = "drafter"
-    cmd_export(a)
-    a.count = 16
-    cmd_images(a)
-    a.n, a.start, a.target, a.drafter, a.show_errors, a.acceptance, a.method = 200, 0, None, None, False, 50, "forced"
-    cmd_eval(a)
-    a.n = 300
-    cmd_bench(a)
+        cmd_train_target(stage("tune-questions", "--max-minutes", str(args.tune_minutes), *resume))
+    cmd_export(stage("export", "--what", "target"))
+    cmd_distill_drafter(stage("distill-drafter"))
+    cmd_export(stage("export", "--what", "drafter"))
+    cmd_images(stage("images"))
+    cmd_eval(stage("eval", "--method", "forced", "--acceptance", "50"))
+    cmd_bench(stage("bench", "--n", "300"))
 
 
 # --------------------------------------------------------------------------- main
@@ -1050,7 +1042,7 @@ def _decoder_args(p, *, max_minutes, pointer_weight):
                    help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m demos.build_default_models", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "default_models"), help="scratch folder")
@@ -1116,8 +1108,11 @@ def main(argv=None):
     p.add_argument("--target-minutes", type=float, default=25, help="stage 2's wall-clock budget")
     p.add_argument("--tune-minutes", type=float, default=25, help="stage 3's wall-clock budget (0: skip stage 3)")
     p.set_defaults(fn=cmd_all)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.fn(args)
 
 

@@ -108,18 +108,38 @@ def test_length_chunks_give_the_whole_batchs_loss(setup):
     pix = b.heldout_pixels(processor, seeds)
     batch = b.sample_batch({"seeds": seeds, "pixels": pix}, b.PromptCache(processor), random.Random(3), 16)
     ids, mask, labels, j = batch
-    chunks = b.length_chunks(*batch)
-    assert len(chunks) == 2 and sum(len(c[0]) for c in chunks) == len(ids)
-    assert max(c[0].shape[1] for c in chunks) == int(mask.sum(1).max()) > min(c[0].shape[1] for c in chunks)
-    n_answer = int((labels != -100).sum())
     with torch.no_grad():
         feats = b.image_features(model.model.vision_tower, pix)
         for per_example in (False, True):
+            chunks = b.length_chunks(*batch, per_example=per_example)
+            assert len(chunks) == 2 and sum(len(c[0]) for c in chunks) == len(ids)
+            assert max(c[0].shape[1] for c in chunks) == int(mask.sum(1).max()) > min(c[0].shape[1] for c in chunks)
             whole = b.answer_loss(model, ids, mask, labels, feats[j], per_example=per_example)
-            parts = sum((len(c[0]) / len(ids) if per_example else int((c[2] != -100).sum()) / n_answer)
-                        * b.answer_loss(model, c[0], c[1], c[2], feats[c[3]], per_example=per_example)
-                        for c in chunks)
+            parts = sum(share * b.answer_loss(model, c_ids, c_mask, c_labels, feats[c_j], per_example=per_example)
+                        for c_ids, c_mask, c_labels, c_j, share in chunks)
             assert torch.allclose(whole, parts, atol=1e-5)
+
+
+def test_all_runs_every_stage_with_its_parser_defaults(monkeypatch, tmp_path):
+    calls = []
+    for name in ("cmd_train_vision", "cmd_train_target", "cmd_export", "cmd_distill_drafter", "cmd_images",
+                 "cmd_eval", "cmd_bench"):
+        monkeypatch.setattr(b, name, lambda a: calls.append(a))
+    b.main(["--workdir", str(tmp_path), "--seed", "3", "all", "--target-minutes", "7", "--tune-minutes", "9",
+            "--resume"])
+    assert [a.cmd for a in calls] == ["train-vision", "train-target", "tune-questions", "export",
+                                      "distill-drafter", "export", "images", "eval", "bench"]
+    assert all(a.workdir == str(tmp_path) and a.seed == 3 for a in calls)
+    vision, target, tune = calls[:3]
+    assert vision.steps == 400 and vision.resume and target.resume and tune.resume
+    assert (target.max_minutes, target.pointer_weight, target.lr) == (7, 0.0, 1.5e-3)
+    assert (tune.max_minutes, tune.pointer_weight, tune.lr) == (9, 1.0, 7e-4)
+    assert [calls[3].what, calls[5].what] == ["target", "drafter"]
+    assert (calls[4].scenes, calls[4].steps) == (60, 400)
+    assert (calls[7].method, calls[7].n, calls[7].acceptance, calls[8].n) == ("forced", 200, 50, 300)
+    calls.clear()
+    b.main(["--workdir", str(tmp_path), "all", "--tune-minutes", "0"])
+    assert "tune-questions" not in [a.cmd for a in calls] and not calls[0].resume
 
 
 def test_pointer_targets_point_at_the_named_objects_cell(setup):
