@@ -571,7 +571,6 @@ def cmd_train_target(args):
     t0 = time.time()
     prev_elapsed = 0.0  # training seconds spent before this (resumed) run
     rng = random.Random(args.seed)
-    weights = QUESTION_WEIGHTS if questions else KIND_WEIGHTS
     log = open(work / ("questions_log.txt" if questions else "target_log.txt"), "a")
     if start is not None:
         model.load_state_dict(torch.load(start, weights_only=False)["model"])
@@ -629,7 +628,7 @@ def cmd_train_target(args):
         if step >= args.warmup and progress(step) >= 1.0:
             tqdm.write(f"schedule finished (time budget) at step {step}")
             break
-        batch = sample_batch(pool, cache, rng, args.batch, kind_weights=weights)
+        batch = sample_batch(pool, cache, rng, args.batch, kind_weights=args.kind_weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -1033,8 +1032,30 @@ def _training_args(p, *, steps, batch, lr, warmup, eval_every):
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
-def _decoder_args(p, *, max_minutes, pointer_weight):
+def kind_weights_arg(text: str) -> dict[str, float]:
+    """``caption=.2,yesno=.4,...`` -> how often each prompt kind is drawn (kinds left out: never)."""
+    out = {}
+    for part in text.split(","):
+        kind, _, w = part.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"unknown prompt kind {kind!r} (kinds: {', '.join(KINDS)})")
+        try:
+            out[kind] = float(w)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not KIND=WEIGHT") from None
+        if out[kind] < 0:
+            raise argparse.ArgumentTypeError(f"negative weight in {part!r}")
+    if not sum(out.values()) > 0:
+        raise argparse.ArgumentTypeError("the weights must not all be 0")
+    return out
+
+
+def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights):
     """Flags of the two decoder stages (train-target, tune-questions)."""
+    p.add_argument("--kind-weights", type=kind_weights_arg, default=kind_weights,
+                   help="how often each prompt kind is drawn, KIND=WEIGHT,... (default: "
+                        + ",".join(f"{k}={w:g}" for k, w in kind_weights.items()) + ")")
     p.add_argument("--max-minutes", type=float, default=max_minutes,
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
@@ -1057,14 +1078,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-target", help="stage 2: train projector + decoder on the frozen tower (CPU)")
     _training_args(p, steps=4000, batch=32, lr=1.5e-3, warmup=100, eval_every=250)
-    _decoder_args(p, max_minutes=25, pointer_weight=0.0)
+    _decoder_args(p, max_minutes=25, pointer_weight=0.0, kind_weights=KIND_WEIGHTS)
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
     _training_args(p, steps=4000, batch=32, lr=7e-4, warmup=50, eval_every=250)
-    _decoder_args(p, max_minutes=25, pointer_weight=1.0)
+    _decoder_args(p, max_minutes=25, pointer_weight=1.0, kind_weights=QUESTION_WEIGHTS)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
     p.set_defaults(fn=cmd_train_target)

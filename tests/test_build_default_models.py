@@ -134,12 +134,23 @@ def test_all_runs_every_stage_with_its_parser_defaults(monkeypatch, tmp_path):
     assert vision.steps == 400 and vision.resume and target.resume and tune.resume
     assert (target.max_minutes, target.pointer_weight, target.lr) == (7, 0.0, 1.5e-3)
     assert (tune.max_minutes, tune.pointer_weight, tune.lr) == (9, 1.0, 7e-4)
+    assert (target.kind_weights, tune.kind_weights) == (b.KIND_WEIGHTS, b.QUESTION_WEIGHTS)
     assert [calls[3].what, calls[5].what] == ["target", "drafter"]
     assert (calls[4].scenes, calls[4].steps) == (60, 400)
     assert (calls[7].method, calls[7].n, calls[7].acceptance, calls[8].n) == ("forced", 200, 50, 300)
     calls.clear()
     b.main(["--workdir", str(tmp_path), "all", "--tune-minutes", "0"])
     assert "tune-questions" not in [a.cmd for a in calls] and not calls[0].resume
+
+
+def test_kind_weights_flag_parses_and_rejects_bad_input(capsys):
+    args = b.build_parser().parse_args(["tune-questions", "--kind-weights", "yesno=0.5, position=.25"])
+    assert args.kind_weights == {"yesno": 0.5, "position": 0.25}
+    for bad, why in (("colour=1", "unknown prompt kind 'colour'"), ("yesno", "not KIND=WEIGHT"),
+                     ("yesno=-1", "negative weight"), ("yesno=0", "must not all be 0")):
+        with pytest.raises(SystemExit):
+            b.build_parser().parse_args(["train-target", "--kind-weights", bad])
+        assert why in capsys.readouterr().err
 
 
 def test_pointer_targets_point_at_the_named_objects_cell(setup):
