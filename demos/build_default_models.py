@@ -487,20 +487,23 @@ def answer_loss(model, ids, mask, labels, feats, per_example: bool = False, poin
 # the decoder sits on a plateau for questions that must find an object by its content (the CLIP features
 # support the lookup: a one-layer attention probe learns it at once, but the two-step circuit
 # "read the noun, then find its cell" has no gradient until both steps exist).
-POINTER_HEADS = {"noun": (3, 0), "answer": (8, 0)}  # (layer, head)
+POINTER_HEADS = {"noun": (3, 0), "answer": (8, 0), "prev": (1, 0)}  # (layer, head)
 
 
-def pointer_targets(ids, labels, seeds, tok, image_token_id):
-    """Where one head should look: ``{"noun": [(row, query position, image position)], "answer": [...]}``.
+def pointer_targets(ids, labels, seeds, tok, image_token_id, prev: bool = False):
+    """Where one head should look: ``{"noun": [(row, query position, key position)], "answer": [...]}``.
 
     ``noun``: the object word of a question (the shape in "What color is the circle?", "Where is the red
     square?", "Is there a blue star?") -> the image token of that object's grid cell. ``answer``: every position
     that predicts an answer word of such a question -> the same image token. Questions whose object is absent
     ("no") point at BOS instead; questions whose object is not unique, captions and counts get none.
+    ``prev`` (with ``prev=True``): the object word of a question that names a colour -> the colour word
+    before it, the first step of the lookup: the noun head can match colour and shape only once the colour
+    has been moved onto the noun.
     """
     shape_of = {tok.convert_tokens_to_ids(x): x for x in scenes.SHAPES}
     color_of = {tok.convert_tokens_to_ids(x): x for x in scenes.COLORS}
-    out = {"noun": [], "answer": []}
+    out = {"noun": [], "answer": [], "prev": []}
     for r in range(ids.shape[0]):
         row = ids[r].tolist()
         plen = int((labels[r] != -100).nonzero()[0])  # the answer starts here (right padding is -100 too)
@@ -517,6 +520,8 @@ def pointer_targets(ids, labels, seeds, tok, image_token_id):
         # matches, so "an image token matched" is what tells yes from no
         cell_pos = [q for q, t in enumerate(row) if t == image_token_id][hits[0].cell] if hits else 0
         out["noun"].append((r, p, cell_pos))
+        if prev and color is not None:
+            out["prev"].append((r, p, p - 1))
         n_words = int((labels[r] != -100).sum()) - 1  # answer words, without the EOS
         out["answer"] += [(r, plen - 1 + i, cell_pos) for i in range(n_words)]
     return out
@@ -526,7 +531,7 @@ def pointer_loss(attentions, targets) -> torch.Tensor:
     """Mean -log attention weight of each supervised head on its target image token."""
     terms = []
     for name, (layer, head) in POINTER_HEADS.items():
-        if targets[name]:
+        if targets.get(name):
             r, q, k = (torch.tensor(x) for x in zip(*targets[name]))
             terms.append(-torch.log(attentions[layer][r, head, q, k] + 1e-6).mean())
     return torch.stack(terms).mean() if terms else torch.zeros(())
@@ -636,7 +641,7 @@ def cmd_train_target(args):
         for ids, mask, labels, j, share in length_chunks(*batch, per_example=questions):
             if pointing:
                 ptr = pointer_targets(ids, labels, [pool["seeds"][i] for i in j.tolist()], tok,
-                                      model.config.image_token_id)
+                                      model.config.image_token_id, prev=args.prev_pointer)
                 loss, aux = answer_loss(model, ids, mask, labels, feats[j], per_example=questions, pointers=ptr)
                 aux_total += share * aux.item()
                 loss = loss + args.pointer_weight * aux
@@ -1061,6 +1066,8 @@ def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights):
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.add_argument("--pointer-weight", type=float, default=pointer_weight,
                    help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
+    p.add_argument("--prev-pointer", action="store_true",
+                   help="with the pointer loss, also show a layer-1 head the colour word before a question's noun")
 
 
 def build_parser() -> argparse.ArgumentParser:

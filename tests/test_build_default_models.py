@@ -162,7 +162,14 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
                                           kind_weights=b.QUESTION_WEIGHTS)
     rows = [seeds[i] for i in j.tolist()]
     ptr = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id)
-    assert len(ptr["noun"]) > 30
+    assert len(ptr["noun"]) > 30 and ptr["prev"] == []
+    # --prev-pointer: the same targets, plus each colour-naming question's noun -> the colour word before it
+    with_prev = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id, prev=True)
+    assert {k: v for k, v in with_prev.items() if k != "prev"} == {k: v for k, v in ptr.items() if k != "prev"}
+    named = {(r, p) for r, p, _ in ptr["noun"]
+             if tok.convert_ids_to_tokens(int(ids[r, p - 1])) in scenes.COLORS}
+    assert named and {(r, p) for r, p, _ in with_prev["prev"]} == named
+    assert all(k == p - 1 for _, p, k in with_prev["prev"])
     image_pos = (ids[0] == model.config.image_token_id).nonzero().flatten().tolist()
     no_rows = set()
     for r, p, k in ptr["noun"]:
@@ -198,7 +205,7 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
 
 def test_pointer_loss_is_small_only_when_the_head_looks_there():
     att = [torch.full((1, 4, 5, 5), 0.01) for _ in range(9)]
-    targets = {"noun": [(0, 4, 2)], "answer": [(0, 3, 2)]}
+    targets = {"noun": [(0, 4, 2)], "answer": [(0, 3, 2)], "prev": [(0, 2, 2)]}
     far = b.pointer_loss(att, targets)
     for name, (layer, head) in b.POINTER_HEADS.items():
         q = targets[name][0][1]
