@@ -709,12 +709,12 @@ def cmd_export(args):
         print(f"exported text drafter -> {drafter_dir}")
 
 
-def load_target(path=None, dtype=torch.float32):
+def load_target(path=None, dtype=torch.float32, **kwargs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path) if path else bundled_paths()[0]
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs).eval()
     return model, processor
 
 
@@ -937,6 +937,62 @@ def cmd_eval(args):
     print(f"({time.time() - t0:.0f}s)")
 
 
+LOOK_PLACES = ("both match", "same shape", "same colour", "other object", "empty cell", "BOS", "text")
+
+
+@torch.no_grad()
+def noun_head_looks(model, processor, examples, batch_size=50):
+    """Where the noun pointer head looks from a question's object word: ``{group: {place: mean weight}}``.
+
+    Groups: ``position``, ``yesno-yes``, ``yesno-no``. Places: the image token of the object the question names
+    (``both match``), of an object with only its shape or only its colour, of any other object, of an empty
+    cell, BOS (where an absent object should send it), or the text.  The model must return attention
+    weights (eager attention).
+    """
+    tok = processor.tokenizer
+    cache = PromptCache(processor)
+    layer, head = POINTER_HEADS["noun"]
+    sums = defaultdict(lambda: dict.fromkeys(LOOK_PLACES, 0.0))
+    counts = defaultdict(int)
+    examples = [e for e in examples if e.kind in ("position", "yesno")]
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        pids = [cache.prompt_ids(e.prompt) for e in chunk]
+        ids, mask, _ = _pad_batch(pids, [[] for _ in chunk], tok.pad_token_id)
+        pix = processor.image_processor(images=[e.image for e in chunk], return_tensors="pt")["pixel_values"]
+        att = model(input_ids=ids, attention_mask=mask, pixel_values=pix, output_attentions=True).attentions[layer]
+        for r, e in enumerate(chunk):
+            color, shape = e.prompt.rstrip("?").split()[-2:]
+            p = len(pids[r]) - 1 - pids[r][::-1].index(tok.convert_tokens_to_ids(shape))
+            w = att[r, head, p]
+            cells = {o.cell: o for o in e.scene.objects}
+            group = "position" if e.kind == "position" else f"yesno-{e.answer}"
+            counts[group] += 1
+            img = (ids[r] == model.config.image_token_id).nonzero().flatten().tolist()
+            for c, q in enumerate(img):
+                o = cells.get(c)
+                place = ("empty cell" if o is None else "both match" if (o.color, o.shape) == (color, shape)
+                         else "same shape" if o.shape == shape else "same colour" if o.color == color
+                         else "other object")
+                sums[group][place] += w[q].item()
+            sums[group]["BOS"] += w[0].item()
+            sums[group]["text"] += w[1:p + 1].sum().item() - w[img].sum().item()
+    return {g: {k: v / counts[g] for k, v in sums[g].items()} for g in sorted(sums)}
+
+
+def cmd_look(args):
+    torch.set_num_threads(args.threads)
+    model, processor = load_target(args.target, attn_implementation="eager")
+    looks = noun_head_looks(model, processor, heldout_examples(args.n, start=args.start))
+    layer, head = POINTER_HEADS["noun"]
+    print(f"where the noun head (layer {layer}, head {head}) looks from the question's object word, mean "
+          f"attention weight, held-out scenes {args.start}..{args.start + args.n - 1}, target "
+          f"{args.target or bundled_paths()[0]}")
+    print(f"  {'question':<10}" + "".join(f"{k:>13}" for k in LOOK_PLACES))
+    for group, w in looks.items():
+        print(f"  {group:<10}" + "".join(f"{w[k]:13.2f}" for k in LOOK_PLACES))
+
+
 class _Stepper:
     """Single-token forwards with a KV cache on a fixed context (the new token is cropped)."""
 
@@ -1107,6 +1163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--scenes", type=int, default=60, help="training scenes (x5 prompts) answered by the target")
     p.set_defaults(fn=cmd_distill_drafter)
+
+    p = sub.add_parser("look", help="where the noun pointer head looks on held-out position and yes/no "
+                                    "questions (right object, same shape, same colour, BOS...)")
+    p.add_argument("--n", type=int, default=200, help="held-out scenes")
+    p.add_argument("--start", type=int, default=0, help="first held-out scene seed")
+    p.add_argument("--target", default=None, help="target folder (default: bundled)")
+    p.set_defaults(fn=cmd_look)
 
     p = sub.add_parser("eval", help="held-out accuracy per prompt type (and drafter acceptance)")
     p.add_argument("--n", type=int, default=200, help="held-out scenes (each asked all 5 prompt types)")

@@ -212,3 +212,43 @@ def test_pointer_loss_is_small_only_when_the_head_looks_there():
         att[layer][0, head, q, 2] = 0.99
     near = b.pointer_loss(att, targets)
     assert near < 0.02 < far
+
+
+def test_noun_head_looks_sorts_the_attention_by_what_is_there(setup):
+    _, processor = setup
+    exs = [e for e in b.heldout_examples(12) if e.kind in ("position", "yesno")]
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    layer, head = b.POINTER_HEADS["noun"]
+
+    class LooksAtTheFirstCell:  # every query puts all its weight on the image token of grid cell 0
+        config = type("C", (), {"image_token_id": image_token_id})
+
+        def __call__(self, input_ids, **_):
+            att = torch.zeros(len(input_ids), 4, input_ids.shape[1], input_ids.shape[1])
+            for r in range(len(input_ids)):
+                att[r, head, :, (input_ids[r] == image_token_id).nonzero()[0, 0]] = 1.0
+            return type("O", (), {"attentions": [att] * (layer + 1)})
+
+    want = {}
+    for e in exs:
+        color, shape = e.prompt.rstrip("?").split()[-2:]
+        [o] = [o for o in e.scene.objects if o.cell == 0] or [None]
+        place = ("empty cell" if o is None else "both match" if (o.color, o.shape) == (color, shape) else
+                 "same shape" if o.shape == shape else "same colour" if o.color == color else "other object")
+        group = "position" if e.kind == "position" else f"yesno-{e.answer}"
+        want.setdefault(group, []).append(place)
+    looks = b.noun_head_looks(LooksAtTheFirstCell(), processor, exs, batch_size=5)
+    assert set(looks) == set(want)
+    for group, places in want.items():
+        for place in b.LOOK_PLACES:
+            assert looks[group][place] == pytest.approx(places.count(place) / len(places))
+
+
+def test_noun_head_looks_accounts_for_all_the_attention(setup):
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = setup
+    eager = LlavaForConditionalGeneration._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    looks = b.noun_head_looks(eager, processor, b.heldout_examples(6))
+    assert looks and all(sum(w.values()) == pytest.approx(1.0, abs=1e-4) for w in looks.values())
