@@ -537,6 +537,23 @@ def pointer_loss(attentions, targets) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+def param_groups(model, lookup_lr_mult: float = 1.0) -> list[dict]:
+    """The decoder's trainable parameters as optimizer groups, each with its ``lr_mult``.
+
+    With ``lookup_lr_mult != 1`` the attention layers of the pointer heads get their own group: the colour
+    part of the lookup is a product of three matrices (the prev head's values, the noun head's query and
+    key), so its gradient stays small while all three are.  One group otherwise, so that checkpoints of
+    runs without it resume as they were saved.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if lookup_lr_mult == 1.0:
+        return [{"params": trainable, "lr_mult": 1.0}]
+    lookup = tuple(f"language_model.layers.{layer}.self_attn." for layer, _ in POINTER_HEADS.values())
+    fast = {id(p) for n, p in model.named_parameters() if p.requires_grad and any(x in n for x in lookup)}
+    return [{"params": [p for p in trainable if id(p) not in fast], "lr_mult": 1.0},
+            {"params": [p for p in trainable if id(p) in fast], "lr_mult": lookup_lr_mult}]
+
+
 def cmd_train_target(args):
     from transformers import LlavaForConditionalGeneration
 
@@ -571,7 +588,8 @@ def cmd_train_target(args):
     cache = PromptCache(processor)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    groups = param_groups(model, args.lookup_lr_mult if pointing else 1.0)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     step = 0
     t0 = time.time()
     prev_elapsed = 0.0  # training seconds spent before this (resumed) run
@@ -635,7 +653,7 @@ def cmd_train_target(args):
             break
         batch = sample_batch(pool, cache, rng, args.batch, kind_weights=args.kind_weights)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["lr_mult"]
         opt.zero_grad(set_to_none=True)
         total = aux_total = 0.0
         for ids, mask, labels, j, share in length_chunks(*batch, per_example=questions):
@@ -1122,6 +1140,9 @@ def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights):
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.add_argument("--pointer-weight", type=float, default=pointer_weight,
                    help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
+    p.add_argument("--lookup-lr-mult", type=float, default=1.0,
+                   help="with the pointer loss, the learning rate of the pointer heads' attention layers is this "
+                        "many times the rest's")
     p.add_argument("--prev-pointer", action="store_true",
                    help="with the pointer loss, also show a layer-1 head the colour word before a question's noun")
 

@@ -252,3 +252,19 @@ def test_noun_head_looks_accounts_for_all_the_attention(setup):
     eager.load_state_dict(model.state_dict())
     looks = b.noun_head_looks(eager, processor, b.heldout_examples(6))
     assert looks and all(sum(w.values()) == pytest.approx(1.0, abs=1e-4) for w in looks.values())
+
+
+def test_param_groups_speed_up_only_the_pointer_heads_layers(setup):
+    model, _ = setup
+    model.model.vision_tower.requires_grad_(False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    [one] = b.param_groups(model)
+    assert {id(p) for p in one["params"]} == trainable and one["lr_mult"] == 1.0
+    rest, fast = b.param_groups(model, 5.0)
+    assert (rest["lr_mult"], fast["lr_mult"]) == (1.0, 5.0)
+    assert {id(p) for p in rest["params"]} | {id(p) for p in fast["params"]} == trainable
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers = {layer for layer, _ in b.POINTER_HEADS.values()}
+    assert sorted(names[id(p)] for p in fast["params"]) == sorted(
+        f"model.language_model.layers.{layer}.self_attn.{m}_proj.weight" for layer in layers for m in "qkvo")
+    model.model.vision_tower.requires_grad_(True)
