@@ -10,6 +10,7 @@ The models know only the synthetic scene world of :mod:`vision.scenes`.
     python -m demos.build_default_models distill-drafter
     python -m demos.build_default_models export
     python -m demos.build_default_models eval --n 200
+    python -m demos.build_default_models look           # where the lookup head looks on held-out questions
     python -m demos.build_default_models bench
 
 Nothing is downloaded: tokenizer, processor and models are built from configs.
