@@ -203,7 +203,7 @@ def build_pool(processor, n_scenes: int, path: Path, seed_start: int = TRAIN_SEE
 
 KIND_WEIGHTS = {"caption": 0.4, "color": 0.15, "count": 0.15, "position": 0.15, "yesno": 0.15}
 # Stage 3 (tune-questions): the questions that must find the object they name, mostly.
-QUESTION_WEIGHTS = {"caption": 0.2, "color": 0.2, "count": 0.1, "position": 0.25, "yesno": 0.25}
+QUESTION_WEIGHTS = {"caption": 0.15, "color": 0.1, "count": 0.05, "position": 0.3, "yesno": 0.4}
 
 
 def length_chunks(ids, mask, labels, j, per_example: bool):
@@ -1131,7 +1131,7 @@ def kind_weights_arg(text: str) -> dict[str, float]:
     return out
 
 
-def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights):
+def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights, prev_pointer=False, lookup_lr_mult=1.0):
     """Flags of the two decoder stages (train-target, tune-questions)."""
     p.add_argument("--kind-weights", type=kind_weights_arg, default=kind_weights,
                    help="how often each prompt kind is drawn, KIND=WEIGHT,... (default: "
@@ -1141,10 +1141,10 @@ def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights):
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.add_argument("--pointer-weight", type=float, default=pointer_weight,
                    help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
-    p.add_argument("--lookup-lr-mult", type=float, default=1.0,
+    p.add_argument("--lookup-lr-mult", type=float, default=lookup_lr_mult,
                    help="with the pointer loss, the learning rate of the pointer heads' attention layers is this "
                         "many times the rest's")
-    p.add_argument("--prev-pointer", action="store_true",
+    p.add_argument("--prev-pointer", action=argparse.BooleanOptionalAction, default=prev_pointer,
                    help="with the pointer loss, also show a layer-1 head the colour word before a question's noun")
 
 
@@ -1169,8 +1169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-questions",
                        help="stage 3: continue the stage-2 target with mostly questions, each answer weighted "
                             "equally (CPU)")
-    _training_args(p, steps=4000, batch=32, lr=7e-4, warmup=50, eval_every=250)
-    _decoder_args(p, max_minutes=25, pointer_weight=1.0, kind_weights=QUESTION_WEIGHTS)
+    _training_args(p, steps=4000, batch=32, lr=1.2e-3, warmup=50, eval_every=250)
+    _decoder_args(p, max_minutes=25, pointer_weight=4.0, kind_weights=QUESTION_WEIGHTS, prev_pointer=True,
+                  lookup_lr_mult=5.0)
     p.add_argument("--init-from", default=None,
                    help="stage-2 checkpoint to start from (default: WORKDIR/target_ckpt.pt)")
     p.set_defaults(fn=cmd_train_target)

@@ -133,7 +133,8 @@ def test_all_runs_every_stage_with_its_parser_defaults(monkeypatch, tmp_path):
     vision, target, tune = calls[:3]
     assert vision.steps == 400 and vision.resume and target.resume and tune.resume
     assert (target.max_minutes, target.pointer_weight, target.lr) == (7, 0.0, 1.5e-3)
-    assert (tune.max_minutes, tune.pointer_weight, tune.lr) == (9, 1.0, 7e-4)
+    assert (tune.max_minutes, tune.pointer_weight, tune.lr) == (9, 4.0, 1.2e-3)
+    assert (tune.prev_pointer, tune.lookup_lr_mult, target.prev_pointer, target.lookup_lr_mult) == (True, 5, False, 1)
     assert (target.kind_weights, tune.kind_weights) == (b.KIND_WEIGHTS, b.QUESTION_WEIGHTS)
     assert [calls[3].what, calls[5].what] == ["target", "drafter"]
     assert (calls[4].scenes, calls[4].steps) == (60, 400)
