@@ -6,7 +6,7 @@ The models know only the synthetic scene world of :mod:`vision.scenes`.
                                                         # 2 cores; exports over assets/models
     python -m demos.build_default_models train-vision   # stage 1: the CLIP tower learns to see the grid
     python -m demos.build_default_models train-target   # stage 2: projector + decoder (add --resume to continue)
-    python -m demos.build_default_models tune-questions # stage 3: mostly questions, two heads shown where to look
+    python -m demos.build_default_models tune-questions # stage 3: mostly questions, heads shown where to look
     python -m demos.build_default_models distill-drafter
     python -m demos.build_default_models export
     python -m demos.build_default_models eval --n 200
@@ -588,8 +588,8 @@ def cmd_train_target(args):
     feats = pool_features(model.model.vision_tower.eval(), pool)
     cache = PromptCache(processor)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, args.lookup_lr_mult if pointing else 1.0)
+    trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     step = 0
     t0 = time.time()
@@ -1112,6 +1112,16 @@ def _training_args(p, *, steps, batch, lr, warmup, eval_every):
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
+def positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return x
+
+
 def kind_weights_arg(text: str) -> dict[str, float]:
     """``caption=.2,yesno=.4,...`` -> how often each prompt kind is drawn (kinds left out: never)."""
     out = {}
@@ -1140,8 +1150,9 @@ def _decoder_args(p, *, max_minutes, pointer_weight, kind_weights, prev_pointer=
                    help="total training wall-clock budget incl. resumed runs; the lr schedule anneals within it (0: off)")
     p.add_argument("--vision", default=None, help="trained vision tower (default: WORKDIR/vision_tower.pt)")
     p.add_argument("--pointer-weight", type=float, default=pointer_weight,
-                   help="weight of the loss that shows two heads which image token an answer word is about (0: off)")
-    p.add_argument("--lookup-lr-mult", type=float, default=lookup_lr_mult,
+                   help="weight of the loss that shows heads where a question's object is: its image token, or BOS "
+                        "if absent (0: off)")
+    p.add_argument("--lookup-lr-mult", type=positive_float, default=lookup_lr_mult,
                    help="with the pointer loss, the learning rate of the pointer heads' attention layers is this "
                         "many times the rest's")
     p.add_argument("--prev-pointer", action=argparse.BooleanOptionalAction, default=prev_pointer,

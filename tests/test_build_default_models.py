@@ -152,6 +152,10 @@ def test_kind_weights_flag_parses_and_rejects_bad_input(capsys):
         with pytest.raises(SystemExit):
             b.build_parser().parse_args(["train-target", "--kind-weights", bad])
         assert why in capsys.readouterr().err
+    for bad in ("0", "-2", "fast"):
+        with pytest.raises(SystemExit):
+            b.build_parser().parse_args(["tune-questions", "--lookup-lr-mult", bad])
+        assert "--lookup-lr-mult" in capsys.readouterr().err
 
 
 def test_pointer_targets_point_at_the_named_objects_cell(setup):
