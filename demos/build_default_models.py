@@ -2,7 +2,7 @@
 
 The models know only the synthetic scene world of :mod:`vision.scenes`.
 
-    python -m demos.build_default_models all            # everything from scratch, ~56 min of training on
+    python -m demos.build_default_models all            # everything from scratch, ~55 min of training on
                                                         # 2 cores; exports over assets/models
     python -m demos.build_default_models train-vision   # stage 1: the CLIP tower learns to see the grid
     python -m demos.build_default_models train-target   # stage 2: projector + decoder (add --resume to continue)
