@@ -273,3 +273,41 @@ def test_param_groups_speed_up_only_the_pointer_heads_layers(setup):
     assert sorted(names[id(p)] for p in fast["params"]) == sorted(
         f"model.language_model.layers.{layer}.self_attn.{m}_proj.weight" for layer in layers for m in "qkvo")
     model.model.vision_tower.requires_grad_(True)
+
+
+def model_card_commands() -> list[list[str]]:
+    """Every `$M ...` line of the model card's bash blocks, as argv for the parser (variables expanded)."""
+    import re
+    import shlex
+
+    card = (scenes.ROOT / "assets" / "models" / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", card, flags=re.S):
+        env: dict[str, str] = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            expanded = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), line)
+            assignment = re.fullmatch(r'(\w+)="(.*)"', expanded)
+            if assignment:
+                env[assignment.group(1)] = assignment.group(2)
+            elif line.startswith("$M "):
+                argv = shlex.split(expanded)
+                assert argv[:3] == ["python", "-m", "demos.build_default_models"], line
+                commands.append(argv[3:])
+    return commands
+
+
+def test_model_card_rebuild_commands_parse_with_todays_flags():
+    """The card's exact rebuild commands (the shipped recipe and the previous checkpoint's) stay runnable."""
+    commands = model_card_commands()
+    assert len(commands) >= 15
+    stage3 = []
+    for argv in commands:
+        args = b.build_parser().parse_args(argv)  # SystemExit (a failure) on a flag that no longer exists
+        if args.cmd == "tune-questions":
+            stage3.append(args)
+    shipped = stage3[0]  # the shipped recipe comes first: today's stage-3 defaults, a fixed step count
+    assert (shipped.steps, shipped.max_minutes, shipped.pointer_weight, shipped.lookup_lr_mult) == (1860, 0, 4.0, 5.0)
+    assert shipped.kind_weights == b.QUESTION_WEIGHTS and shipped.prev_pointer
+    previous = stage3[1:]  # the old checkpoint's commands pin the flags that were the defaults then
+    assert previous and all(a.pointer_weight == 1 and a.lookup_lr_mult == 1 and not a.prev_pointer for a in previous)
