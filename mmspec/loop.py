@@ -45,9 +45,11 @@ def speculative_decode(target: TargetSession, drafter: DraftSession, pending: in
     while True:
         # tokens this request may still add (the prompt's length was checked against the context upfront)
         budget = min(config.max_new_tokens - n_generated, context_length - (prompt_len + n_generated))
-        # 1. draft (never more than the budget can take after the target's own token)
+        # 1. draft (never more than the budget can take after the target's own token). Round 1 drafts
+        # nothing: the target's prefill already holds the first token's distribution, so that token costs
+        # no verify forward, and drafting starts after it.
         forwards_before = drafter.forwards
-        draft = drafter.propose(min(draft_length.k, budget - 1))
+        draft = drafter.propose(0 if n_generated == 0 else min(draft_length.k, budget - 1))
         k = len(draft)
         stats.draft_forwards += drafter.forwards - forwards_before
 

@@ -33,7 +33,7 @@ class Round:
 @dataclass
 class Stats:
     new_tokens: int = 0
-    target_forwards: int = 0        # verification forwards (prefill not counted)
+    target_forwards: int = 0        # target forwards that gave tokens: the prefill (first token) + verifies
     draft_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0

@@ -103,6 +103,43 @@ def test_scripted_drafters_match_hf_greedy(pipes, right, k):
         assert res.stats.target_forwards <= -(-MAX_NEW // (k + 1)) + 1
 
 
+@pytest.mark.parametrize("kind", ["text", "none"])
+def test_the_prefill_gives_the_first_token(pipes, kind):
+    """One target call per round: round 1 drafts nothing and takes its token from the prefill (as generate()
+    does), so a request costs no target forward beyond ``stats.target_forwards``."""
+    pipe = pipes[kind]
+    image, prompt = sample_image(4), PROMPTS[0]
+    expected = hf_greedy(pipe, image, prompt)
+    calls = []
+    hook = pipe.target.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+    finally:
+        hook.remove()
+    assert res.token_ids == expected
+    assert res.rounds[0].draft_ids == () and res.rounds[0].target_token == expected[0]
+    assert len(calls) == res.stats.target_forwards == len(res.rounds)
+    if kind == "none":
+        assert len(calls) == len(expected)
+
+
+def test_session_rollback_before_the_first_forward(pipes):
+    """The prompt's last position is cached by the prefill yet still counts as pending: rolling back to the
+    reported length is a no-op, and the logits then equal those of a fresh session."""
+    adapter = pipes["none"].adapter
+    req = adapter.prepare(sample_image(2), adapter.format_prompt(PROMPTS[1]))
+    adapter.image_features(req)
+    ids = torch.tensor([req.prompt_ids[-1], 5, 6])
+    with torch.inference_mode():
+        ref = adapter.session(req).forward(ids)
+        sess = adapter.session(req)
+        assert sess.length == len(req.prompt_ids) - 1
+        sess.rollback(sess.length)
+        got = sess.forward(ids)
+        assert sess.length == len(req.prompt_ids) + 2
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
 def _eos_case(pipes):
     """A prompt/image whose greedy output, cut by a chosen extra end-of-sequence id, ends a few tokens in."""
     base = pipes["none"]

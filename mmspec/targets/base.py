@@ -139,7 +139,10 @@ class TargetAdapter(ABC):
 
     @abstractmethod
     def session(self, request: Request) -> TargetSession:
-        """Open a session whose cache holds every prompt position but the last (the loop's pending token)."""
+        """Open a session whose ``length`` is every prompt position but the last (the loop's pending token).
+
+        A session may run the whole prompt in its prefill (``SplicedEmbeddingSession`` does) and answer the
+        pending token's row of the first ``forward`` from it; callers see the same logits either way."""
 
     # ----- shared ---------------------------------------------------------------------------------
     def image_key(self, image: Image.Image) -> str:

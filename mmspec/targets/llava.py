@@ -24,34 +24,45 @@ class SplicedEmbeddingSession(TargetSession):
         self.model = model
         self.embed = model.get_input_embeddings()
         self.cache = DynamicCache(config=model.config.get_text_config())
-        # The last prompt position is the loop's first pending token; its embedding may be an image
-        # feature, so it is kept here and used in place of the embedding of that id on the first forward.
-        self._pending_embed = prompt_embeds[:, -1:]
-        n = prompt_embeds.shape[1] - 1
-        if n > 0:
-            model(inputs_embeds=prompt_embeds[:, :-1], position_ids=self.positions(0, n), use_cache=True,
-                  logits_to_keep=1, **{CACHE_KW: self.cache})
+        # The prefill runs the whole prompt (as generate() does), so the distribution of the first new token
+        # costs no forward of its own. To callers the prompt's last position still looks pending (``length``
+        # leaves it out); the first ``forward`` answers its row from here and runs only the ids after it.
+        n = prompt_embeds.shape[1]
+        out = model(inputs_embeds=prompt_embeds, position_ids=self.positions(0, n), use_cache=True,
+                    logits_to_keep=1, **{CACHE_KW: self.cache})
+        # [1, vocab]
+        self._prompt_logits: torch.Tensor | None = out.logits[0, -1:].float()
 
     def positions(self, start: int, n: int) -> torch.Tensor | None:
         return None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: [n] -> embeds [1, n, hidden]
+        # ids: [n]; on the first call ids[0] is the prompt's last token, already in the cache
+        first = self._prompt_logits
+        if first is not None:
+            self._prompt_logits = None
+            ids = ids[1:]
+            if ids.shape[0] == 0:
+                return first
+        # [1, n, hidden]
         embeds = self.embed(ids.to(self.embed.weight.device)[None])
-        if self._pending_embed is not None:
-            embeds = torch.cat([self._pending_embed.to(embeds.dtype), embeds[:, 1:]], dim=1)
-            self._pending_embed = None
         out = self.model(inputs_embeds=embeds, position_ids=self.positions(self.length, ids.shape[0]),
                          use_cache=True, **{CACHE_KW: self.cache})
         # [n, vocab]
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        return logits if first is None else torch.cat([first.to(logits.device), logits])
 
     def rollback(self, length: int) -> None:
+        if self._prompt_logits is not None:
+            if length >= self.length:
+                return
+            self._prompt_logits = None  # the prompt's tail goes: the next forward feeds it again
         rollback(self.cache, length)
 
     @property
     def length(self) -> int:
-        return self.cache.get_seq_length()
+        # before the first forward the prompt's last position counts as pending, though it is cached
+        return self.cache.get_seq_length() - (self._prompt_logits is not None)
 
 
 class LlavaAdapter(TargetAdapter):
