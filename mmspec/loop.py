@@ -1,7 +1,8 @@
 """The speculative loop: one function, the same for every target family and every drafter.
 
 Invariant between rounds: the target's cache holds every committed position except the last one, the
-*pending* token, which is fed first in the next verify forward (for round 1 it is the prompt's last token).
+*pending* token, which is fed first in the next verify forward (for round 1 it is the prompt's last token: the
+target's prefill runs in that same forward, so round 1's drafts are verified by the prefill itself).
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ def speculative_decode(target: TargetSession, drafter: DraftSession, pending: in
     while True:
         # tokens this request may still add (the prompt's length was checked against the context upfront)
         budget = min(config.max_new_tokens - n_generated, context_length - (prompt_len + n_generated))
-        # 1. draft (never more than the budget can take after the target's own token). Round 1 drafts
-        # nothing: the target's prefill already holds the first token's distribution, so that token costs
-        # no verify forward, and drafting starts after it.
+        # 1. draft (never more than the budget can take after the target's own token)
         forwards_before = drafter.forwards
-        draft = drafter.propose(0 if n_generated == 0 else min(draft_length.k, budget - 1))
+        draft = drafter.propose(min(draft_length.k, budget - 1))
         k = len(draft)
         stats.draft_forwards += drafter.forwards - forwards_before
 

@@ -33,7 +33,7 @@ class Round:
 @dataclass
 class Stats:
     new_tokens: int = 0
-    target_forwards: int = 0        # target forwards that gave tokens: the prefill (first token) + verifies
+    target_forwards: int = 0        # target forwards (round 1's is the prefill, which verifies its drafts)
     draft_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0

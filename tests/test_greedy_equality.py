@@ -104,11 +104,11 @@ def test_scripted_drafters_match_hf_greedy(pipes, right, k):
 
 
 @pytest.mark.parametrize("kind", ["text", "none"])
-def test_the_prefill_gives_the_first_token(pipes, kind):
-    """One target call per round: round 1 drafts nothing and takes its token from the prefill (as generate()
-    does), so a request costs no target forward beyond ``stats.target_forwards``."""
+def test_the_prefill_verifies_the_first_drafts(pipes, kind):
+    """One target call per round: the prefill runs in round 1's verify forward (prompt + drafts at once), so a
+    request costs no target forward beyond ``stats.target_forwards``."""
     pipe = pipes[kind]
-    image, prompt = sample_image(4), PROMPTS[0]
+    image, prompt = sample_image(4), PROMPTS[1]
     expected = hf_greedy(pipe, image, prompt)
     calls = []
     hook = pipe.target.register_forward_hook(lambda module, args, output: calls.append(1))
@@ -117,15 +117,16 @@ def test_the_prefill_gives_the_first_token(pipes, kind):
     finally:
         hook.remove()
     assert res.token_ids == expected
-    assert res.rounds[0].draft_ids == () and res.rounds[0].target_token == expected[0]
     assert len(calls) == res.stats.target_forwards == len(res.rounds)
     if kind == "none":
         assert len(calls) == len(expected)
+    else:
+        assert len(res.rounds[0].draft_ids) == 3
 
 
 def test_session_rollback_before_the_first_forward(pipes):
-    """The prompt's last position is cached by the prefill yet still counts as pending: rolling back to the
-    reported length is a no-op, and the logits then equal those of a fresh session."""
+    """Before the first forward the prompt's last position is pending: rolling back to the reported length is a
+    no-op, rolling back further runs the kept prompt positions, and the logits equal a fresh session's."""
     adapter = pipes["none"].adapter
     req = adapter.prepare(sample_image(2), adapter.format_prompt(PROMPTS[1]))
     adapter.image_features(req)
@@ -137,7 +138,11 @@ def test_session_rollback_before_the_first_forward(pipes):
         sess.rollback(sess.length)
         got = sess.forward(ids)
         assert sess.length == len(req.prompt_ids) + 2
+        shorter = adapter.session(req)
+        shorter.rollback(len(req.prompt_ids) - 2)             # drop one more prompt position, then feed it again
+        again = shorter.forward(torch.tensor(req.prompt_ids[-2:] + [5, 6]))[1:]
     assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(again, ref, atol=1e-4)
 
 
 def _eos_case(pipes):

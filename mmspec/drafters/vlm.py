@@ -74,7 +74,7 @@ class VlmDraftSession(DraftSession):
         adapter.image_features(dreq)
         self.vision_cache_hit = dreq.vision_cache_hit
         self.sess = adapter.session(dreq)
-        self.forwards = 1
+        self.forwards = 0  # the session's prefill runs within the first drafting step
         # tokens of the sequence not in the drafter's cache yet (first: the prompt's last position)
         self.pending: list[int] = [dreq.prompt_ids[-1]]
         self._drafts: list[int] = []

@@ -141,8 +141,8 @@ class TargetAdapter(ABC):
     def session(self, request: Request) -> TargetSession:
         """Open a session whose ``length`` is every prompt position but the last (the loop's pending token).
 
-        A session may run the whole prompt in its prefill (``SplicedEmbeddingSession`` does) and answer the
-        pending token's row of the first ``forward`` from it; callers see the same logits either way."""
+        A session may defer the prefill to the first ``forward`` and run the prompt and the new ids in one call
+        (``SplicedEmbeddingSession`` does); callers see the same logits either way."""
 
     # ----- shared ---------------------------------------------------------------------------------
     def image_key(self, image: Image.Image) -> str:

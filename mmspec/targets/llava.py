@@ -24,45 +24,42 @@ class SplicedEmbeddingSession(TargetSession):
         self.model = model
         self.embed = model.get_input_embeddings()
         self.cache = DynamicCache(config=model.config.get_text_config())
-        # The prefill runs the whole prompt (as generate() does), so the distribution of the first new token
-        # costs no forward of its own. To callers the prompt's last position still looks pending (``length``
-        # leaves it out); the first ``forward`` answers its row from here and runs only the ids after it.
-        n = prompt_embeds.shape[1]
-        out = model(inputs_embeds=prompt_embeds, position_ids=self.positions(0, n), use_cache=True,
-                    logits_to_keep=1, **{CACHE_KW: self.cache})
-        # [1, vocab]
-        self._prompt_logits: torch.Tensor | None = out.logits[0, -1:].float()
+        # The prefill waits for the first ``forward``, which runs the whole prompt and the ids after its last
+        # position in ONE call: round 1's drafts are verified by the prefill itself. Until then ``length``
+        # counts the prompt's last position as pending (the loop feeds its id first; its embedding, which may
+        # be an image feature, is taken from here).
+        self._prompt: torch.Tensor | None = prompt_embeds
 
     def positions(self, start: int, n: int) -> torch.Tensor | None:
         return None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: [n]; on the first call ids[0] is the prompt's last token, already in the cache
-        first = self._prompt_logits
-        if first is not None:
-            self._prompt_logits = None
-            ids = ids[1:]
-            if ids.shape[0] == 0:
-                return first
-        # [1, n, hidden]
+        # ids: [n] -> embeds [1, n, hidden]
         embeds = self.embed(ids.to(self.embed.weight.device)[None])
-        out = self.model(inputs_embeds=embeds, position_ids=self.positions(self.length, ids.shape[0]),
-                         use_cache=True, **{CACHE_KW: self.cache})
+        start, n = self.length, ids.shape[0]
+        if self._prompt is not None:
+            embeds = torch.cat([self._prompt.to(embeds.dtype), embeds[:, 1:]], dim=1)
+            start, self._prompt = 0, None
+        out = self.model(inputs_embeds=embeds, position_ids=self.positions(start, embeds.shape[1]), use_cache=True,
+                         logits_to_keep=n, **{CACHE_KW: self.cache})
         # [n, vocab]
-        logits = out.logits[0].float()
-        return logits if first is None else torch.cat([first.to(logits.device), logits])
+        return out.logits[0, -n:].float()
 
     def rollback(self, length: int) -> None:
-        if self._prompt_logits is not None:
+        if self._prompt is not None:
             if length >= self.length:
                 return
-            self._prompt_logits = None  # the prompt's tail goes: the next forward feeds it again
+            prompt, self._prompt = self._prompt, None  # keep the first ``length`` prompt positions, run them now
+            if length > 0:
+                self.model(inputs_embeds=prompt[:, :length], position_ids=self.positions(0, length),
+                           use_cache=True, logits_to_keep=1, **{CACHE_KW: self.cache})
+            return
         rollback(self.cache, length)
 
     @property
     def length(self) -> int:
-        # before the first forward the prompt's last position counts as pending, though it is cached
-        return self.cache.get_seq_length() - (self._prompt_logits is not None)
+        # before the first forward: the prompt but its last position (the loop's pending token)
+        return self._prompt.shape[1] - 1 if self._prompt is not None else self.cache.get_seq_length()
 
 
 class LlavaAdapter(TargetAdapter):
