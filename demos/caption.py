@@ -85,20 +85,36 @@ def _file_fingerprint(path: Path, h) -> None:
 
 
 def target_identity(args) -> str:
-    """Which target writes the captions: ``name@hash`` (a local folder's weights, a hub snapshot's commit).
+    """Which target writes the captions: ``name@hash`` (a local folder's weights, a hub snapshot's commit),
+    plus ``/dtype`` when the target runs in another dtype than float32.
 
-    Captions depend on the target only (the drafter never changes the output), so resuming an output file
-    is safe exactly when this string is the same.
+    Captions depend on the target and its numbers only (the drafter never changes the output), so resuming
+    an output file is safe exactly when this string is the same. Float32 runs keep the bare ``name@hash`` that
+    files written before the dtype was recorded hold; the device is left out (a float32 caption file may be
+    finished on another machine).
     """
+    from mmspec.pipeline import _resolve_dtype
+
+    target, dtype = getattr(args, "target", None), getattr(args, "dtype", None)
+    device = str(getattr(args, "device", None) or "cpu")
+    if float(getattr(args, "num_gpus_per_worker", 0) or 0) > 0 and device.startswith("cpu"):
+        device = "cuda"  # as run_ray places the Ray workers' models
+    if getattr(args, "preset", None):
+        from mmspec.presets import resolve_preset
+
+        preset = resolve_preset(args.preset)
+        target = target or preset.target
+        dtype = dtype or (preset.dtype if not device.startswith("cpu") else None)  # as mmspec.load resolves it
+    resolved = str(_resolve_dtype(dtype, device)).removeprefix("torch.")
+    name = _weights_identity(target)
+    return name if resolved == "float32" else f"{name}/{resolved}"
+
+
+def _weights_identity(target) -> str:
     import hashlib
 
     from mmspec.pipeline import BUNDLED_TARGET
 
-    target = getattr(args, "target", None)
-    if target is None and getattr(args, "preset", None):
-        from mmspec.presets import resolve_preset
-
-        target = resolve_preset(args.preset).target
     folder = Path(os.path.expanduser(str(target))) if target is not None else BUNDLED_TARGET
     if folder.is_dir():
         h = hashlib.sha256()

@@ -390,3 +390,21 @@ def test_ray_backend_same_captions_as_local(tmp_path, model_flags):
     assert got[:2] == want[:2]  # the lines done before are kept as they were, not redone
     assert {r["path"]: (r["caption"], r["error"] is None) for r in got} == \
            {r["path"]: (r["caption"], r["error"] is None) for r in want}
+
+
+def test_target_identity_records_a_non_float32_dtype(tiny_target):
+    """Captions from float16 and float32 runs of one target may differ, so a file is resumed only in the same
+    dtype; float32 (the CPU default) keeps the bare name@hash of files written before the dtype was recorded."""
+    import argparse
+
+    def ident(**kw):
+        return caption.target_identity(argparse.Namespace(target=str(tiny_target), **kw))
+
+    bare = ident()
+    assert "@" in bare and "/" not in bare.rsplit("@", 1)[1]
+    assert ident(dtype="float32") == ident(dtype=None, device="cpu") == bare
+    assert ident(dtype="float16") == bare + "/float16" != ident(dtype="bfloat16")
+    assert ident(device="cuda") == bare + "/float16"           # mmspec.load's default off the CPU
+    assert ident(device="cpu", num_gpus_per_worker=1) == bare + "/float16"  # Ray workers run on the GPU
+    with pytest.raises(mmspec.MMSpecError, match="unknown dtype"):
+        ident(dtype="float8")
