@@ -93,19 +93,14 @@ def target_identity(args) -> str:
     files written before the dtype was recorded hold; the device is left out (a float32 caption file may be
     finished on another machine).
     """
-    from mmspec.pipeline import _resolve_dtype
+    from mmspec.pipeline import load_dtype
 
-    target, dtype = getattr(args, "target", None), getattr(args, "dtype", None)
-    device = str(getattr(args, "device", None) or "cpu")
-    if float(getattr(args, "num_gpus_per_worker", 0) or 0) > 0 and device.startswith("cpu"):
-        device = "cuda"  # as run_ray places the Ray workers' models
-    if getattr(args, "preset", None):
+    target, preset = getattr(args, "target", None), getattr(args, "preset", None)
+    if target is None and preset:
         from mmspec.presets import resolve_preset
 
-        preset = resolve_preset(args.preset)
-        target = target or preset.target
-        dtype = dtype or (preset.dtype if not device.startswith("cpu") else None)  # as mmspec.load resolves it
-    resolved = str(_resolve_dtype(dtype, device)).removeprefix("torch.")
+        target = resolve_preset(preset).target
+    resolved = str(load_dtype(getattr(args, "dtype", None), model_device(args), preset)).removeprefix("torch.")
     name = _weights_identity(target)
     return name if resolved == "float32" else f"{name}/{resolved}"
 
@@ -427,6 +422,15 @@ def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | N
 # ----------------------------------------------------------------------------------------------------------
 # backends: each yields records for ``pending`` in any order; the caller writes them
 # ----------------------------------------------------------------------------------------------------------
+def model_device(args) -> str:
+    """Where the target runs: ``--device``, except that Ray workers given GPUs run on them."""
+    device = str(getattr(args, "device", None) or "cpu")
+    if getattr(args, "backend", None) == "ray" and float(getattr(args, "num_gpus_per_worker", 0) or 0) > 0 \
+            and device.startswith("cpu"):
+        return "cuda"  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+    return device
+
+
 def _model_kwargs(args) -> dict:
     """The shared model flags (whatever ``mmspec.cli.add_model_arguments`` defines), to rebuild them in a worker."""
     dests = getattr(args, "model_dests", None) or ("target", "drafter", "drafter_kind", "device", "dtype",
@@ -485,9 +489,7 @@ def run_ray(args, pending: list[Task]) -> Iterator[dict]:
     workers = max(1, int(args.workers))
     cpus = float(args.num_cpus_per_worker)
     gpus = float(args.num_gpus_per_worker)
-    model_kwargs = _model_kwargs(args)
-    if gpus > 0 and str(model_kwargs["device"]).startswith("cpu"):
-        model_kwargs["device"] = "cuda"  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+    model_kwargs = dict(_model_kwargs(args), device=model_device(args))
     started_here = False
     if not ray.is_initialized():
         init = dict(include_dashboard=False, log_to_driver=not args.quiet, ignore_reinit_error=True)

@@ -140,6 +140,16 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def load_dtype(dtype=None, device: str = "cpu", preset: str | None = None) -> torch.dtype:
+    """The dtype ``load(dtype=..., device=..., preset=...)`` runs the target in: the one given, else the preset's
+    off the CPU, else float32 on the CPU and float16 elsewhere."""
+    if dtype is None and preset is not None and not str(device).startswith("cpu"):
+        from mmspec.presets import resolve_preset
+
+        dtype = resolve_preset(preset).dtype
+    return _resolve_dtype(dtype, device)
+
+
 def from_pretrained(loader, what: str, path, **kwargs):
     try:
         return loader.from_pretrained(str(path), **kwargs)
@@ -170,7 +180,6 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
         target = target or p.target
         drafter = p.drafter if drafter == "default" else drafter
         drafter_kind = drafter_kind or p.drafter_kind
-        dtype = dtype or (p.dtype if not str(device).startswith("cpu") else None)
     bundled = target is None
     if bundled:
         target = BUNDLED_TARGET
@@ -184,7 +193,7 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
     cls = drafter_class(drafter_kind)
     if cls.needs_weights and drafter is None:
         raise MMSpecError(f"drafter_kind={drafter_kind!r} needs a drafter model (drafter=<hub id or folder>)")
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = load_dtype(dtype, device, preset)
 
     model_kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device_map is not None:

@@ -405,6 +405,9 @@ def test_target_identity_records_a_non_float32_dtype(tiny_target):
     assert ident(dtype="float32") == ident(dtype=None, device="cpu") == bare
     assert ident(dtype="float16") == bare + "/float16" != ident(dtype="bfloat16")
     assert ident(device="cuda") == bare + "/float16"           # mmspec.load's default off the CPU
-    assert ident(device="cpu", num_gpus_per_worker=1) == bare + "/float16"  # Ray workers run on the GPU
+    assert ident(backend="ray", num_gpus_per_worker=1) == bare + "/float16"  # Ray workers run on the GPU
+    assert ident(backend="local", num_gpus_per_worker=1) == bare             # the local backend ignores it
+    assert ident(preset="qwen2.5-vl-7b", device="cuda") == bare + "/bfloat16"  # the preset's dtype off the CPU
+    assert ident(preset="qwen2.5-vl-7b", device="cpu") == bare
     with pytest.raises(mmspec.MMSpecError, match="unknown dtype"):
         ident(dtype="float8")

@@ -43,7 +43,7 @@ class SplicedEmbeddingSession(TargetSession):
         out = self.model(inputs_embeds=embeds, position_ids=self.positions(start, embeds.shape[1]), use_cache=True,
                          logits_to_keep=n, **{CACHE_KW: self.cache})
         # [n, vocab]
-        return out.logits[0, -n:].float()
+        return out.logits[0].float()
 
     def rollback(self, length: int) -> None:
         if self._prompt is not None:
