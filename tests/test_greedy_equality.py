@@ -111,7 +111,7 @@ def test_the_prefill_verifies_the_first_drafts(pipes, kind):
     image, prompt = sample_image(4), PROMPTS[1]
     expected = hf_greedy(pipe, image, prompt)
     calls = []
-    hook = pipe.target.register_forward_hook(lambda module, args, output: calls.append(1))
+    hook = pipe.target.get_decoder().register_forward_hook(lambda module, args, output: calls.append(1))
     try:
         res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
     finally:

@@ -157,8 +157,8 @@ class VlmDrafter(Drafter):
 
     def drafter_request(self, request: Request) -> Request:
         """The drafter's own request for the same image and prompt (its processor, its cache key)."""
-        text = request.extras.get("prompt_text")
-        if text is not None:
+        text = request.prompt_text
+        if text:
             return self.adapter.prepare(request.image, text)
         # adapters that do not record the prompt text: same family and processor, so the same inputs
         return Request(prompt_ids=list(request.prompt_ids), image=request.image,

@@ -1,22 +1,23 @@
 """The target-adapter interface: everything the loop needs from a VLM family, and nothing about drafting.
 
 An adapter turns (image, prompt) into a ``Request`` (token ids, pixel inputs, image key), computes the image
-features through the shared ``vision`` cache, and opens a ``TargetSession`` that owns one request's KV cache:
-``forward(ids)`` appends positions and returns their logits, ``rollback(length)`` moves the cache back.
-Families with variable image-token counts or their own position scheme override ``prepare``/``session``.
+features through the shared ``vision`` cache, and gives the prompt's embeddings and positions; ``TargetBatch``
+runs any number of such requests through the model's own decoder in one forward per round. Families with
+variable image-token counts or their own position scheme override ``prepare``/``positions``.
 """
 
 from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
 from mmspec.errors import MMSpecError
+from mmspec.kv import CACHE_KW, SlotCache, chain
 from vision.cache import EmbeddingCache, image_digest
 
 
@@ -29,9 +30,10 @@ class Request:
     image_key: str
     model_inputs: dict[str, Any]          # processor output (pixel_values, image_sizes, ...), on CPU
     image_token_ids: frozenset[int]
+    prompt_text: str = ""                 # the formatted prompt the ids came from (a drafter VLM re-processes it)
+    token_types: Any = None               # [1, L] 0 text / 1 image, for families whose positions need them
     features: Any = None                  # filled by ``TargetAdapter.image_features``
     vision_cache_hit: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text_only_ids(self) -> list[int]:
@@ -39,21 +41,157 @@ class Request:
         return [t for t in self.prompt_ids if t not in self.image_token_ids]
 
 
-class TargetSession(ABC):
-    """One request's state in the target: the KV cache and the number of positions it holds."""
+class Positions:
+    """Maps a row's logical positions [n] to what the model takes: [1, n] (1-D families) or [4, n] (M-RoPE)."""
 
-    @abstractmethod
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [n] new positions after the cache -> logits [n, vocab] (float32, target's vocab)."""
+    rows = 1
 
-    @abstractmethod
-    def rollback(self, length: int) -> None:
-        """Keep only the first ``length`` positions of the cache."""
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        return p[None]
+
+
+class TargetBatch:
+    """The target's side of a batch of requests: one KV cache of slots (``mmspec.kv.SlotCache``), each row with
+    its own length and positions. Rows join with ``add`` and leave with ``remove`` at any round.
+
+    ``verify`` runs ONE forward of every row's new tokens (the pending token then its drafts, a chain or a tree
+    given by parents) and returns their logits, plus the last hidden states when ``want_hidden``; ``commit``
+    keeps what was accepted. A row's prefill waits for its first ``verify``: it runs in that same call (alone,
+    so it costs the running rows nothing), with the prompt's last position as the pending token.
+    """
+
+    def __init__(self, adapter: "TargetAdapter", want_hidden: bool = False):
+        model = adapter.model
+        self.adapter = adapter
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.config = model.config.get_text_config()
+        self.want_hidden = want_hidden
+        self.main = self._slots()
+        self.positions: dict = {}        # row -> Positions
+        self.fresh: dict = {}            # row -> (embeds of the positions before the pending one, pending's embed)
+        self.prefilled: dict = {}        # row -> SlotCache holding a prefill not yet merged into ``main``
+        self.hidden: dict = {}           # row -> [n, hidden] of the last verify, when ``want_hidden``
+
+    def _slots(self):
+        return SlotCache(self.config, self.device, self.dtype)
 
     @property
-    @abstractmethod
+    def rows(self) -> list:
+        return list(self.main.rows) + [r for r in self.fresh if r not in self.main.rows]
+
+    def length(self, row) -> int:
+        """Positions in the row's cache, the pending one excluded (before the prefill: the prompt but its last)."""
+        if row in self.fresh:
+            return self.fresh[row][0].shape[1]
+        return self.main.length(row)
+
+    def add(self, row, request: Request) -> None:
+        embeds = self.adapter.prompt_embeds(request)            # [1, L, hidden]
+        self.fresh[row] = (embeds[:, :-1], embeds[:, -1:])
+        self.positions[row] = self.adapter.positions(request)
+
+    def remove(self, rows) -> None:
+        for r in rows:
+            self.fresh.pop(r, None)
+            self.positions.pop(r, None)
+            self.prefilled.pop(r, None)
+            self.hidden.pop(r, None)
+        self.main.remove(rows)
+
+    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list) -> tuple:
+        """embeds [B, T, hidden] of ``rows`` (the order of ``slots.rows``) -> logits [B, T, vocab], hidden."""
+        mask, logical = slots.extend(parents)
+        pos = torch.stack([self.positions[r](logical[b]) for b, r in enumerate(rows)], dim=1)  # [P, B, T]
+        pos = pos[0] if pos.shape[0] == 1 else pos
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{CACHE_KW: slots.cache})
+        hidden = out.last_hidden_state
+        return self.head(hidden).float(), hidden
+
+    def verify(self, ids: dict, parents: dict | None = None) -> dict:
+        """ids: row -> [n] (the pending token then the drafts); parents: row -> n parent indices (``-1`` for
+        the pending token; default a chain). Returns row -> logits [n, vocab] (float32); row i predicts the
+        token after node i. Every row of the batch must be given."""
+        parents = parents or {}
+        out = {}
+        for r in [r for r in ids if r in self.fresh]:
+            prompt, first = self.fresh.pop(r)
+            new = ids[r].to(self.device)
+            emb = self.embed(new[None])
+            if first is not None:
+                emb = torch.cat([first.to(emb.dtype), emb[:, 1:]], dim=1)
+            emb = torch.cat([prompt.to(emb.dtype), emb], dim=1)
+            L = prompt.shape[1]
+            par = parents.get(r) or chain(len(new))
+            slots = self._slots()
+            slots.add_empty(r)
+            full = chain(L) + [p + L if p >= 0 else L - 1 for p in par]
+            logits, hidden = self._forward(slots, emb, [full], [r])
+            slots.prefix = L        # the prompt's slots are kept whatever is accepted
+            self.prefilled[r] = slots
+            out[r] = logits[0, L:]
+            if self.want_hidden:
+                self.hidden[r] = hidden[0, L:]
+        rows = self.main.rows
+        if rows:
+            missing = [r for r in rows if r not in ids]
+            if missing:
+                raise ValueError(f"verify needs every row of the batch, missing {missing}")
+            T = max(int(ids[r].shape[0]) for r in rows)
+            pad = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
+            for b, r in enumerate(rows):
+                pad[b, : ids[r].shape[0]] = ids[r].to(self.device)
+            logits, hidden = self._forward(self.main, self.embed(pad),
+                                           [parents.get(r) or chain(int(ids[r].shape[0])) for r in rows], rows)
+            for b, r in enumerate(rows):
+                n = int(ids[r].shape[0])
+                out[r] = logits[b, :n]
+                if self.want_hidden:
+                    self.hidden[r] = hidden[b, :n]
+        return out
+
+    def commit(self, keep: dict) -> None:
+        """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache."""
+        if self.main.rows:
+            self.main.commit([list(keep[r]) for r in self.main.rows])
+        for r, slots in list(self.prefilled.items()):
+            slots.commit([list(range(slots.prefix)) + [slots.prefix + i for i in keep[r]]])
+            self.main.absorb(slots)
+            del self.prefilled[r]
+
+    def truncate(self, row, length: int) -> None:
+        """Forget every position of ``row`` from ``length`` on (the next verify re-feeds from there)."""
+        if row in self.fresh:
+            prompt, first = self.fresh[row]
+            if length < prompt.shape[1]:
+                self.fresh[row] = (prompt[:, :length], None)
+            return
+        self.main.truncate(row, length)
+
+
+class TargetSession:
+    """One request on its own: ``forward(ids)`` appends positions and returns their logits [n, vocab],
+    ``rollback(length)`` moves the cache back. A view of a one-row ``TargetBatch``, for tools and tests."""
+
+    def __init__(self, adapter: "TargetAdapter", request: Request):
+        self.batch = TargetBatch(adapter)
+        self.batch.add(0, request)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.batch.verify({0: ids})[0]
+        self.batch.commit({0: range(int(ids.shape[0]))})
+        return logits
+
+    def rollback(self, length: int) -> None:
+        self.batch.truncate(0, length)
+
+    @property
     def length(self) -> int:
-        """Positions currently in the cache."""
+        return self.batch.length(0)
 
 
 class TargetAdapter(ABC):
@@ -137,12 +275,29 @@ class TargetAdapter(ABC):
     def encode_image(self, request: Request) -> Any:
         """The target's projected image features for ``request`` (what its placeholders are replaced by)."""
 
-    @abstractmethod
-    def session(self, request: Request) -> TargetSession:
-        """Open a session whose ``length`` is every prompt position but the last (the loop's pending token).
+    def prompt_embeds(self, request: Request) -> torch.Tensor:
+        """[1, prompt_len, hidden]: the prompt's token embeddings with the image features at the placeholders."""
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = torch.isin(ids, torch.tensor(sorted(self.feature_token_ids), device=self.device))
+        n_slots, n_feats = int(mask.sum()), request.features.shape[0]
+        if n_slots != n_feats:
+            raise MMSpecError(f"the prompt has {n_slots} image placeholders but the image gives {n_feats} "
+                              "features; use one image token per image in the prompt")
+        return embeds.masked_scatter(mask[..., None], request.features.to(embeds.device, embeds.dtype))
 
-        A session may defer the prefill to the first ``forward`` and run the prompt and the new ids in one call
-        (``SplicedEmbeddingSession`` does); callers see the same logits either way."""
+    @property
+    def feature_token_ids(self) -> frozenset[int]:
+        """The placeholders the image features replace (Qwen-VL's video token is not one of them here)."""
+        return self.image_token_ids
+
+    def positions(self, request: Request) -> Positions:
+        """How the row's logical positions map to the model's position ids (1-D unless overridden)."""
+        return Positions()
+
+    def session(self, request: Request) -> TargetSession:
+        """One request on its own (``forward``/``rollback``); the engine uses ``TargetBatch`` directly."""
+        return TargetSession(self, request)
 
     # ----- shared ---------------------------------------------------------------------------------
     def image_key(self, image: Image.Image) -> str:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from mmspec.errors import MMSpecError
-from mmspec.targets.base import Request, TargetSession
-from mmspec.targets.llava import LlavaAdapter, SplicedEmbeddingSession
+from mmspec.targets.base import Request
+from mmspec.targets.llava import LlavaAdapter
 
 
 class Idefics3Adapter(LlavaAdapter):
@@ -31,7 +31,7 @@ class Idefics3Adapter(LlavaAdapter):
         ids = inputs.pop("input_ids")[0].tolist()
         inputs.pop("attention_mask", None)
         return Request(prompt_ids=ids, image=image, image_key=self.image_key(image), model_inputs=inputs,
-                       image_token_ids=self.image_token_ids, extras={"prompt_text": prompt_text})
+                       image_token_ids=self.image_token_ids, prompt_text=prompt_text)
 
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
@@ -43,7 +43,3 @@ class Idefics3Adapter(LlavaAdapter):
                                                   return_dict=True)
         # [n_image_tokens, hidden]: tiles in prompt order, image_seq_len rows each
         return torch.cat(list(out.pooler_output), dim=0)
-
-    @torch.inference_mode()
-    def session(self, request: Request) -> TargetSession:
-        return SplicedEmbeddingSession(self.model, self.prompt_embeds(request))

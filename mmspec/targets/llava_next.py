@@ -18,11 +18,6 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next", "llava_onevision")
 
-    def prepare(self, image, prompt_text: str) -> Request:
-        request = super().prepare(image, prompt_text)
-        request.extras["prompt_text"] = prompt_text
-        return request
-
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
         cfg = self.model.config

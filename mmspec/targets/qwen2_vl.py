@@ -17,29 +17,27 @@ from __future__ import annotations
 import torch
 
 from mmspec.errors import MMSpecError
-from mmspec.targets.base import Request, TargetAdapter, TargetSession
-from mmspec.targets.llava import SplicedEmbeddingSession
+from mmspec.targets.base import Positions, Request, TargetAdapter
 
 
-class MRopeSession(SplicedEmbeddingSession):
-    """M-RoPE positions: the prompt's from ``get_rope_index``, then position p sits at p + rope_delta."""
+class MRopePositions(Positions):
+    """The prompt's 3-D positions from ``get_rope_index``; after the prompt, position p sits at p + rope_delta on
+    all three axes. Row 0 holds the plain 1-D positions, as ``generate()`` passes them."""
 
-    def __init__(self, model, prompt_embeds: torch.Tensor, prompt_positions: torch.Tensor, rope_delta: int):
-        # prompt_positions: [3, 1, prompt_len]
-        self.prompt_positions = prompt_positions
+    rows = 4
+
+    def __init__(self, prompt_positions: torch.Tensor, rope_delta: int):
+        self.prompt = prompt_positions[:, 0]     # [3, L]
         self.delta = int(rope_delta)
-        super().__init__(model, prompt_embeds)
 
-    def positions(self, start: int, n: int) -> torch.Tensor:
-        device = self.prompt_positions.device
-        p = torch.arange(start, start + n, device=device)
-        # [3, 1, n]: after the prompt every M-RoPE axis continues at p + rope_delta
-        mrope = (p + self.delta).view(1, 1, -1).expand(3, 1, -1).clone()
-        in_prompt = p < self.prompt_positions.shape[-1]
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        # p: [n] -> [4, n]
+        p = p.to(self.prompt.device)
+        mrope = (p + self.delta).view(1, -1).expand(3, -1).clone()
+        in_prompt = p < self.prompt.shape[-1]
         if bool(in_prompt.any()):
-            mrope[:, :, in_prompt] = self.prompt_positions[:, :, p[in_prompt]]
-        # [4, 1, n]: row 0 holds the 1-D text positions (the causal mask is built from them), as generate() does
-        return torch.cat([p.view(1, 1, -1), mrope], dim=0)
+            mrope[:, in_prompt] = self.prompt[:, p[in_prompt]]
+        return torch.cat([p.view(1, -1), mrope], dim=0)
 
 
 class Qwen2VLAdapter(TargetAdapter):
@@ -64,8 +62,7 @@ class Qwen2VLAdapter(TargetAdapter):
             image_ids = torch.tensor(sorted(self.image_token_ids))
             token_types = torch.isin(torch.tensor([ids]), image_ids).long()
         return Request(prompt_ids=ids, image=image, image_key=self.image_key(image), model_inputs=inputs,
-                       image_token_ids=self.image_token_ids,
-                       extras={"prompt_text": prompt_text, "mm_token_type_ids": token_types})
+                       image_token_ids=self.image_token_ids, prompt_text=prompt_text, token_types=token_types)
 
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
@@ -76,26 +73,18 @@ class Qwen2VLAdapter(TargetAdapter):
         # [n_image_tokens, hidden]
         return torch.cat(list(out.pooler_output), dim=0)
 
-    def prompt_embeds(self, request: Request) -> torch.Tensor:
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        embeds = self.model.get_input_embeddings()(ids)
-        mask = ids == int(self.model.config.image_token_id)
-        n_slots, n_feats = int(mask.sum()), request.features.shape[0]
-        if n_slots != n_feats:
-            raise MMSpecError(f"the prompt has {n_slots} image placeholders but the image gives {n_feats} "
-                              "features; use one image token per image in the prompt")
-        # [1, L, hidden]
-        return embeds.masked_scatter(mask[..., None], request.features.to(embeds.device, embeds.dtype))
+    @property
+    def feature_token_ids(self) -> frozenset[int]:
+        return frozenset([int(self.model.config.image_token_id)])
 
     def rope_positions(self, request: Request) -> tuple[torch.Tensor, int]:
         """The model's own 3-D prompt positions [3, 1, L] and its rope delta (as ``generate()`` computes them)."""
         ids = torch.tensor([request.prompt_ids], device=self.device)
-        types = request.extras["mm_token_type_ids"].to(self.device)
+        types = request.token_types.to(self.device)
         grid = request.model_inputs["image_grid_thw"].to(self.device)
         positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
         return positions, int(deltas.view(-1)[0])
 
     @torch.inference_mode()
-    def session(self, request: Request) -> TargetSession:
-        positions, delta = self.rope_positions(request)
-        return MRopeSession(self.model, self.prompt_embeds(request), positions, delta)
+    def positions(self, request: Request) -> MRopePositions:
+        return MRopePositions(*self.rope_positions(request))
