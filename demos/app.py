@@ -21,18 +21,18 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import gradio as gr
-
 from mmspec.config import MAX_DRAFT_TOKENS
-from mmspec.drafters import NgramDrafter, NoDrafter
 from mmspec.errors import MMSpecError
-from mmspec.pipeline import ASSETS, BUNDLED_TARGET, Pipeline
 from mmspec.types import Round, Stats
 
 log = logging.getLogger("mmspec.demo")
 
-SAMPLE_IMAGES = ASSETS / "images"
+SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"  # mmspec.pipeline.ASSETS
 DEFAULT_PROMPT = "Describe the image."
+BUNDLED_NOTE = ("\n\n*The bundled models know only this repository's synthetic world of 1-4 coloured shapes on a "
+                "3x3 grid (like the samples below): they describe such scenes and answer questions like \"What color "
+                "is the circle?\", \"How many objects are there?\", \"Where is the red square?\", \"Is there a "
+                "blue star?\"; on a photo, or asked anything else, their answer is meaningless.*")
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_CONCURRENCY = 2
 MAX_NEW_TOKENS_LIMIT = 512
@@ -206,6 +206,9 @@ class DemoBackend:
             raise MMSpecError(f"unknown drafter kind {kind!r}; this model pair offers {self.kinds}")
         with self._lock:
             if kind not in self.pipelines:
+                from mmspec.drafters import NgramDrafter, NoDrafter
+                from mmspec.pipeline import Pipeline
+
                 cls = {"ngram": NgramDrafter, "none": NoDrafter}[kind]
                 self.pipelines[kind] = Pipeline(self.pipe.adapter, cls(self.pipe.adapter))
             return self.pipelines[kind]
@@ -309,6 +312,8 @@ def raw_image_input(**kwargs) -> gr.Image:
     validation turns a bad file into a readable message instead of Gradio failing before the handler runs.
     (An instance override rather than a subclass: Gradio writes a ``.pyi`` stub next to any module that
     subclasses a component.)"""
+    import gradio as gr
+
     image = gr.Image(type="filepath", image_mode=None, **kwargs)
     original = image.preprocess
 
@@ -338,6 +343,10 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
     (default: the bundled ``assets/images/*.png``).
     The handler is ``app.mmspec_backend.generate``.
     """
+    import gradio as gr
+
+    from mmspec.pipeline import BUNDLED_TARGET, Pipeline
+
     pipe = pipe_or_factory if isinstance(pipe_or_factory, Pipeline) else pipe_or_factory()
     backend = DemoBackend(pipe)
     if examples is None:
@@ -350,7 +359,8 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                     f"Target VLM **{html.escape(target_name)}**, loaded drafter **{html.escape(pipe.drafter_kind)}** "
                     f"(pick another kind in the settings). "
                     "A small drafter guesses the next tokens; the VLM checks them all in one forward and keeps the "
-                    "longest correct prefix plus one token of its own, so the answer is exactly the VLM's own.")
+                    "longest correct prefix plus one token of its own, so the answer is exactly the VLM's own."
+                    + (BUNDLED_NOTE if Path(name_or_path) == BUNDLED_TARGET else ""))
         with gr.Row():
             with gr.Column(scale=1):
                 image = raw_image_input(label="Image", sources=["upload", "clipboard"], elem_id="image-input",

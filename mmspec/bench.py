@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from mmspec.errors import MMSpecError
 from mmspec.types import acceptance_by_position
 
@@ -63,6 +61,8 @@ class PeakMemory:
     """Peak memory during a call: CUDA allocator peak on GPU, resident set size (sampled) on CPU."""
 
     def __init__(self, device: str):
+        import torch
+
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.peak = 0
 
@@ -74,6 +74,8 @@ class PeakMemory:
             return 0
 
     def __enter__(self):
+        import torch
+
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -89,6 +91,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -125,6 +129,8 @@ def folder_inputs(folder: str, n: int, prompts: dict[str, str]) -> list[Input]:
 
 
 def machine_info(device: str) -> dict:
+    import torch
+
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device}
@@ -160,6 +166,8 @@ class Bench:
         self.results = {m: ModeResult(m) for m in self.modes}
 
     def _hf(self, mode: str, inp: Input) -> tuple[list[int], float]:
+        import torch
+
         from vision.images import load_image
 
         start = time.perf_counter()
@@ -326,6 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import torch
     from tqdm import tqdm
 
     from mmspec.cli import load_from_args

@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mmspec.errors import MMSpecError
 
 SHARD = 128
@@ -94,6 +92,8 @@ def source_features(pipe, request, args) -> torch.Tensor:
 
 def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
     """The target's greedy answer and its top-K distributions along it (None if the image is unusable)."""
+    import torch
+
     from vision.compress import pool_tokens
     from vision.images import load_image
 
@@ -122,6 +122,8 @@ def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
 
 
 def build_distill_data(pipe, examples: list[Example], folder: Path, args, pool_m: int | None, desc: str) -> list[dict]:
+    import torch
+
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,8 @@ def build_distill_data(pipe, examples: list[Example], folder: Path, args, pool_m
 # ---------------------------------------------------------------------------------------------- 2. train
 def make_drafter(args, pipe):
     """The drafter to train: --init-drafter's weights, the bundled text drafter, or a new small Llama."""
+    import torch
+
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from mmspec.pipeline import BUNDLED_TEXT_DRAFTER, from_pretrained
@@ -169,6 +173,8 @@ def make_drafter(args, pipe):
 
 
 def batch_loss(drafter, projector, rows: list[dict], loss_kind: str, unk: int) -> torch.Tensor:
+    import torch
+
     embed = drafter.get_input_embeddings()
     rows_n = embed.weight.shape[0]
     seqs, spans = [], []
@@ -210,6 +216,8 @@ def batch_loss(drafter, projector, rows: list[dict], loss_kind: str, unk: int) -
 
 
 def train(args, pipe, rows: list[dict], out: Path):
+    import torch
+
     from tqdm import tqdm
 
     from vision.compress import VisualProjector
@@ -261,6 +269,8 @@ def train(args, pipe, rows: list[dict], out: Path):
 
 # ---------------------------------------------------------------------------------------------- 3. export
 def export(drafter, projector, pipe, out: Path, save_dtype: str) -> None:
+    import torch
+
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
     drafter.to(dtype).save_pretrained(out, safe_serialization=True)
     pipe.processor.tokenizer.save_pretrained(out)
@@ -329,6 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     import mmspec
 
     if args.steps < 1 or args.batch_size < 1 or args.num_visual_tokens < 1 or args.heldout < 1:
