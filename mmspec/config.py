@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mmspec.errors import MMSpecError
 
 MAX_DRAFT_TOKENS = 16
+MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,11 @@ class DecodeConfig:
             if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k <= MAX_DRAFT_TOKENS):
                 raise MMSpecError(f"num_draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}] "
                                   f"or None (adaptive), got {k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise MMSpecError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise MMSpecError(f"seed must be an integer or None, got {self.seed!r}")
+            if not 0 <= self.seed < MAX_SEED:
+                raise MMSpecError(f"seed must be in [0, 2**64) (what torch.Generator.manual_seed takes), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

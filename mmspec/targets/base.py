@@ -215,12 +215,28 @@ class TargetAdapter(ABC):
 
     # ----- prompt ---------------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
-        """One user turn with the image then the text, generation prompt added, as the model cards do."""
+        """One user turn with the image then the text, generation prompt added, as the model cards do.
+
+        A prompt that already holds the processor's image token (``"<image>\nWhat is this?"``, as model cards
+        write prompts) is honoured: the image goes where the token is, rendered the way the chat template renders
+        an image, and no second image is added. More than one image token is refused (one image per request).
+        """
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise MMSpecError("this target's processor has no chat template; pass raw_prompt=True with a prompt "
                               "that already holds the image token(s)")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        image_token = getattr(self.processor, "image_token", None)
+        n = prompt.count(image_token) if isinstance(image_token, str) and image_token else 0
+        if n > 1:
+            raise MMSpecError(f"the prompt holds the image token {image_token!r} {n} times, but a request has one "
+                              f"image; keep one (it marks where the image goes) or none (the image comes first)")
+        if n == 1:
+            before, after = (part.strip() for part in prompt.split(image_token))
+            content = ([{"type": "text", "text": before}] if before else []) + [{"type": "image"}] \
+                + ([{"type": "text", "text": after}] if after else [])
+        else:
+            content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @property
