@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -151,13 +153,74 @@ def load_dtype(dtype=None, device: str = "cpu", preset: str | None = None) -> to
 
 
 def from_pretrained(loader, what: str, path, **kwargs):
+    """``loader.from_pretrained(path)``; a failure is an ``MMSpecError`` naming what could not be loaded from where."""
+    check_model_path(what, path)
     try:
         return loader.from_pretrained(str(path), **kwargs)
     except MMSpecError:
         raise
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MMSpecError(f"cannot load the {what} from {str(path)!r}: {first}") from e
+        hint = ""
+        if not Path(os.path.expanduser(str(path))).is_dir():
+            hint = (f" ({str(path)!r} is not a local folder, so it was taken as a hub id"
+                    + ("; HF_HUB_OFFLINE is set and it is not in the local cache: download it once where the hub "
+                       f"is reachable, e.g. `huggingface-cli download {path}`" if _hub_offline() else "")
+                    + ")")
+        raise MMSpecError(f"cannot load the {what} from {str(path)!r}: {first}{hint}") from e
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_path(what: str, path) -> None:
+    """A model given as a local path must be a folder that exists; a hub id (``org/name``) is left to the hub.
+
+    A ``Path``, or a string that cannot be a hub id (``/abs``, ``./rel``, ``~/x``, ``a/b/c``), is a local path."""
+    text = os.path.expanduser(str(path))
+    if os.path.isdir(text):
+        return
+    if os.path.exists(text):
+        raise MMSpecError(f"the {what} {str(path)!r} is a file; give the model's folder (the one holding "
+                          f"config.json) or a hub id")
+    name = str(path)
+    local = (isinstance(path, Path) or not HUB_ID.match(name) or ".." in name or "--" in name
+             or any(part.startswith((".", "-")) or part.endswith((".", "-")) for part in name.split("/")))
+    if local:
+        raise MMSpecError(f"the {what} folder {str(path)!r} does not exist (give a local model folder, or a hub id "
+                          f"such as llava-hf/llava-1.5-7b-hf)")
+
+
+def check_device(device) -> str:
+    """``device`` as ``load`` will use it, or an ``MMSpecError`` saying why this machine cannot."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MMSpecError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
+    name = str(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None and torch.version.hip is None
+                   else "torch sees no CUDA GPU (no driver, or CUDA_VISIBLE_DEVICES hides them)")
+            raise MMSpecError(f"device {name!r} was asked for, but {why}; use device='cpu' (the bundled models run "
+                              f"on a CPU)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise MMSpecError(f"device {name!r} was asked for, but this machine has {n} CUDA GPU(s): "
+                              f"{', '.join(f'cuda:{i}' for i in range(n))}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MMSpecError(f"device {name!r} was asked for, but Apple's MPS is not available here; use 'cpu'")
+    elif dev.type != "cpu":
+        available = getattr(getattr(torch, dev.type, None), "is_available", None)
+        if callable(available) and not available():
+            raise MMSpecError(f"device {name!r} was asked for, but torch reports no {dev.type} device here")
+    return name
 
 
 def load(target: str | Path | None = None, drafter: str | Path | None = "default", drafter_kind: str | None = None,
@@ -171,8 +234,6 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
     ``DRAFTER_KINDS``; it defaults to "text" when a drafter model is given and "ngram" otherwise.
     ``device_map="auto"`` spreads a target larger than one device with accelerate.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     if preset is not None:
         from mmspec.presets import resolve_preset
 
@@ -194,13 +255,24 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
     if cls.needs_weights and drafter is None:
         raise MMSpecError(f"drafter_kind={drafter_kind!r} needs a drafter model (drafter=<hub id or folder>)")
     torch_dtype = load_dtype(dtype, device, preset)
+    if device_map is None:
+        device = check_device(device)
+    check_model_path("target", target)
+    if cls.needs_weights:
+        check_model_path("drafter", drafter)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device_map is not None:
         model_kwargs["device_map"] = device_map
     model = from_pretrained(AutoModelForImageTextToText, "target", target, **model_kwargs)
     if device_map is None:
-        model = model.to(device)
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as e:  # out of memory, a driver error
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MMSpecError(f"cannot put the target on {device!r}: {first}") from e
     model.eval()
     processor = from_pretrained(AutoProcessor, "target processor", target, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model)(model, processor, vision_cache or EmbeddingCache(vision_cache_bytes))
