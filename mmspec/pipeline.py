@@ -1,9 +1,10 @@
-"""The public entry points: ``load(...)`` builds a ``Pipeline``; ``generate``/``stream`` run one request."""
+"""The public entry points: ``load(...)`` builds a ``Pipeline``; ``generate``/``stream`` run one request, ``generate_batch``/``submit`` many through the batched engine."""
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,9 +14,9 @@ import torch
 from mmspec.config import DecodeConfig
 from mmspec.drafters import Drafter, drafter_class
 from mmspec.errors import MMSpecError
-from mmspec.loop import DraftLength, speculative_decode
+from mmspec.engine import Engine, Job, Scheduler
 from mmspec.targets import TargetAdapter, adapter_for
-from mmspec.types import GenerationResult, Stats, StreamEvent
+from mmspec.types import GenerationResult, StreamEvent
 from vision.cache import EmbeddingCache
 from vision.images import load_image
 
@@ -34,6 +35,8 @@ class Pipeline:
     def __init__(self, adapter: TargetAdapter, strategy: Drafter):
         self.adapter = adapter
         self.strategy = strategy
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     # the underlying HF objects, for users who need them
     @property
@@ -84,8 +87,22 @@ class Pipeline:
 
         Everything is validated before the first event, so a bad request raises ``MMSpecError`` right away.
         """
-        config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              num_draft_tokens=num_draft_tokens, seed=seed)
+        job = self._job(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            num_draft_tokens=num_draft_tokens, seed=seed), raw_prompt)
+        return self._stream_one(job)
+
+    @torch.inference_mode()  # on a generator function torch applies it to each step, not to the caller
+    def _stream_one(self, job: Job) -> Iterator[StreamEvent]:
+        engine = Engine(self.adapter, self.strategy, max_batch=1)
+        engine.add(job)
+        for _, event in engine.run():
+            if job.error is not None:
+                raise MMSpecError(job.error)
+            yield event
+
+    def _job(self, image, prompt, settings: dict, raw_prompt: bool = False) -> Job:
+        """Validate one input and prepare its request (raises ``MMSpecError`` on bad input)."""
+        config = DecodeConfig(**settings)
         if not isinstance(prompt, str) or not prompt.strip():
             raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
         start = time.perf_counter()
@@ -94,42 +111,59 @@ class Pipeline:
         text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
         request = self.adapter.prepare(pil, text)
         self.adapter.check_prompt_length(request)
-        return self._run(request, config, start)
+        return Job(request=request, config=config, start=start)
 
-    @torch.inference_mode()  # on a generator function torch applies it to each step, not to the caller
-    def _run(self, request, config: DecodeConfig, start: float) -> Iterator[StreamEvent]:
-        adapter = self.adapter
-        stats = Stats()
-        generator = None
-        if not config.greedy:
-            generator = torch.Generator(device=adapter.device)
-            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-        adapter.image_features(request)
-        stats.vision_cache_hit = request.vision_cache_hit
-        target = adapter.session(request)
-        drafter = self.strategy.session(request, config, generator)
-        stats.draft_forwards = drafter.forwards
-        rounds, token_ids = [], []
-        draft_length = DraftLength(config.num_draft_tokens, self.strategy.default_k)
-        for rnd in speculative_decode(target, drafter, pending=request.prompt_ids[-1],
-                                      prompt_len=len(request.prompt_ids), config=config,
-                                      draft_length=draft_length, eos_ids=adapter.eos_token_ids,
-                                      context_length=adapter.context_length, stats=stats, generator=generator,
-                                      repetition_penalty=adapter.repetition_penalty,
-                                      prompt_ids=request.prompt_ids):
-            if not rounds:
-                stats.time_to_first_token_s = time.perf_counter() - start
-            rounds.append(rnd)
-            token_ids.extend(rnd.emitted)
-            stats.wall_s = time.perf_counter() - start
-            done = bool(stats.stop_reason)
-            text = adapter.decode(token_ids)
-            result = None
-            if done:
-                result = GenerationResult(text=text, token_ids=list(token_ids), rounds=list(rounds), stats=stats,
-                                          prompt_ids=list(request.prompt_ids))
-            yield StreamEvent(round=rnd, token_ids=list(token_ids), text=text, stats=stats, done=done,
-                              result=result)
+    def generate_batch(self, images, prompts, batch_size: int | None = None, max_new_tokens: int = 64,
+                       temperature: float = 0.0, top_p: float = 1.0, num_draft_tokens: int | None = None,
+                       seed: int | None = None, raw_prompt: bool = False,
+                       progress=None) -> list[GenerationResult]:
+        """One ``GenerationResult`` per (image, prompt), in order, with at most ``batch_size`` rows in flight
+        (continuous batching: a finished row leaves and the next input joins at once). ``prompts`` may be one
+        string for every image. A bad input (unreadable image, empty or too long prompt) gets a result whose
+        ``error`` says why; the others finish. Each row's output is the one ``generate`` gives for it.
+        ``seed`` seeds row i with ``seed + i``. ``progress(result)`` is called as each input finishes."""
+        images = list(images)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        prompts = list(prompts)
+        if len(prompts) != len(images):
+            raise MMSpecError(f"generate_batch got {len(images)} images but {len(prompts)} prompts")
+        batch_size = self.default_batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise MMSpecError(f"batch_size must be a positive integer, got {batch_size!r}")
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        num_draft_tokens=num_draft_tokens, seed=seed)
+        DecodeConfig(**settings)  # bad settings are the caller's error, not one row's
+        jobs = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            row_settings = dict(settings, seed=None if seed is None else seed + i)
+            try:
+                job = self._job(image, prompt, row_settings, raw_prompt)
+            except MMSpecError as e:
+                job = Job(request=None, config=DecodeConfig(**row_settings), error=str(e))
+            job.index = i
+            jobs.append(job)
+        with torch.inference_mode():
+            engine = Engine(self.adapter, self.strategy, max_batch=batch_size)
+            for job in jobs:
+                engine.add(job)
+            for job, event in engine.run():
+                if event.done and progress is not None:
+                    progress(job.result)
+        return [job.result for job in jobs]
+
+    # rows in flight when the caller does not say: what measured fastest on the bundled pair (docs/BENCHMARKS.md)
+    default_batch_size = 16
+
+    def submit(self, image, prompt: str, raw_prompt: bool = False, **settings) -> Job:
+        """Queue a request on this pipeline's shared batched engine (a background thread; safe to call from any
+        thread) and return its ``Job`` at once: ``mmspec.engine.iter_job_events(job)`` yields its events as
+        rounds finish; ``job.cancelled = True`` frees its row. Bad input raises ``MMSpecError`` here."""
+        job = self._job(image, prompt, settings, raw_prompt)
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.adapter, self.strategy, self.default_batch_size)
+        return self._scheduler.submit(job)
 
 
 def _resolve_dtype(dtype, device: str) -> torch.dtype:

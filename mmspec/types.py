@@ -40,7 +40,7 @@ class Stats:
     wall_s: float = 0.0
     time_to_first_token_s: float = 0.0
     vision_cache_hit: bool = False
-    stop_reason: str = ""           # "eos" | "max_new_tokens" | "context"
+    stop_reason: str = ""           # "eos" | "max_new_tokens" | "context" | "error"
 
     @property
     def mean_accepted(self) -> float:
@@ -84,6 +84,7 @@ class GenerationResult:
     rounds: list[Round]
     stats: Stats
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    error: str | None = None        # set when this input could not be answered (generate_batch, submit)
 
 
 @dataclass

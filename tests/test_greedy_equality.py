@@ -200,12 +200,11 @@ def test_stream_yields_one_event_per_round(pipes):
     assert events[-1].token_ids == final.token_ids == pipe.generate(image, PROMPTS[0], max_new_tokens=MAX_NEW).token_ids
 
 
-def test_lean_drafter_step_matches_the_full_forward(pipes):
-    """The drafter's lean one-token step (speed only) gives the logits of its model's own forward."""
-    from transformers import DynamicCache
-
-    from mmspec.drafters.text import lean_decode_step
-    from mmspec.kv import CACHE_KW
+def test_lean_drafter_forward_matches_the_full_forward(pipes):
+    """The drafter's lean forward (speed only) gives the logits of its model's own forward, one token at a time
+    over a slot cache with a hole (a rejected draft) in it."""
+    from mmspec.drafters.text import lean_forward
+    from mmspec.kv import SlotCache, chain
 
     strategy = pipes["text"].strategy
     assert strategy.lean_step
@@ -213,10 +212,16 @@ def test_lean_drafter_step_matches_the_full_forward(pipes):
     ids = torch.tensor([4, 9, 17, 22, 8, 30, 11])
     with torch.inference_mode():
         ref = model(input_ids=ids[None]).logits[0]
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[None, :3], use_cache=True, **{CACHE_KW: cache})
+        slots = SlotCache(model.config, "cpu", model.dtype)
+        slots.add_empty(0)
+        mask, pos = slots.extend([chain(4)])
+        lean_forward(model, model.model.embed_tokens(torch.tensor([[4, 9, 17, 5]])), mask, pos, slots.cache)
+        slots.commit([[0, 1, 2]])                                  # the 4th token was a rejected draft
         for i in range(3, len(ids)):
-            assert torch.allclose(lean_decode_step(model, ids[i:i + 1], cache), ref[i], atol=1e-4)
+            mask, pos = slots.extend([chain(1)])
+            hidden = lean_forward(model, model.model.embed_tokens(ids[None, i:i + 1]), mask, pos, slots.cache)
+            slots.commit([[0]])
+            assert torch.allclose(model.lm_head(hidden)[0, -1], ref[i], atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["text", "ngram", "none"])

@@ -1,10 +1,13 @@
-"""The drafter interface. Each strategy answers two questions, and the loop never asks which one it has:
+"""The drafter interface. A drafter's batch answers two questions, and the engine never asks which one it has:
 
-- ``propose(k)``: "propose up to k tokens after the sequence so far" -> ``Draft``;
-- ``update(n_accepted, emitted)``: "here is how many you got right, and what was emitted" (so it can roll
-  back its own cache to the accepted length and catch up on tokens it has not seen).
+- ``propose(ks)``: "for each row, propose up to ks[row] tokens after its sequence so far" -> ``Draft`` per row;
+- ``update(results, hidden)``: "here is how many each row got right, and what was emitted" (so it rolls back
+  its own cache to the accepted length and catches up on tokens it has not seen). ``hidden`` holds the
+  target's last hidden states of the positions it just verified, only when the drafter sets ``wants_hidden``.
 
-A ``Drafter`` holds the weights and is shared; a ``DraftSession`` holds one request's state.
+Rows join with ``add`` and leave with ``remove`` at any round; batch 1 is a batch of one row. A ``Drafter``
+holds the weights and is shared; a ``DraftBatch`` holds the rows' state. Drafters without a batched forward
+(prompt lookup) run one ``DraftSession`` per row through ``PerRowDraftBatch``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mmspec.targets.base import Request, TargetAdapter
 class Draft:
     ids: torch.Tensor                 # [k] drafted token ids (target vocabulary), k may be 0
     q: torch.Tensor | None = None     # [k, target_vocab] draft probabilities; None = deterministic (one-hot)
+    forwards: int = 0                 # drafter forwards this row took part in for this draft
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -34,33 +38,86 @@ class Draft:
         return torch.nn.functional.one_hot(self.ids, vocab_size).float()
 
 
-def sample_block(logits: torch.Tensor, step, k: int, config: DecodeConfig, generator: torch.Generator | None,
-                 target_vocab: int) -> Draft:
-    """Draft ``k`` tokens autoregressively: ``logits`` [drafter_vocab] predict the first, ``step(token)`` feeds a
-    token and returns the next logits (not called after the last). Greedy takes the argmax; sampling draws from
-    q = the warped distribution, returned over the target's vocabulary (ids the drafter lacks get q = 0)."""
-    ids, qs = [], []
-    for i in range(k):
-        if config.greedy:
-            # [1]; stays on the device: no host sync while drafting
-            token = logits.argmax(-1, keepdim=True)
-        else:
-            q = warp_logits(logits, config.temperature, config.top_p)
-            token = torch.multinomial(q, 1, generator=generator)
-            qs.append(q)
-        ids.append(token)
-        if i < k - 1:
+@dataclass
+class RowSpec:
+    """What a drafter needs to know of one row: its request, settings and random generator."""
+
+    request: Request
+    config: DecodeConfig
+    generator: torch.Generator | None = None
+
+
+def to_target_vocab(q: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    pad = target_vocab - q.shape[-1]
+    return torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[..., :target_vocab]
+
+
+def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec], target_vocab: int,
+                eos_ids: frozenset[int]) -> list[Draft]:
+    """Draft autoregressively for B rows at once: ``logits`` [B, drafter_vocab] predict each row's first token,
+    ``step(tokens [B])`` feeds one token per row and returns the next logits (not called after the last step).
+    Row b drafts ``ks[b]`` tokens, fewer when it drafts an end-of-sequence token (nothing after it can be
+    accepted); drafting stops once every row is done. Greedy rows take the argmax; sampling rows draw from
+    q = the warped distribution with their own generator, returned over the target's vocabulary."""
+    B = logits.shape[0]
+    K = max(ks, default=0)
+    toks: list[torch.Tensor] = []
+    qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    done = [k <= 0 for k in ks]
+    lengths = list(ks)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device) if eos_ids else None
+    for i in range(K):
+        token = logits.argmax(-1)                           # [B], stays on the device for greedy rows
+        for b, spec in enumerate(specs):
+            if not spec.config.greedy and not done[b]:
+                q = warp_logits(logits[b], spec.config.temperature, spec.config.top_p)
+                token[b] = torch.multinomial(q, 1, generator=spec.generator)[0]
+                qs[b].append(q)
+        toks.append(token)
+        if eos is not None:
+            # one host sync per drafting step: which rows just drafted their end of sequence
+            hit = torch.isin(token, eos).tolist()
+            for b in range(B):
+                if hit[b] and not done[b]:
+                    lengths[b] = min(lengths[b], i + 1)
+        for b in range(B):
+            done[b] = done[b] or i + 1 >= lengths[b]
+        if i < K - 1 and not all(done):
             logits = step(token)
-    q = None
-    if qs:
-        # [k, drafter_vocab] -> [k, target_vocab]
-        q = torch.stack(qs)
-        pad = target_vocab - q.shape[-1]
-        q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[:, :target_vocab]
-    return Draft(torch.cat(ids), q)
+        else:
+            break
+    ids = torch.stack(toks, dim=1) if toks else torch.empty(B, 0, dtype=torch.long, device=logits.device)
+    out = []
+    for b in range(B):
+        n = max(min(lengths[b], ids.shape[1]), 0)
+        q = to_target_vocab(torch.stack(qs[b][:n]), target_vocab) if qs[b] and n else None
+        out.append(Draft(ids[b, :n], q))
+    return out
+
+
+class DraftBatch(ABC):
+    """One drafter's rows. ``wants_hidden``: ``update`` gets the target's hidden states of verified positions."""
+
+    wants_hidden: bool = False
+
+    @abstractmethod
+    def add(self, row, spec: RowSpec) -> None: ...
+
+    @abstractmethod
+    def remove(self, rows) -> None: ...
+
+    @abstractmethod
+    def propose(self, ks: dict) -> dict:
+        """ks: row -> k (every row of the batch; 0 = no draft this round) -> row -> ``Draft``."""
+
+    @abstractmethod
+    def update(self, results: dict, hidden: dict | None = None) -> None:
+        """results: row -> (n_accepted, emitted ids); hidden: row -> [n_verified, hidden] when wanted."""
 
 
 class DraftSession(ABC):
+    """One row of a drafter that drafts row by row (no model forward to batch)."""
+
     forwards: int = 0
 
     @abstractmethod
@@ -70,10 +127,37 @@ class DraftSession(ABC):
     def update(self, n_accepted: int, emitted: list[int]) -> None: ...
 
 
+class PerRowDraftBatch(DraftBatch):
+    def __init__(self, open_session):
+        self.open_session = open_session
+        self.sessions: dict = {}
+
+    def add(self, row, spec: RowSpec) -> None:
+        self.sessions[row] = self.open_session(spec)
+
+    def remove(self, rows) -> None:
+        for r in rows:
+            self.sessions.pop(r, None)
+
+    def propose(self, ks: dict) -> dict:
+        out = {}
+        for r, k in ks.items():
+            s = self.sessions[r]
+            before = s.forwards
+            out[r] = s.propose(k)
+            out[r].forwards = s.forwards - before
+        return out
+
+    def update(self, results: dict, hidden: dict | None = None) -> None:
+        for r, (n, emitted) in results.items():
+            self.sessions[r].update(n, emitted)
+
+
 class Drafter(ABC):
     kind: str = ""
     default_k: int = 4
     needs_weights: bool = False   # True: built by ``from_pretrained(target, path, ...)``
+    gives_distribution: bool = True   # False: deterministic proposals only (prompt lookup, none)
     model = None                  # the underlying HF model, when there is one
 
     def __init__(self, target: TargetAdapter):
@@ -83,9 +167,18 @@ class Drafter(ABC):
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "Drafter":
         raise NotImplementedError(f"drafter kind {cls.kind!r} has no weights to load")
 
-    @abstractmethod
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Tokens after which nothing drafted can be accepted: the target's end-of-sequence ids."""
+        return self.target.eos_token_ids
+
+    def batch(self) -> DraftBatch:
+        """A new, empty batch of rows for this drafter: by default one ``session`` per row."""
+        return PerRowDraftBatch(lambda spec: self.session(spec.request, spec.config, spec.generator))
+
     def session(self, request: Request, config: DecodeConfig, generator: torch.Generator | None) -> DraftSession:
-        ...
+        """One row's drafting state, for drafters without a batched forward."""
+        raise NotImplementedError(f"drafter kind {self.kind!r} defines neither batch() nor session()")
 
 
 class NoDraftSession(DraftSession):
@@ -93,17 +186,18 @@ class NoDraftSession(DraftSession):
         self._empty = Draft(torch.empty(0, dtype=torch.long, device=device))
 
     def propose(self, k: int) -> Draft:
-        return self._empty
+        return Draft(self._empty.ids)
 
     def update(self, n_accepted: int, emitted: list[int]) -> None:
         pass
 
 
 class NoDrafter(Drafter):
-    """``drafter_kind="none"``: plain target decoding through the same loop (the baseline)."""
+    """``drafter_kind="none"``: plain target decoding through the same engine (the baseline)."""
 
     kind = "none"
     default_k = 0
+    gives_distribution = False
 
-    def session(self, request, config, generator):
+    def session(self, request, config, generator) -> DraftSession:
         return NoDraftSession(self.target.device)

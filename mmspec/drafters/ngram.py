@@ -10,8 +10,9 @@ from mmspec.drafters.base import Draft, Drafter, DraftSession
 
 
 class NgramDraftSession(DraftSession):
-    def __init__(self, seq: list[int], device, max_ngram: int, min_ngram: int):
+    def __init__(self, seq: list[int], device, max_ngram: int, min_ngram: int, eos_ids: frozenset[int]):
         self.seq = list(seq)
+        self.eos_ids = eos_ids
         self.device = device
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.forwards = 0
@@ -27,7 +28,12 @@ class NgramDraftSession(DraftSession):
                     break
             if found:
                 break
-        return Draft(torch.tensor(found[:max(k, 0)], dtype=torch.long, device=self.device))
+        found = found[:max(k, 0)]
+        # nothing after an end-of-sequence token can be accepted
+        end = next((i for i, t in enumerate(found) if t in self.eos_ids), None)
+        if end is not None:
+            found = found[:end + 1]
+        return Draft(torch.tensor(found, dtype=torch.long, device=self.device))
 
     def update(self, n_accepted: int, emitted: list[int]) -> None:
         self.seq.extend(emitted)
@@ -41,5 +47,8 @@ class NgramDrafter(Drafter):
         super().__init__(target)
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
+    gives_distribution = False
+
     def session(self, request, config, generator) -> DraftSession:
-        return NgramDraftSession(request.text_only_ids, self.target.device, self.max_ngram, self.min_ngram)
+        return NgramDraftSession(request.text_only_ids, self.target.device, self.max_ngram, self.min_ngram,
+                                 self.eos_ids)

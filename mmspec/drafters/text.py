@@ -7,38 +7,37 @@ cannot produce (the target's padding rows, image placeholders) get draft probabi
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
-from mmspec.config import DecodeConfig
-from mmspec.drafters.base import Draft, Drafter, DraftSession, sample_block
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
-from mmspec.kv import CACHE_KW, rollback
+from mmspec.kv import CACHE_KW, SlotCache, chain
 from mmspec.targets.base import Request, TargetAdapter
 
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def lean_decode_step(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """One-token forward through the model's own layers, without the mask building and output plumbing of
-    the full ``forward`` (a single new query attends to the whole cache, so it needs no mask). Drafting is
-    latency-bound and its numerics never change what is emitted; this roughly halves a tiny drafter's step.
-
-    ids: [1] -> logits [vocab]
-    """
+def lean_forward(model, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """The decoder's own layers, without the output plumbing of its ``forward`` (the 4-D mask is ready-made).
+    Drafting is latency-bound and its numerics never change what is emitted; this saves a tiny drafter a
+    good part of its step. embeds [B, T, hidden] -> last hidden states [B, T, hidden]."""
     inner = model.model
-    hidden = inner.embed_tokens(ids[None])
-    position = torch.tensor([[cache.get_seq_length()]], device=hidden.device)
-    rotary = inner.rotary_emb(hidden, position)
+    hidden = embeds
+    rotary = inner.rotary_emb(hidden, positions)
     for layer in inner.layers:
-        hidden = layer(hidden, attention_mask=None, position_ids=position, position_embeddings=rotary,
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
                        use_cache=True, **{CACHE_KW: cache})
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    return model.lm_head(inner.norm(hidden))[0, -1]
+    return inner.norm(hidden)
+
+
+def full_forward(model, embeds, mask, positions, cache) -> torch.Tensor:
+    return model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{CACHE_KW: cache}).last_hidden_state
 
 
 def lean_step_works(model) -> bool:
-    """Use the lean step only where it reproduces the model's own forward (checked once, at load)."""
+    """Use the lean forward only where it reproduces the model's own (checked once, at load)."""
     if getattr(model.config, "model_type", None) not in LEAN_MODEL_TYPES or getattr(model.config, "sliding_window", None):
         return False
     inner = getattr(model, "model", None)
@@ -48,78 +47,141 @@ def lean_step_works(model) -> bool:
         with torch.inference_mode():
             device = model.get_input_embeddings().weight.device
             ids = torch.arange(1, 6, device=device) % model.config.vocab_size
-            full = DynamicCache(config=model.config)
-            ref = model(input_ids=ids[None], use_cache=True, **{CACHE_KW: full}).logits[0, -1]
-            lean = DynamicCache(config=model.config)
-            model(input_ids=ids[None, :-1], use_cache=True, **{CACHE_KW: lean})
-            got = lean_decode_step(model, ids[-1:], lean)
+            ref = model(input_ids=ids[None]).logits[0, -1]
+            slots = SlotCache(model.config, device, model.dtype)
+            slots.add_empty(0)
+            mask, pos = slots.extend([chain(5)])
+            got = model.lm_head(lean_forward(model, inner.embed_tokens(ids[None]), mask, pos, slots.cache))[0, -1]
         return bool(torch.allclose(ref.float(), got.float(), atol=1e-3, rtol=1e-3))
     except Exception:  # another layer signature: the regular forward is always right
         return False
 
 
-class CausalLMDraftSession(DraftSession):
-    """Autoregressive drafting with a KV cache over ``seq`` (the drafter's view of prompt + output)."""
+class CausalLMDraftBatch(DraftBatch):
+    """Rows drafting autoregressively with one causal LM over a shared ``SlotCache``. Row r's drafter sequence
+    is ``seq[r]`` (prompt as the drafter sees it, then the output); ``cached[r]`` of it is in the cache, after
+    ``offset[r]`` prefix positions (visual tokens)."""
 
-    def __init__(self, drafter: "TextDrafter", seq: list[int], config: DecodeConfig,
-                 generator: torch.Generator | None, prefix_embeds: torch.Tensor | None = None):
+    def __init__(self, drafter: "TextDrafter"):
+        self.drafter = drafter
         self.model = drafter.model
-        self.lean = drafter.lean_step
+        self.forward_fn = lean_forward if drafter.lean_step else full_forward
         self.embed = self.model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.bad = drafter.bad_ids.to(self.device)
+        self.rows_in_vocab = self.embed.weight.shape[0]
         self.target_vocab = drafter.target.vocab_size
-        self.max_len = drafter.context_length - (0 if prefix_embeds is None else prefix_embeds.shape[1])
-        self.config = config
-        self.generator = generator
-        # Ids the drafter has no row for (the target's padding rows, its added tokens) are read as unknown.
-        self.rows = self.model.get_input_embeddings().weight.shape[0]
-        self.unk = drafter.unk_id
-        self.seq = self._readable(seq)
-        self.cache = DynamicCache(config=self.model.config)
-        self.cached = 0          # positions of ``seq`` whose keys/values are in the cache
-        self.offset = 0          # positions before ``seq`` (visual prefix tokens)
-        self.forwards = 0
-        self._last_k = 0
-        if prefix_embeds is not None:
-            # [1, m, hidden]: visual tokens placed before the prompt, fed once.
-            self.model(inputs_embeds=prefix_embeds.to(self.embed.weight.dtype), use_cache=True,
-                       logits_to_keep=1, **{CACHE_KW: self.cache})
-            self.offset = prefix_embeds.shape[1]
-            self.forwards += 1
+        self.slots = SlotCache(self.model.config, self.device, self.embed.weight.dtype)
+        self.specs: dict = {}
+        self.seq: dict = {}
+        self.cached: dict = {}
+        self.offset: dict = {}
+        self.prefix: dict = {}        # row -> [1, m, hidden] visual tokens not yet fed (fresh rows)
+        self.fed: dict = {}           # row -> cache length before this round's drafts were fed
+        self.fresh: set = set()
 
     def _readable(self, ids: list[int]) -> list[int]:
-        return [t if t < self.rows else self.unk for t in ids]
+        unk = self.drafter.unk_id
+        return [t if t < self.rows_in_vocab else unk for t in ids]
 
-    def _step(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: [n] -> logits of the last position [drafter_vocab]
-        self.forwards += 1
-        if self.lean and ids.shape[0] == 1:
-            logits = lean_decode_step(self.model, ids, self.cache)
-        else:
-            logits = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1,
-                                **{CACHE_KW: self.cache}).logits[0, -1]
-        return logits.float().masked_fill(self.bad, float("-inf"))
+    def add(self, row, spec: RowSpec) -> None:
+        self.specs[row] = spec
+        self.seq[row] = self._readable(spec.request.text_only_ids)
+        self.cached[row] = 0
+        prefix = self.drafter.prefix_embeds(spec.request)
+        self.prefix[row] = prefix
+        self.offset[row] = 0 if prefix is None else prefix.shape[1]
+        self.fresh.add(row)
 
-    def propose(self, k: int) -> Draft:
-        k = min(k, self.max_len - len(self.seq))
-        self._last_k = max(k, 0)
-        if k <= 0:
-            return Draft(torch.empty(0, dtype=torch.long, device=self.device))
-        logits = self._step(torch.tensor(self.seq[self.cached:], device=self.device))
-        draft = sample_block(logits, self._step, k, self.config, self.generator, self.target_vocab)
-        self.cached = len(self.seq) + k - 1
-        return draft
+    def remove(self, rows) -> None:
+        for r in rows:
+            for d in (self.specs, self.seq, self.cached, self.offset, self.prefix, self.fed):
+                d.pop(r, None)
+            self.fresh.discard(r)
+        self.slots.remove(rows)
 
-    def update(self, n_accepted: int, emitted: list[int]) -> None:
-        before = len(self.seq)
-        self.seq.extend(self._readable(emitted))
-        if self._last_k:
-            # The cache holds seq + drafts[:k-1]; the accepted drafts stay valid. When all k were accepted the
-            # drafter has not seen the last draft nor the bonus token: the next propose feeds them
-            # (fill last tokens into draft model).
-            self.cached = min(self.cached, before + min(n_accepted, self._last_k - 1))
-            rollback(self.cache, self.offset + self.cached)
+    def _run(self, slots: SlotCache, embeds: torch.Tensor, parents: list[list[int]]) -> torch.Tensor:
+        """One forward of ``slots``' rows; every new token is kept. -> logits [B, T, vocab] (float32)."""
+        mask, pos = slots.extend(parents)
+        hidden = self.forward_fn(self.model, embeds, mask, pos, slots.cache)
+        slots.commit([list(range(len(p))) for p in parents])
+        return self.model.lm_head(hidden).float()
+
+    def _catch_up(self, rows: list) -> torch.Tensor:
+        """Feed every row what its cache lacks; -> [len(rows), vocab] logits after each row's last token."""
+        last = {}
+        for r in [r for r in rows if r in self.fresh]:
+            # a joining row's prefill runs on its own, then joins the shared cache
+            ids = torch.tensor(self.seq[r], dtype=torch.long, device=self.device)
+            emb = self.embed(ids[None])
+            if self.prefix[r] is not None:
+                emb = torch.cat([self.prefix[r].to(emb.dtype), emb], dim=1)
+            slots = SlotCache(self.model.config, self.device, self.slots.dtype)
+            slots.add_empty(r)
+            last[r] = self._run(slots, emb, [chain(emb.shape[1])])[0, -1]
+            self.slots.absorb(slots)
+            self.cached[r] = len(self.seq[r])
+            self.fresh.discard(r)
+            self.prefix[r] = None
+        rest = [r for r in self.slots.rows if r not in last]
+        if rest:
+            new = {r: self.seq[r][self.cached[r]:] for r in rest}
+            T = max(len(v) for v in new.values())
+            if T:
+                pad = torch.zeros(len(self.slots.rows), T, dtype=torch.long, device=self.device)
+                counts = []
+                for b, r in enumerate(self.slots.rows):
+                    v = new.get(r, [])
+                    pad[b, :len(v)] = torch.tensor(v, dtype=torch.long)
+                    counts.append(len(v))
+                logits = self._run(self.slots, self.embed(pad), [chain(n) for n in counts])
+                for b, r in enumerate(self.slots.rows):
+                    if r in new and counts[b]:
+                        last[r] = logits[b, counts[b] - 1]
+                        self.cached[r] = len(self.seq[r])
+        return torch.stack([last[r].masked_fill(self.bad, float("-inf")) for r in rows])
+
+    def propose(self, ks: dict) -> dict:
+        out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
+        limit = self.drafter.context_length
+        ks = {r: min(k, limit - self.offset[r] - len(self.seq[r])) for r, k in ks.items()}
+        rows = [r for r, k in ks.items() if k > 0]
+        if not rows:
+            return out
+        forwards = [1]
+        first = self._catch_up(rows)
+        for r in self.slots.rows:
+            self.fed[r] = self.slots.length(r)
+        order = self.slots.rows
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            # tokens [len(rows)]: every row of the cache feeds one token (rows not drafting feed padding)
+            forwards[0] += 1
+            feed = torch.zeros(len(order), 1, dtype=torch.long, device=self.device)
+            for i, r in enumerate(rows):
+                feed[order.index(r), 0] = tokens[i]
+            parents = [[-1] if r in ks and ks[r] > 0 else [] for r in order]
+            logits = self._run(self.slots, self.embed(feed), parents)[:, 0]
+            idx = torch.tensor([order.index(r) for r in rows], device=self.device)
+            return logits.index_select(0, idx).masked_fill(self.bad, float("-inf"))
+
+        drafts = draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
+                             self.target_vocab, self.drafter.eos_ids)
+        for r, d in zip(rows, drafts):
+            d.forwards = forwards[0]
+            out[r] = d
+        return out
+
+    def update(self, results: dict, hidden: dict | None = None) -> None:
+        for r, (n_accepted, emitted) in results.items():
+            before = len(self.seq[r])
+            self.seq[r].extend(self._readable(emitted))
+            if r in self.fed:
+                # the cache holds seq + the drafts fed after ``fed``; the accepted ones stay valid
+                base = self.fed.pop(r)
+                kept = min(n_accepted, self.slots.length(r) - base)
+                self.slots.truncate(r, base + kept)
+                self.cached[r] = before + kept
 
 
 class TextDrafter(Drafter):
@@ -150,5 +212,9 @@ class TextDrafter(Drafter):
         self.unk_id = int(unk if unk is not None else (tokenizer.eos_token_id or 0))
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
 
-    def session(self, request: Request, config: DecodeConfig, generator) -> DraftSession:
-        return CausalLMDraftSession(self, request.text_only_ids, config, generator)
+    def prefix_embeds(self, request: Request) -> torch.Tensor | None:
+        """Embeddings fed before the prompt text ([1, m, hidden]); none for a text-only drafter."""
+        return None
+
+    def batch(self) -> CausalLMDraftBatch:
+        return CausalLMDraftBatch(self)

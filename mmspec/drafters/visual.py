@@ -13,7 +13,7 @@ import uuid
 
 import torch
 
-from mmspec.drafters.text import CausalLMDraftSession, TextDrafter
+from mmspec.drafters.text import TextDrafter
 from mmspec.errors import MMSpecError
 from mmspec.targets.base import Request, TargetAdapter
 from vision.compress import VisualProjector, pool_tokens
@@ -71,6 +71,5 @@ class VisualDrafter(TextDrafter):
         tokens, _ = self.target.vision_cache.get_or_compute(f"{request.image_key}/{self._cache_tag}", compute)
         return tokens
 
-    def session(self, request: Request, config, generator) -> CausalLMDraftSession:
-        return CausalLMDraftSession(self, request.text_only_ids, config, generator,
-                                    prefix_embeds=self.visual_tokens(request))
+    def prefix_embeds(self, request: Request) -> torch.Tensor:
+        return self.visual_tokens(request)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.config import DecodeConfig
-from mmspec.drafters.base import Draft, Drafter, DraftSession, sample_block
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
-from mmspec.targets.base import Request, TargetAdapter
+from mmspec.targets.base import Request, TargetAdapter, TargetBatch
 
 _META_KEYS = {"text_config", "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
               "_commit_hash", "use_cache", "tie_word_embeddings"}
@@ -57,60 +56,77 @@ def shares_vision(target: TargetAdapter, drafter: TargetAdapter) -> bool:
     return all(a[n].shape == b[n].shape and a[n].device == b[n].device and torch.equal(a[n], b[n]) for n in a)
 
 
-class VlmDraftSession(DraftSession):
-    """Drafting through a drafter-side target session (the drafter VLM's own KV cache, rolled back by crop)."""
+class VlmDraftBatch(DraftBatch):
+    """Drafting through the drafter VLM's own ``TargetBatch`` (its KV slots, positions and prefills)."""
 
-    def __init__(self, drafter: "VlmDrafter", request: Request, config: DecodeConfig,
-                 generator: torch.Generator | None):
-        adapter = drafter.adapter
-        self.device = adapter.device
-        self.config, self.generator = config, generator
+    def __init__(self, drafter: "VlmDrafter"):
+        self.drafter = drafter
+        self.sess = TargetBatch(drafter.adapter)
+        self.device = drafter.adapter.device
         self.bad = drafter.bad_ids.to(self.device)
-        self.rows = drafter.rows
-        self.unk = drafter.unk_id
         self.target_vocab = drafter.target.vocab_size
-        self.context_length = adapter.context_length
-        dreq = drafter.drafter_request(request)
-        adapter.image_features(dreq)
-        self.vision_cache_hit = dreq.vision_cache_hit
-        self.sess = adapter.session(dreq)
-        self.forwards = 0  # the session's prefill runs within the first drafting step
-        # tokens of the sequence not in the drafter's cache yet (first: the prompt's last position)
-        self.pending: list[int] = [dreq.prompt_ids[-1]]
-        self._drafts: list[int] = []
-        self._base = 0
+        self.context_length = drafter.adapter.context_length
+        self.specs: dict = {}
+        self.pending: dict = {}   # row -> ids not in the drafter's cache yet (first: the prompt's last position)
+        self.base: dict = {}      # row -> cache length before this round's pending + drafts
 
-    def _readable(self, ids: list[int]) -> list[int]:
-        return [t if t < self.rows else self.unk for t in ids]
+    def add(self, row, spec: RowSpec) -> None:
+        dreq = self.drafter.drafter_request(spec.request)
+        self.drafter.adapter.image_features(dreq)
+        self.sess.add(row, dreq)
+        self.specs[row] = spec
+        self.pending[row] = [dreq.prompt_ids[-1]]
 
-    def _step(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        self.forwards += 1
-        # [drafter_vocab]: the distribution after the last fed position
-        return self.sess.forward(ids)[-1].float().masked_fill(self.bad, float("-inf"))
+    def remove(self, rows) -> None:
+        for r in rows:
+            self.specs.pop(r, None)
+            self.pending.pop(r, None)
+            self.base.pop(r, None)
+        self.sess.remove(rows)
 
-    def propose(self, k: int) -> Draft:
-        self._base = self.sess.length
-        k = min(k, self.context_length - (self._base + len(self.pending)))
-        self._drafts = []
-        if k <= 0:
-            return Draft(torch.empty(0, dtype=torch.long, device=self.device))
-        logits = self._step(self.pending)
-        draft = sample_block(logits, self._step, k, self.config, self.generator, self.target_vocab)
-        self._drafts = draft.ids.tolist()
-        return draft
+    def _step(self, ids: dict) -> dict:
+        logits = self.sess.verify({r: torch.as_tensor(v, dtype=torch.long, device=self.device) for r, v in ids.items()})
+        self.sess.commit({r: range(len(v)) for r, v in ids.items()})
+        return {r: l[-1].masked_fill(self.bad, float("-inf")) for r, l in logits.items() if l.shape[0]}
 
-    def update(self, n_accepted: int, emitted: list[int]) -> None:
-        k = len(self._drafts)
-        if k == 0:
-            self.pending = self.pending + self._readable(emitted)
-            return
-        # The cache holds pending + drafts[:k-1]; keep the accepted ones, feed the rest of ``emitted`` next time.
-        kept = min(n_accepted, k - 1)
-        self.sess.rollback(self._base + len(self.pending) + kept)
-        self.pending = self._readable(emitted[kept:])
-        self._drafts = []
+    def propose(self, ks: dict) -> dict:
+        out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
+        ks = {r: min(k, self.context_length - (self.sess.length(r) + len(self.pending[r]))) for r, k in ks.items()}
+        rows = [r for r, k in ks.items() if k > 0]
+        if not rows:
+            return out
+        in_cache = set(self.sess.main.rows)
+        # every row already in the drafter's cache takes part in each forward (rows not drafting feed nothing)
+        first = self._step({r: (self.pending[r] if r in rows else []) for r in set(rows) | in_cache})
+        for r in rows:
+            self.pending[r] = []
+            self.base[r] = self.sess.length(r)      # after the pending ids, before the drafts
+        forwards = [1]
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            forwards[0] += 1
+            feed = {r: [] for r in self.sess.main.rows}
+            feed.update({r: tokens[i:i + 1] for i, r in enumerate(rows)})
+            got = self._step(feed)
+            return torch.stack([got[r] for r in rows])
+
+        drafts = draft_block(torch.stack([first[r] for r in rows]), step, [ks[r] for r in rows],
+                             [self.specs[r] for r in rows], self.target_vocab, self.drafter.eos_ids)
+        for r, d in zip(rows, drafts):
+            d.forwards = forwards[0]
+            out[r] = d
+        return out
+
+    def update(self, results: dict, hidden: dict | None = None) -> None:
+        for r, (n_accepted, emitted) in results.items():
+            if r not in self.base:
+                self.pending[r] = self.pending[r] + self.drafter.readable(emitted)
+                continue
+            # the cache holds the old pending ids + the drafts fed; keep the accepted ones, feed the rest next time
+            base = self.base.pop(r)
+            kept = min(n_accepted, self.sess.length(r) - base)
+            self.sess.truncate(r, base + kept)
+            self.pending[r] = self.drafter.readable(emitted[kept:])
 
 
 class VlmDrafter(Drafter):
@@ -165,5 +181,9 @@ class VlmDrafter(Drafter):
                        image_key=self.adapter.image_key(request.image), model_inputs=request.model_inputs,
                        image_token_ids=self.adapter.image_token_ids)
 
-    def session(self, request: Request, config: DecodeConfig, generator) -> DraftSession:
-        return VlmDraftSession(self, request, config, generator)
+    def readable(self, ids: list[int]) -> list[int]:
+        """Ids the drafter has no embedding row for are fed to it as unknown."""
+        return [t if t < self.rows else self.unk_id for t in ids]
+
+    def batch(self) -> VlmDraftBatch:
+        return VlmDraftBatch(self)

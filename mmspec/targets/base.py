@@ -115,7 +115,7 @@ class TargetBatch:
     def verify(self, ids: dict, parents: dict | None = None) -> dict:
         """ids: row -> [n] (the pending token then the drafts); parents: row -> n parent indices (``-1`` for
         the pending token; default a chain). Returns row -> logits [n, vocab] (float32); row i predicts the
-        token after node i. Every row of the batch must be given."""
+        token after node i."""
         parents = parents or {}
         out = {}
         for r in [r for r in ids if r in self.fresh]:
@@ -137,27 +137,32 @@ class TargetBatch:
             if self.want_hidden:
                 self.hidden[r] = hidden[0, L:]
         rows = self.main.rows
-        if rows:
-            missing = [r for r in rows if r not in ids]
-            if missing:
-                raise ValueError(f"verify needs every row of the batch, missing {missing}")
-            T = max(int(ids[r].shape[0]) for r in rows)
+        counts = [int(ids[r].shape[0]) if r in ids else 0 for r in rows]
+        T = max(counts, default=0)
+        if T:
+            # rows not given (or given nothing) take part as padding: their caches only grow holes
             pad = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
             for b, r in enumerate(rows):
-                pad[b, : ids[r].shape[0]] = ids[r].to(self.device)
+                if counts[b]:
+                    pad[b, :counts[b]] = ids[r].to(self.device)
             logits, hidden = self._forward(self.main, self.embed(pad),
-                                           [parents.get(r) or chain(int(ids[r].shape[0])) for r in rows], rows)
+                                           [(parents.get(r) or chain(n)) if n else [] for r, n in zip(rows, counts)],
+                                           rows)
             for b, r in enumerate(rows):
-                n = int(ids[r].shape[0])
-                out[r] = logits[b, :n]
-                if self.want_hidden:
-                    self.hidden[r] = hidden[b, :n]
+                if r in ids:
+                    out[r] = logits[b, :counts[b]]
+                    if self.want_hidden:
+                        self.hidden[r] = hidden[b, :counts[b]]
+        else:
+            for r in rows:
+                if r in ids:
+                    out[r] = torch.empty(0, self.head.weight.shape[0], device=self.device)
         return out
 
     def commit(self, keep: dict) -> None:
         """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache."""
         if self.main.rows:
-            self.main.commit([list(keep[r]) for r in self.main.rows])
+            self.main.commit([list(keep.get(r, ())) for r in self.main.rows])
         for r, slots in list(self.prefilled.items()):
             slots.commit([list(range(slots.prefix)) + [slots.prefix + i for i in keep[r]]])
             self.main.absorb(slots)

@@ -1,0 +1,426 @@
+"""The speculative engine: one loop for batch 1 and batch B, the same for every target family and drafter.
+
+Each round runs five phases over the rows in flight (``Engine.step``):
+
+1. **draft**  the drafter proposes k tokens per row (k from ``DraftPolicy``; 0 = no drafting this round);
+2. **verify** ONE target forward scores every row's pending token and drafts (a joining row's prefill runs
+   in the same step, on its own);
+3. **accept** greedy: the longest agreeing prefix plus the target's own token; sampling: rejection sampling
+   with the row's own generator (``mmspec.acceptance``);
+4. **commit** the target's and the drafter's caches keep what each row accepted;
+5. **emit**   one ``Round`` and ``StreamEvent`` per row, cut at end-of-sequence; finished rows leave, queued
+   requests join (continuous batching).
+
+Invariant between rounds: a row's target cache holds every committed position except the last one, the
+*pending* token, fed first in the next verify (for a new row: the prompt's last token).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from mmspec.acceptance import accept_sampling, repetition_penalty_rows, warp_logits
+from mmspec.config import MAX_DRAFT_TOKENS, DecodeConfig
+from mmspec.drafters.base import Draft, Drafter, RowSpec
+from mmspec.targets.base import Request, TargetAdapter, TargetBatch
+from mmspec.types import GenerationResult, Round, Stats, StreamEvent
+
+
+@dataclass
+class Job:
+    """One request through the engine: its settings, its running state and, when done, its result."""
+
+    request: Request | None
+    config: DecodeConfig
+    start: float = field(default_factory=time.perf_counter)
+    error: str | None = None
+    stats: Stats = field(default_factory=Stats)
+    rounds: list[Round] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    pending: int = 0
+    seen: torch.Tensor | None = None         # [vocab + 1] bool, for the target's repetition penalty
+    acceptance: float = 0.0                  # running per-draft-token acceptance (DraftPolicy)
+    result: GenerationResult | None = None
+    cancelled: bool = False
+    events: "queue.Queue | None" = None      # set for jobs submitted from other threads
+    index: int = 0                           # position in the caller's list
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class CostModel:
+    """Running estimate of a verify forward's time for B rows of T tokens, t = a + b * B * T (least squares
+    over what was measured, with a prior from the costs measured on the bundled target), and of one drafting
+    step per row."""
+
+    def __init__(self):
+        # prior pseudo-observations: 17.5 ms for 1 token at batch 1, 74 ms for 9 tokens at batch 16
+        self.n, self.sx, self.sy, self.sxx, self.sxy = 0.0, 0.0, 0.0, 0.0, 0.0
+        for x, y in ((1, 0.0175), (144, 0.074)):
+            self._add(x, y, 1.0)
+        self.step_s = 0.002
+
+    def _add(self, x: float, y: float, w: float) -> None:
+        self.n += w
+        self.sx += w * x
+        self.sy += w * y
+        self.sxx += w * x * x
+        self.sxy += w * x * y
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        # older observations fade, so the model follows the machine it runs on
+        decay = 0.98
+        self.n, self.sx, self.sy, self.sxx, self.sxy = (v * decay for v in (self.n, self.sx, self.sy, self.sxx,
+                                                                            self.sxy))
+        self._add(tokens, seconds, 1.0)
+
+    def observe_draft(self, steps: int, seconds: float) -> None:
+        if steps:
+            self.step_s = 0.8 * self.step_s + 0.2 * seconds / steps
+
+    def verify_s(self, tokens: int) -> float:
+        det = self.n * self.sxx - self.sx * self.sx
+        b = (self.n * self.sxy - self.sx * self.sy) / det if det > 1e-12 else 0.0
+        b = max(b, 1e-7)
+        a = max((self.sy - b * self.sx) / self.n, 1e-6)
+        return a + b * tokens
+
+
+class DraftPolicy:
+    """Draft length per round: fixed when the request says so, else the k that maximises the expected tokens
+    per second of the whole batch, from each row's running acceptance and the measured forward costs.
+
+    With a per-token acceptance a, k drafts give (1 - a^(k+1)) / (1 - a) tokens per round (Leviathan et al.),
+    for k drafting steps plus one verify of B*(k+1) tokens. k = 0 (no drafting) wins when drafts rarely pass,
+    e.g. on one-word answers; a row that stops drafting tries k = 1 again every few rounds.
+    """
+
+    PRIOR = 0.6
+    PROBE_EVERY = 8
+
+    def __init__(self, drafter: Drafter):
+        self.costs = CostModel()
+        self.max_k = MAX_DRAFT_TOKENS if drafter.default_k else 0
+        self.idle_rounds = 0
+
+    @staticmethod
+    def expected_tokens(a: float, k: int) -> float:
+        a = min(max(a, 0.0), 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def choose(self, jobs: list[Job]) -> int:
+        adaptive = [j for j in jobs if j.config.num_draft_tokens is None]
+        if not adaptive or not self.max_k:
+            return 0
+        best_k, best = 0, -1.0
+        for k in range(self.max_k + 1):
+            seconds = k * self.costs.step_s + self.costs.verify_s(len(jobs) * (k + 1))
+            rate = sum(self.expected_tokens(j.acceptance, k) for j in adaptive) / seconds
+            if rate > best * (1 + 1e-3):
+                best_k, best = k, rate
+        if best_k == 0:
+            self.idle_rounds += 1
+            if self.idle_rounds % self.PROBE_EVERY == 0:
+                return 1
+        else:
+            self.idle_rounds = 0
+        return best_k
+
+    @staticmethod
+    def observe(job: Job, drafted: int, accepted: int) -> None:
+        if drafted:
+            # per-token acceptance: accepted prefix out of drafted, as a running mean over recent rounds
+            rate = accepted / drafted if accepted < drafted else 1.0
+            job.acceptance = 0.7 * job.acceptance + 0.3 * rate
+
+
+class Engine:
+    """Up to ``max_batch`` jobs in flight over one target and one drafter. ``step()`` runs one round."""
+
+    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int = 1):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.adapter = adapter
+        self.strategy = strategy
+        self.max_batch = max_batch
+        self.drafts = strategy.batch()
+        self.target = TargetBatch(adapter, want_hidden=self.drafts.wants_hidden)
+        self.policy = DraftPolicy(strategy)
+        self.queue: deque[Job] = deque()
+        self.active: dict[int, Job] = {}
+        self._next_id = 0
+        self.eos_ids = adapter.eos_token_ids
+        self.context_length = adapter.context_length
+        self.repetition_penalty = adapter.repetition_penalty
+
+    # ----- scheduling -----------------------------------------------------------------------------
+    def add(self, job: Job) -> None:
+        self.queue.append(job)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.active)
+
+    def _admit(self) -> list[tuple[Job, StreamEvent | None]]:
+        """Queued jobs join while there is room; a job whose image fails to encode finishes with its error."""
+        failed = []
+        while self.queue and len(self.active) < self.max_batch:
+            job = self.queue.popleft()
+            if job.error is not None or job.cancelled:
+                failed.append((job, self._finish_error(job, job.error or "cancelled")))
+                continue
+            try:
+                self._open(job)
+            except Exception as e:  # one bad input never takes the batch down
+                failed.append((job, self._finish_error(job, f"{type(e).__name__}: {e}")))
+        return failed
+
+    def _open(self, job: Job) -> None:
+        request, config = job.request, job.config
+        if not config.greedy and job.generator is None:
+            job.generator = torch.Generator(device=self.adapter.device)
+            job.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        self.adapter.image_features(request)
+        job.stats.vision_cache_hit = request.vision_cache_hit
+        row = self._next_id
+        self._next_id += 1
+        self.target.add(row, request)
+        try:
+            self.drafts.add(row, RowSpec(request, config, job.generator))
+        except Exception:
+            self.target.remove([row])
+            raise
+        job.pending = request.prompt_ids[-1]
+        job.acceptance = DraftPolicy.PRIOR
+        self.active[row] = job
+
+    def _finish_error(self, job: Job, message: str) -> StreamEvent:
+        job.error = message
+        job.stats.stop_reason = "error"
+        job.stats.wall_s = time.perf_counter() - job.start
+        job.result = GenerationResult(text="", token_ids=[], rounds=[], stats=job.stats,
+                                      prompt_ids=list(job.request.prompt_ids) if job.request else [], error=message)
+        return StreamEvent(round=Round((), 0, None), token_ids=[], text="", stats=job.stats, done=True,
+                           result=job.result)
+
+    def cancel_finished(self) -> None:
+        gone = [r for r, j in self.active.items() if j.cancelled]
+        if gone:
+            for r in gone:
+                self.active.pop(r)
+            self.target.remove(gone)
+            self.drafts.remove(gone)
+
+    # ----- one round --------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Job, StreamEvent]]:
+        """Admit what fits, run one round over every row in flight, and return each row's event."""
+        self.cancel_finished()
+        events = self._admit()
+        if not self.active:
+            return events
+        rows = list(self.active)
+        drafts = self._draft(rows)
+        logits = self._verify(rows, drafts)
+        accepted = self._accept(rows, drafts, logits)
+        self._commit(rows, drafts, accepted)
+        events += self._emit(rows, drafts, accepted)
+        return events
+
+    def _budget(self, job: Job) -> int:
+        """Tokens this row may still add (the prompt's length was checked against the context up front)."""
+        n = job.stats.new_tokens
+        return min(job.config.max_new_tokens - n, self.context_length - (len(job.request.prompt_ids) + n))
+
+    def _draft(self, rows: list[int]) -> dict[int, Draft]:
+        jobs = [self.active[r] for r in rows]
+        k_batch = self.policy.choose(jobs)
+        ks = {}
+        for r, job in zip(rows, jobs):
+            k = job.config.num_draft_tokens if job.config.num_draft_tokens is not None else k_batch
+            # never more than the budget can take after the target's own token
+            ks[r] = max(min(k, self._budget(job) - 1), 0)
+        t0 = time.perf_counter()
+        drafts = self.drafts.propose(ks)
+        self.policy.costs.observe_draft(max((d.forwards for d in drafts.values()), default=0),
+                                        time.perf_counter() - t0)
+        for r in rows:
+            self.active[r].stats.draft_forwards += drafts[r].forwards
+        return drafts
+
+    def _verify(self, rows: list[int], drafts: dict[int, Draft]) -> dict[int, torch.Tensor]:
+        device = self.target.device
+        ids = {r: torch.cat([torch.tensor([self.active[r].pending], device=device), drafts[r].ids.to(device)])
+               for r in rows}
+        t0 = time.perf_counter()
+        logits = self.target.verify(ids)
+        fresh = any(self.active[r].stats.target_forwards == 0 for r in rows)
+        for r in rows:
+            self.active[r].stats.target_forwards += 1
+        if self.repetition_penalty != 1.0:
+            logits = {r: self._penalize(self.active[r], l, drafts[r]) for r, l in logits.items()}
+        # [n] argmax rows, kept on the device until the one host sync of the accept phase
+        self._last_verify = (t0, sum(int(v.shape[0]) for v in ids.values()), fresh)
+        return logits
+
+    def _penalize(self, job: Job, logits: torch.Tensor, draft: Draft) -> torch.Tensor:
+        if job.seen is None:
+            job.seen = torch.zeros(logits.shape[-1] + 1, dtype=torch.bool, device=logits.device)
+            job.seen[torch.tensor(job.request.prompt_ids, device=logits.device).clamp_max(logits.shape[-1])] = True
+        return repetition_penalty_rows(logits, job.seen, draft.ids.to(logits.device), self.repetition_penalty)
+
+    def _accept(self, rows, drafts, logits) -> dict[int, tuple[int, int]]:
+        out = {}
+        greedy = [r for r in rows if self.active[r].config.greedy]
+        if greedy:
+            # one host sync for every greedy row: the target's argmax at each verified position
+            argmax = torch.cat([logits[r].argmax(-1) for r in greedy]).tolist()
+            drafted = torch.cat([drafts[r].ids for r in greedy]).tolist() if greedy else []
+            i = j = 0
+            for r in greedy:
+                k = len(drafts[r])
+                target, mine = argmax[i:i + k + 1], drafted[j:j + k]
+                n = 0
+                while n < k and mine[n] == target[n]:
+                    n += 1
+                out[r] = (n, target[n])
+                i, j = i + k + 1, j + k
+        for r in rows:
+            if r in out:
+                continue
+            job = self.active[r]
+            p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
+            q = drafts[r].probs(p.shape[-1]).to(p.device)
+            out[r] = accept_sampling(drafts[r].ids.to(p.device), q, p, job.generator)
+        t0, tokens, fresh = self._last_verify
+        if not fresh:  # a prefill's cost says nothing about a round's
+            self.policy.costs.observe_verify(tokens, time.perf_counter() - t0)
+        return out
+
+    def _commit(self, rows, drafts, accepted) -> None:
+        self.target.commit({r: range(1 + accepted[r][0]) for r in rows})
+        results = {r: (accepted[r][0], drafts[r].ids.tolist()[:accepted[r][0]] + [accepted[r][1]]) for r in rows}
+        hidden = None
+        if self.drafts.wants_hidden:
+            hidden = {r: self.target.hidden[r][: 1 + accepted[r][0]] for r in rows}
+        self.drafts.update(results, hidden)
+        self._results = results
+
+    def _emit(self, rows, drafts, accepted) -> list[tuple[Job, StreamEvent]]:
+        events, finished = [], []
+        for r in rows:
+            job = self.active[r]
+            n_acc, token = accepted[r]
+            draft_ids = drafts[r].ids.tolist()
+            emitted = self._results[r][1]
+            if job.seen is not None:
+                job.seen[torch.tensor(emitted, device=job.seen.device).clamp_max(job.seen.shape[0] - 1)] = True
+            DraftPolicy.observe(job, len(draft_ids), n_acc)
+            stop = next((i for i, t in enumerate(emitted) if t in self.eos_ids), None)
+            if stop is not None and stop < n_acc:
+                rnd = Round(tuple(draft_ids), stop + 1, None)   # stopped inside the accepted drafts
+            else:
+                rnd = Round(tuple(draft_ids), n_acc, token)
+            stats = job.stats
+            n_before = stats.new_tokens
+            stats.new_tokens += len(rnd.emitted)
+            stats.drafted_tokens += len(draft_ids)
+            stats.accepted_tokens += rnd.n_accepted
+            if stop is not None:
+                stats.stop_reason = "eos"
+            elif stats.new_tokens >= job.config.max_new_tokens:
+                stats.stop_reason = "max_new_tokens"
+            elif len(job.request.prompt_ids) + stats.new_tokens >= self.context_length:
+                stats.stop_reason = "context"
+            now = time.perf_counter()
+            if n_before == 0:
+                stats.time_to_first_token_s = now - job.start
+            stats.wall_s = now - job.start
+            job.rounds.append(rnd)
+            job.token_ids.extend(rnd.emitted)
+            job.pending = token
+            text = self.adapter.decode(job.token_ids)
+            done = bool(stats.stop_reason)
+            if done:
+                job.result = GenerationResult(text=text, token_ids=list(job.token_ids), rounds=list(job.rounds),
+                                              stats=stats, prompt_ids=list(job.request.prompt_ids))
+                finished.append(r)
+            events.append((job, StreamEvent(round=rnd, token_ids=list(job.token_ids), text=text, stats=stats,
+                                            done=done, result=job.result)))
+        if finished:
+            for r in finished:
+                self.active.pop(r)
+            self.target.remove(finished)
+            self.drafts.remove(finished)
+        return events
+
+    def run(self) -> Iterator[tuple[Job, StreamEvent]]:
+        """Step until every queued and running job is done."""
+        while self.busy:
+            yield from self.step()
+
+
+class Scheduler:
+    """A background thread that keeps one ``Engine`` busy for callers on other threads (demo users, server
+    clients): ``submit`` queues a job and returns it; its events arrive on ``job.events``; a job that is
+    cancelled (client gone) leaves the batch at the next round."""
+
+    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int):
+        self.engine = Engine(adapter, strategy, max_batch)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mmspec-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        job.events = queue.Queue()
+        with self.lock:
+            self.engine.add(job)
+        self.wake.set()
+        return job
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            while True:
+                with self.lock:
+                    if not self.engine.busy:
+                        self.wake.clear()
+                        break
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # keep serving: every row in flight gets the error
+                    events = self._fail_all(f"{type(e).__name__}: {e}")
+                for job, event in events:
+                    job.events.put(event)
+
+    def _fail_all(self, message: str) -> list:
+        engine = self.engine
+        rows = list(engine.active)
+        out = [(engine.active[r], engine._finish_error(engine.active[r], message)) for r in rows]
+        engine.active.clear()
+        engine.target = TargetBatch(engine.adapter, want_hidden=engine.drafts.wants_hidden)
+        engine.drafts = engine.strategy.batch()
+        return out
+
+
+def iter_job_events(job: Job, timeout: float | None = None) -> Iterator[StreamEvent]:
+    """The events of a submitted job as they come (blocking); ends after the ``done`` event."""
+    while True:
+        event = job.events.get(timeout=timeout)
+        yield event
+        if event.done:
+            return
+
+
+__all__ = ["CostModel", "DraftPolicy", "Engine", "Job", "Scheduler", "iter_job_events"]
