@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "demo": ("demos.app", "open the web demo that shows accepted and rejected draft tokens"),
     "bench": ("mmspec.bench", "benchmark mmspec against transformers' generate, side by side"),
     "train-drafter": ("mmspec.training", "distil a drafter (text or visual) from a target VLM"),
+    "serve": ("mmspec.server", "an OpenAI-compatible HTTP server (/v1/chat/completions) on the batched engine"),
 }
 
 
