@@ -31,8 +31,10 @@ import glob
 import io
 import json
 import os
+import stat
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,8 +208,14 @@ def expand_inputs(args: Iterable[str], prompt: str = DEFAULT_PROMPT) -> list[Tas
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the output file
+# the output files: mmspec writes only files it wrote before (recognised by their first line) or new ones
 # ----------------------------------------------------------------------------------------------------------
+FORMAT = "caption/1"                      # every line this tool writes starts with {"mmspec": FORMAT, ...}
+OWN_PREFIX = b'{"mmspec": "caption/'      # how the start of one of our lines looks, even when cut by a crash
+LEGACY_PREFIX = b'{"path": '              # lines of the previous release (no "mmspec" field) started so
+FIRST_LINE_LIMIT = 1 << 20                # bytes read to recognise a file; a caption line is far shorter
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
@@ -221,57 +229,227 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _is_own(rec) -> bool:
+    """A caption record of ours: marked with this format, or a previous release's line (every field of FIELDS)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("prompt"), str):
+        return False
+    if "mmspec" in rec:
+        return rec["mmspec"] == FORMAT
+    return all(f in rec for f in FIELDS)
+
+
 def _parse_line(line: bytes) -> dict | None:
+    """The record on ``line`` if it is one of ours, else None (a line this tool did not write is never trusted)."""
     try:
         rec = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("prompt"), str):
-        return None
-    return rec
+    return rec if _is_own(rec) else None
+
+
+def _first_line(path: str) -> tuple[bytes, bool]:
+    """The first line of ``path`` (at most FIRST_LINE_LIMIT bytes) and whether it ended with a newline."""
+    with open(path, "rb") as f:
+        head = f.read(FIRST_LINE_LIMIT)
+    nl = head.find(b"\n")
+    return (head, False) if nl < 0 else (head[:nl], True)
+
+
+def _foreign(flag: str, path: str, what: str, why: str) -> MMSpecError:
+    return MMSpecError(f"{flag} {path} exists and is not {what} ({why}); mmspec only writes into its own files, so "
+                       f"it is left untouched. Choose another {flag}, or move that file away")
+
+
+def check_own_jsonl(path: str, flag: str = "--out") -> None:
+    """Refuse an existing, non-empty ``path`` whose first line is not a caption record of ours."""
+    line, complete = _first_line(path)
+    if not line and complete:
+        raise _foreign(flag, path, "a caption file written by mmspec caption", "its first line is empty")
+    if not line:
+        return  # empty: nothing to lose
+    if not complete:
+        if line.startswith(OWN_PREFIX) and len(line) < FIRST_LINE_LIMIT:
+            return  # our first line, cut by a crash: repaired on open
+        raise _foreign(flag, path, "a caption file written by mmspec caption", "it has no complete first line")
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _foreign(flag, path, "a caption file written by mmspec caption",
+                       "its first line is not JSON") from None
+    if isinstance(rec, dict) and "mmspec" in rec and rec.get("mmspec") != FORMAT:
+        raise _foreign(flag, path, f"a caption file this version can resume",
+                       f"it was written in format {rec.get('mmspec')!r}; this version writes {FORMAT!r}")
+    if not _is_own(rec):
+        raise _foreign(flag, path, "a caption file written by mmspec caption",
+                       "its first line is not a caption record")
+
+
+def csv_columns(records: list[dict]) -> list[str]:
+    return list(FIELDS) + [f for f in EXTRA_FIELDS if any(f in r for r in records)]
+
+
+def check_own_csv(path: str, flag: str = "--csv") -> None:
+    """Refuse an existing, non-empty ``path`` that is not a CSV this tool wrote (recognised by its header row)."""
+    line, complete = _first_line(path)
+    if not line and not complete:
+        return
+    try:
+        header = next(csv.reader([line.decode("utf-8").rstrip("\r")]))
+    except (UnicodeDecodeError, csv.Error, StopIteration):
+        header = []
+    extra = header[len(FIELDS):]
+    if header[: len(FIELDS)] != list(FIELDS) or extra != [f for f in EXTRA_FIELDS if f in extra]:
+        raise _foreign(flag, path, "a CSV written by mmspec caption",
+                       f"its header is not {','.join(FIELDS)},...")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _check_output_path(flag: str, path: str, create_folder: bool, why_regular: str) -> None:
+    """``path`` can be written by this run: a regular file we may write, or a new file in a writable folder."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise MMSpecError(f"{flag} {path} is a symbolic link to nothing; give a file name")
+    if os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise MMSpecError(f"{flag} {path} is a folder; give a file name, e.g. "
+                              f"{os.path.join(path, 'captions.jsonl' if flag == '--out' else 'captions.csv')}")
+        if not stat.S_ISREG(mode):
+            raise MMSpecError(f"{flag} {path} is {_kind(mode)}; {flag} must be a regular file ({why_regular})")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise MMSpecError(f"{flag} {path} is not writable (or not readable) by this user; choose another {flag}")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise MMSpecError(f"{flag} {path}: {existing} is a file, not a folder")
+    if existing != folder and not create_folder:
+        raise MMSpecError(f"{flag} {path}: the folder {folder} does not exist; create it first (or put the file "
+                          f"next to --out, whose folder is created)")
+    try:  # a real probe: permissions, read-only file systems, /proc ... (os.access says yes to root everywhere)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".mmspec-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MMSpecError(f"{flag} {path}: cannot create files in {existing} ({e.strerror or e})") from None
+
+
+def check_outputs(args, tasks: list[Task]) -> None:
+    """Every output path of this run is checked before any work: a regular file that is ours or new, in a
+    folder this user can write, not a folder, not an input, and no two outputs the same file."""
+    out = os.path.expanduser(args.out)
+    csv_path = os.path.expanduser(args.csv) if args.csv else None
+    _check_output_path("--out", out, create_folder=True, why_regular="a rerun reads it back to resume; use a "
+                       "file name, and e.g. `tail -f` it to watch")
+    if csv_path is not None:
+        if _same_file(out, csv_path):
+            raise MMSpecError(f"--csv and --out are the same file ({args.out}); the CSV would overwrite the captions "
+                              f"a rerun resumes from. Give the CSV its own name, e.g. "
+                              f"{os.path.splitext(args.out)[0]}.csv")
+        out_folder = os.path.dirname(os.path.abspath(out))
+        _check_output_path("--csv", csv_path,
+                           create_folder=os.path.dirname(os.path.abspath(csv_path)) == out_folder,
+                           why_regular="it is replaced atomically at the end of the run")
+    inputs = [os.path.expanduser(str(p)) for p in args.paths if os.path.isfile(os.path.expanduser(str(p)))]
+    inputs += [t.path for t in tasks]
+    for flag, path in (("--out", out), ("--csv", csv_path)):
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        for inp in inputs:
+            if os.path.realpath(inp) == real or (os.path.exists(path) and _same_file(inp, path)):
+                raise MMSpecError(f"{flag} {path} is also an input of this run ({inp}); mmspec never writes over "
+                                  f"its inputs. Choose another {flag}")
+    if os.path.exists(out):
+        check_own_jsonl(out)
+    if csv_path is not None and os.path.exists(csv_path):
+        check_own_csv(csv_path)
+
+
+class WriteFailed(MMSpecError):
+    """A write to an output file failed (disk full, I/O error); the lines written before it are intact."""
 
 
 class CaptionLog:
-    """The JSONL output: exclusive while open, repaired on open, appended to durably one line at a time."""
+    """The JSONL output: exclusive while open, repaired on open, appended to durably one line at a time.
+
+    Only a file of ours is opened (its first line is a caption record) or a new one; a new file that ends up
+    with no line (a run refused or stopped before its first caption) is removed on close."""
 
     def __init__(self, path: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None):
         self.path = str(path)
         self.warn = warn
+        self.fd = -1
+        if os.path.isdir(self.path):
+            raise MMSpecError(f"--out {self.path} is a folder; give a file name, e.g. "
+                              f"{os.path.join(self.path, 'captions.jsonl')}")
+        if os.path.exists(self.path) and not stat.S_ISREG(os.stat(self.path).st_mode):
+            raise MMSpecError(f"--out {self.path} is {_kind(os.stat(self.path).st_mode)}; it must be a regular file "
+                              f"(a rerun reads it back to resume)")
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        created = not os.path.exists(self.path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.created = not os.path.exists(self.path)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise MMSpecError(f"cannot open --out {self.path} for writing ({e.strerror or e})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
+            self.fd = -1
             raise MMSpecError(f"{self.path} is being written by another 'mmspec caption' run; wait for it to end "
                               f"or choose another --out") from None
-        if created:
+        if self.created:
             _fsync_dir(self.path)
         self.records: dict[tuple[str, str], dict] = {}
         self.repaired_bytes = 0
-        self._load()
+        try:
+            if not self.created:
+                check_own_jsonl(self.path)
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     def _load(self) -> None:
         with open(self.path, "rb") as f:
             data = f.read()
-        end = data.rfind(b"\n") + 1          # everything after the last newline is a line cut by a crash
-        lines = data[:end].split(b"\n")[:-1] if end else []
-        parsed = [_parse_line(line) for line in lines]
-        while parsed and parsed[-1] is None:  # a complete-looking but unreadable last line: cut by a crash too
-            parsed.pop()
-            end -= len(lines.pop()) + 1
-        if end < len(data):
-            self.repaired_bytes = len(data) - end
+        end = data.rfind(b"\n") + 1          # bytes after the last newline: a line cut by a crash, if ours
+        tail = data[end:]
+        if tail:
+            ours = tail.startswith(OWN_PREFIX) or (end > 0 and (tail.startswith(LEGACY_PREFIX)
+                                                                or not tail.strip(b"\0")))
+            if not ours:
+                raise MMSpecError(f"{self.path} ends with an unfinished line that mmspec caption did not write "
+                                  f"({len(tail)} bytes without a newline); it is left as it is. End it with a "
+                                  f"newline or remove it, then rerun")
+            self.repaired_bytes = len(tail)
             self.warn(f"{self.path}: removed an incomplete last line ({self.repaired_bytes} bytes, left by an "
                       f"interrupted run); that input is captioned again")
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
+        lines = data[:end].split(b"\n")[:-1] if end else []
+        parsed = [_parse_line(line) for line in lines]
         bad = [i + 1 for i, rec in enumerate(parsed) if rec is None]
         if bad:
-            self.warn(f"{self.path}: ignoring {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
-                      f"{' ...' if len(bad) > 5 else ''}); they were not written by mmspec caption")
+            self.warn(f"{self.path}: ignoring {len(bad)} line(s) not written by mmspec caption (line "
+                      f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}); they are kept as they are")
         for rec in parsed:
             if rec is not None:
                 self.records[record_key(rec)] = rec  # the last line for an input wins
@@ -281,13 +459,27 @@ class CaptionLog:
         return rec is not None and (rec.get("error") is None or not retry_errors)
 
     def append(self, rec: dict) -> None:
-        """Write one line with a single write, then fsync: it is on disk before the next input starts."""
+        """Write one line with a single write, then fsync: it is on disk before the next input starts.
+
+        A failed write (disk full, I/O error) takes back what it wrote, so the file still ends with a complete
+        line, and raises ``WriteFailed``."""
+        rec = {"mmspec": FORMAT, **{k: v for k, v in rec.items() if k != "mmspec"}}
         data = (json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-        os.fsync(self.fd)
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            raise WriteFailed(f"cannot write to {self.path} ({e.strerror or e}); the {len(self.records)} line(s) "
+                              f"written before are intact. Free some space (or fix the disk) and rerun the same "
+                              f"command to finish") from None
         self.records[record_key(rec)] = rec
 
     def drop(self, keys: set[tuple[str, str]]) -> int:
@@ -300,22 +492,32 @@ class CaptionLog:
             if rec is not None and record_key(rec) in keys:
                 dropped += 1
             else:
-                keep.append(line + b"\n")
+                keep.append(line + b"\n")  # lines of other inputs, and lines we did not write, stay
         if not dropped:
             return 0
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        real = os.path.realpath(self.path)  # a symbolic link stays a link to the rewritten file
+        tmp = f"{real}.tmp-{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise MMSpecError(f"cannot rewrite {self.path} to replace its lines ({e.strerror or e}: {tmp}); the file "
+                              f"is unchanged") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, b"".join(keep))
+            data = memoryview(b"".join(keep))
+            while data:
+                data = data[os.write(fd, data):]
             os.fsync(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
+            os.chmod(tmp, stat.S_IMODE(os.fstat(self.fd).st_mode))
+            os.replace(tmp, real)
+        except BaseException as e:
             os.close(fd)
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise WriteFailed(f"cannot rewrite {self.path} ({e.strerror or e}); the file is unchanged") from None
             raise
-        _fsync_dir(self.path)
+        _fsync_dir(real)
         os.close(self.fd)
         self.fd = fd
         for key in keys:
@@ -324,6 +526,11 @@ class CaptionLog:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if self.created and os.fstat(self.fd).st_size == 0:
+                try:  # nothing was written: leave no trace (still under our lock)
+                    os.unlink(self.path)
+                except OSError:
+                    pass
             os.close(self.fd)  # also releases the lock
             self.fd = -1
 
@@ -335,7 +542,7 @@ class CaptionLog:
 
 
 def read_records(path: str) -> list[dict]:
-    """The valid lines of a caption JSONL, last line per input, in file order."""
+    """The caption lines of ours in a JSONL, last line per input, in file order."""
     out: dict[tuple[str, str], dict] = {}
     with open(path, "rb") as f:
         for line in f.read().split(b"\n"):
@@ -347,20 +554,33 @@ def read_records(path: str) -> list[dict]:
 
 
 def write_csv(jsonl_path: str, csv_path: str) -> int:
-    """Write every input of ``jsonl_path`` as a CSV row (atomically); returns the number of rows."""
+    """Write every input of ``jsonl_path`` as a CSV row (atomically); returns the number of rows.
+
+    An existing ``csv_path`` is replaced only if it is a CSV this tool wrote (``check_own_csv``)."""
+    csv_path = os.path.expanduser(csv_path)
+    if os.path.exists(csv_path):
+        check_own_csv(csv_path)
     records = read_records(jsonl_path)
-    columns = list(FIELDS) + [f for f in EXTRA_FIELDS if any(f in r for r in records)]
+    columns = csv_columns(records)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for rec in records:
         writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in columns})
-    tmp = f"{csv_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, csv_path)
+    real = os.path.realpath(csv_path)
+    os.makedirs(os.path.dirname(real), exist_ok=True)
+    tmp = f"{real}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WriteFailed(f"cannot write the CSV {csv_path} ({e.strerror or e}); the captions are all in "
+                          f"{jsonl_path}, and a rerun of the same command writes the CSV") from None
     return len(records)
 
 
@@ -443,6 +663,7 @@ def run_local(args, pending: list[Task]) -> Iterator[dict]:
     from mmspec.cli import load_from_args
 
     pipe = load_from_args(args)
+    check_prompts(pipe, pending)
     baseline = baseline_pipeline(pipe) if args.compare else None
     if baseline is not None:
         warm_up(pipe, baseline)
@@ -588,7 +809,9 @@ def _print(quiet: bool, *parts, file=None) -> None:
     if not quiet:
         from tqdm import tqdm
 
-        tqdm.write(" ".join(str(p) for p in parts), file=file or sys.stdout)
+        out = file or sys.stdout
+        tqdm.write(" ".join(str(p) for p in parts), file=out)
+        out.flush()  # line by line, also into a pipe (| tee, | head)
 
 
 def _summary(args, records: list[dict], n_new: int, wall: float) -> None:
@@ -642,22 +865,70 @@ def _per_image(args, rec: dict, i: int, n: int, earlier: bool = False) -> None:
                        f"drafted tokens, {rec['mean_accepted']:.2f} tokens per target forward, {speed}{same}")
 
 
+def check_flags(args) -> None:
+    """Every flag value, before the first input is looked at: a value wrong for every input stops the run here
+    instead of giving each input an error line (which a rerun would then skip as done)."""
+    import math
+
+    from mmspec.config import DecodeConfig
+
+    try:
+        DecodeConfig(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
+    except MMSpecError as e:
+        raise MMSpecError(str(e).replace("max_new_tokens", "--max-new-tokens")
+                          .replace("num_draft_tokens", "--num-draft-tokens")
+                          .replace(" or None (adaptive)", " (leave it out for adaptive)")) from None
+    if not isinstance(args.prompt, str) or not args.prompt.strip():
+        raise MMSpecError("--prompt is empty")
+    if args.limit is not None and args.limit < 1:
+        raise MMSpecError(f"--limit must be at least 1, got {args.limit}")
+    if args.workers < 1:
+        raise MMSpecError(f"--workers must be at least 1, got {args.workers}")
+    if not (math.isfinite(args.num_cpus_per_worker) and args.num_cpus_per_worker > 0):
+        raise MMSpecError(f"--num-cpus-per-worker must be > 0, got {args.num_cpus_per_worker}")
+    if not (math.isfinite(args.num_gpus_per_worker) and args.num_gpus_per_worker >= 0):
+        raise MMSpecError(f"--num-gpus-per-worker must be >= 0, got {args.num_gpus_per_worker}")
+    from mmspec.pipeline import check_device, check_model_path, load_dtype
+
+    if getattr(args, "preset", None):
+        from mmspec.presets import resolve_preset
+
+        resolve_preset(args.preset)
+    load_dtype(getattr(args, "dtype", None), model_device(args), getattr(args, "preset", None))  # dtype, preset
+    if args.backend == "local" and getattr(args, "device_map", None) is None:
+        check_device(args.device)  # (Ray workers may have devices the driver lacks)
+    if getattr(args, "target", None) is not None:
+        check_model_path("target", args.target)
+    drafter = getattr(args, "drafter", None)
+    if drafter is not None and str(drafter).lower() not in ("default", "none"):
+        check_model_path("drafter", drafter)
+
+
+def check_prompts(pipe, tasks: list[Task]) -> None:
+    """Each distinct prompt through the target's chat template once, before the first caption: a prompt that
+    cannot work (two image tokens, no chat template) is refused instead of failing on every input."""
+    pipe.adapter.check_generation_config()
+    for prompt in dict.fromkeys(t.prompt for t in tasks):
+        try:
+            pipe.adapter.format_prompt(prompt)
+        except MMSpecError as e:
+            raise MMSpecError(f"the prompt {prompt!r} cannot be used: {e}") from None
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
-    if args.max_new_tokens < 1:
-        raise MMSpecError("--max-new-tokens must be at least 1")
-    if not isinstance(args.prompt, str) or not args.prompt.strip():
-        raise MMSpecError("--prompt is empty")
+    check_flags(args)
     tasks = expand_inputs(args.paths, args.prompt)
     if args.limit is not None:
-        tasks = tasks[: max(0, args.limit)]
+        tasks = tasks[: args.limit]
     if not tasks:
         raise MMSpecError(f"no inputs found in {' '.join(args.paths)}")
+    check_outputs(args, tasks)
     started = time.perf_counter()
     warn = (lambda msg: None) if args.quiet else (lambda msg: print(f"mmspec caption: {msg}", file=sys.stderr))
     target = target_identity(args)
-    with CaptionLog(args.out, warn=warn) as log:
+    with CaptionLog(os.path.expanduser(args.out), warn=warn) as log:
         other = {k for k, rec in log.records.items() if rec.get("target") not in (None, target)}
         if other and not args.redo_other_target:
             seen = sorted({log.records[k]["target"] for k in other})
@@ -708,7 +979,7 @@ def run(args) -> int:
         final = [log.records.get(t.key) for t in tasks]
     _summary(args, [r for r in final if r is not None], n_new, time.perf_counter() - started)
     if args.csv:
-        rows = write_csv(args.out, args.csv)
+        rows = write_csv(os.path.expanduser(args.out), args.csv)
         _print(args.quiet, f"  wrote {rows} row(s) to {args.csv}")
     missing = sum(r is None for r in final)
     failed = sum(r is not None and r.get("error") is not None for r in final)

@@ -89,7 +89,9 @@ def make_mixed_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 def read_lines(path: Path) -> list[dict]:
     data = path.read_bytes()
     assert not data or data.endswith(b"\n"), "the file must end with a complete line"
-    return [json.loads(line) for line in data.decode().splitlines()]
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    assert all(caption._is_own(r) for r in records), "every line is a caption record of ours"
+    return records
 
 
 def image_folder(tmp_path: Path, first_seed: int, n: int) -> Path:
@@ -131,7 +133,9 @@ def test_mixed_folder_one_line_per_input_errors_recorded_captions_equal_generate
         expected = pipe.generate(str(p), PROMPT, max_new_tokens=MAX_NEW)
         assert rec["caption"] == expected.text
         assert rec["tokens"] == len(expected.token_ids) == expected.stats.new_tokens
-        assert rec["mean_accepted"] == pytest.approx(expected.stats.mean_accepted, abs=1e-3)
+        # (how many drafts are accepted depends on the draft lengths the engine picks from measured costs, so
+        # it is checked against the line's own counts, not against another run)
+        assert rec["mean_accepted"] == pytest.approx(rec["tokens"] / rec["target_forwards"], abs=1e-3)
         assert 0.0 <= rec["acceptance_rate"] <= 1.0 and rec["time_s"] > 0
 
     with open(csv_path, newline="") as f:
@@ -242,10 +246,14 @@ def test_cut_last_line_is_removed_and_that_input_redone(tmp_path, model_flags):
     assert len(new) == 3 and json.loads(new[2])["path"] == json.loads(lines[2])["path"]
     assert json.loads(new[2])["caption"] == json.loads(lines[2])["caption"]
 
-    # a complete-looking last line that is not JSON (torn write ending on a newline) is also removed
-    out.write_bytes(lines[0] + lines[1] + b'{"path": "x", "cap\n')
+    # a complete line that is not one of ours (one write never leaves a line that ends in a newline but is cut)
+    # is kept as it is and not trusted; the input it does not stand for is captioned
+    foreign = b'{"path": "x", "cap\n'
+    out.write_bytes(lines[0] + lines[1] + foreign)
     assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
-    records = read_lines(out)
+    data = out.read_bytes()
+    assert data.startswith(lines[0] + lines[1] + foreign)
+    records = caption.read_records(str(out))
     assert [Path(r["path"]).name for r in records] == ["0.png", "1.png", "2.png"]
 
 
