@@ -131,10 +131,12 @@ class SlotCache:
 
     # ----- rows join and leave --------------------------------------------------------------------
     def add_empty(self, row) -> None:
-        """A row with nothing cached yet (its prefill comes with its first ``extend``); only for an empty cache."""
-        assert not self.rows, "rows join a running batch by ``absorb``"
-        self.rows, self.lengths = [row], [0]
-        self.valid = torch.zeros(1, 0, dtype=torch.bool, device=self.device)
+        """A row with nothing cached yet (its prefill comes with the next ``extend``); only before any forward
+        (rows join a running batch by ``absorb``)."""
+        assert not self.slots, "rows join a running batch by ``absorb``"
+        self.rows.append(row)
+        self.lengths.append(0)
+        self.valid = torch.zeros(len(self.rows), 0, dtype=torch.bool, device=self.device)
 
     def absorb(self, other: "SlotCache") -> None:
         """Take ``other``'s rows (prefilled on their own) into this batch, padding the shorter side on the left."""

@@ -596,12 +596,13 @@ def build_app(pipe, api_key: str | None = None, allow_remote_images: bool = Fals
         if state.limiter is None:
             state.limiter = anyio.CapacityLimiter(4096)
         while True:
+            if request is not None and await request.is_disconnected():
+                raise _ClientGone()
             try:
                 return await anyio.to_thread.run_sync(job.events.get, True, POLL_S, abandon_on_cancel=True,
                                                       limiter=state.limiter)
             except queue.Empty:
-                if request is not None and await request.is_disconnected():
-                    raise _ClientGone() from None
+                continue
 
     def failed(result) -> APIError:
         message = result.error or "the request failed"
@@ -903,6 +904,11 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def resolve_api_key(flag: str | None) -> str | None:
+    """``--api-key`` if given, else ``$MMSPEC_API_KEY``; empty means none."""
+    return flag or os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mmspec.cli import add_model_arguments
 
@@ -956,7 +962,7 @@ def run(args) -> int:
         return 0
     import uvicorn
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(args.api_key)
     app = build_app(pipe, api_key=api_key, allow_remote_images=args.allow_remote_images,
                     model_id=args.served_model_name, max_body_bytes=args.max_body_bytes,
                     max_image_bytes=args.max_image_bytes, remote_timeout_s=args.remote_timeout)
@@ -966,7 +972,9 @@ def run(args) -> int:
               f"port can use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
     print(f"mmspec serve: model {model_id!r} (drafter {pipe.drafter_kind}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}; Ctrl-C stops", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # uvicorn.Server, not uvicorn.run (which swallows Ctrl-C): Ctrl-C stops the server gracefully, then exits 130
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                  timeout_graceful_shutdown=5)).run()
     return 0
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from mmspec.targets.llava_next import LlavaNextAdapter
 from tests.tiny import build_tiny_text_drafter, make_tokenizer, sample_image
-from tests.tiny_families import (KINDS, build_tiny_llava_next, check_cache_hit, check_greedy,
+from tests.tiny_families import (KINDS, build_tiny_llava_next, check_batch, check_cache_hit, check_greedy,
                                  check_padded_vocabularies, check_self_drafting, check_session_logits, load_pipes)
 
 MAX_NEW = 20
@@ -92,3 +92,10 @@ def test_vlm_drafter_of_another_family_is_refused(family, tmp_path):
     other = build_tiny_qwen_vl(tmp_path / "qwen", layers=1)
     with pytest.raises(MMSpecError, match="family"):
         mmspec.load(pipes["none"].target.config._name_or_path, drafter=str(other), drafter_kind="vlm")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [None, 3])
+def test_batched_rows_equal_their_own_generate(family, kind, k):
+    _, pipes = family
+    check_batch(pipes[kind], images(), k, MAX_NEW)

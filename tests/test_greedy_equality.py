@@ -243,6 +243,20 @@ def test_repetition_penalty_from_generation_config(pipes, kind):
         cfg.repetition_penalty = 1.0
 
 
+def test_beam_search_in_generation_config_is_refused(pipes):
+    """generate() would run beam search; decoding greedily instead would silently change the output."""
+    pipe = pipes["none"]
+    cfg = pipe.target.generation_config
+    try:
+        cfg.num_beams = 4
+        with pytest.raises(mmspec.MMSpecError, match="num_beams=4"):
+            pipe.generate(sample_image(0), PROMPTS[0])
+        bad = pipe.generate_batch([sample_image(0)], [PROMPTS[0]])[0]
+        assert "num_beams=4" in bad.error
+    finally:
+        cfg.num_beams = 1
+
+
 def test_unsupported_generation_settings_are_refused(pipes):
     pipe = pipes["none"]
     cfg = pipe.target.generation_config
@@ -252,3 +266,77 @@ def test_unsupported_generation_settings_are_refused(pipes):
             pipe.generate(sample_image(0), PROMPTS[0])
     finally:
         cfg.no_repeat_ngram_size = 0
+
+
+@pytest.mark.parametrize("kind", ["text", "ngram", "none", "scripted"])
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_batched_rows_equal_their_own_generate(pipes, kind, k, batch_size):
+    """generate_batch: more inputs than rows in flight (rows join as others finish), different images, prompts
+    and answer lengths, and one unreadable input; every good row equals its own generate() at batch 1."""
+    base = pipes["none"]
+    inputs = [(sample_image(s), PROMPTS[s % 2]) for s in range(6)]
+    inputs.insert(3, (b"\x89PNG broken", PROMPTS[0]))
+    expected = [None if isinstance(im, bytes) else hf_greedy(base, im, p) for im, p in inputs]
+    pipe = pipes.get(kind)
+    if kind == "scripted":  # right for two tokens of each block, on the row's own reference
+        from vision.images import load_image
+
+        refs = {base.adapter.image_key(load_image(im)): e for (im, _), e in zip(inputs, expected) if e is not None}
+
+        class PerRow(Drafter):
+            kind, default_k = "scripted", 4
+
+            def session(self, request, config, generator):
+                return ScriptedSession(refs[request.image_key], 2, len(base.adapter.tokenizer), base.adapter.device)
+
+        pipe = Pipeline(base.adapter, PerRow(base.adapter))
+    results = pipe.generate_batch([im for im, _ in inputs], [p for _, p in inputs], batch_size=batch_size,
+                                  max_new_tokens=MAX_NEW, num_draft_tokens=k)
+    for i, (res, exp) in enumerate(zip(results, expected)):
+        if exp is None:
+            assert res.error and res.token_ids == [] and res.stats.stop_reason == "error"
+        else:
+            assert res.error is None and res.token_ids == exp, (i, res.rounds)
+            assert res.text == base.processor.tokenizer.decode(exp, skip_special_tokens=True)
+            assert res.stats.target_forwards == len(res.rounds)
+    assert len({len(e) for e in expected if e is not None}) > 1, "answers of different lengths"
+    if kind == "scripted":
+        drafted = [r for res in results if res.error is None for r in res.rounds if len(r.draft_ids) > 2]
+        assert drafted and all(r.n_accepted >= 2 or r.target_token is None for r in drafted)
+
+
+def test_generate_batch_refuses_bad_arguments(pipes):
+    pipe = pipes["none"]
+    with pytest.raises(mmspec.MMSpecError, match="batch_size"):
+        pipe.generate_batch([sample_image(0)], ["x"], batch_size=0)
+    with pytest.raises(mmspec.MMSpecError, match="2 prompts"):
+        pipe.generate_batch([sample_image(0)], ["x", "y"])
+    with pytest.raises(mmspec.MMSpecError, match="max_new_tokens"):
+        pipe.generate_batch([sample_image(0)], ["x"], max_new_tokens=0)
+    assert pipe.generate_batch([], []) == []
+
+
+def test_submit_from_threads_equals_generate(pipes):
+    """The shared engine thread (what the demo and the server use): concurrent submissions all come back right."""
+    import threading
+
+    from mmspec.engine import iter_job_events
+
+    pipe = pipes["text"]
+    inputs = [(sample_image(s), PROMPTS[s % 2]) for s in range(5)]
+    expected = [hf_greedy(pipe, im, p) for im, p in inputs]
+    got = [None] * len(inputs)
+
+    def client(i):
+        job = pipe.submit(inputs[i][0], inputs[i][1], max_new_tokens=MAX_NEW)
+        events = list(iter_job_events(job, timeout=120))
+        assert events[-1].done and all(not e.done for e in events[:-1])
+        got[i] = events[-1].result.token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected

@@ -130,3 +130,24 @@ def test_same_seed_same_sample(tiny_target, tiny_drafter):
     a = pipe.generate(sample_image(0), "describe the image .", max_new_tokens=12, temperature=0.8, seed=7)
     b = pipe.generate(sample_image(0), "describe the image .", max_new_tokens=12, temperature=0.8, seed=7)
     assert a.token_ids == b.token_ids
+
+
+def test_batched_sampling_follows_the_target_per_row(tiny_target, tiny_drafter):
+    """Rows of one batch, each with its own generator (seed + row): the first two tokens of every row follow the
+    target's distribution, and a row's sample is the one it gets alone (fixed k), whatever its batch mates."""
+    pipe = mmspec.load(str(tiny_target), drafter=str(tiny_drafter))
+    image, other, prompt, temperature, top_p = sample_image(3), sample_image(5), "describe the image .", 1.0, 0.95
+    p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
+    n = 600
+    images = [image if i % 3 else other for i in range(n)]  # batch mates with another image in between
+    results = pipe.generate_batch(images, prompt, batch_size=8, max_new_tokens=2, temperature=temperature,
+                                  top_p=top_p, num_draft_tokens=3, seed=1000)
+    rows = [r.token_ids for i, r in enumerate(results) if i % 3]
+    firsts = [ids[0] for ids in rows]
+    seconds = [t for ids in rows for t in ids[1:]]
+    assert _chi2_p(np.bincount(firsts, minlength=len(p1)), p1) > P_MIN
+    assert _chi2_p(np.bincount(seconds, minlength=len(p2)), p2) > P_MIN
+    for i in (1, 2, 4, 599):
+        alone = pipe.generate(images[i], prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
+                              num_draft_tokens=3, seed=1000 + i)
+        assert alone.token_ids == results[i].token_ids

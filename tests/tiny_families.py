@@ -254,6 +254,26 @@ def check_greedy(pipe, images, k, max_new: int) -> None:
         assert sum(len(r.emitted) for r in res.rounds) == len(res.token_ids)
 
 
+def check_batch(pipe, images, k, max_new: int, batch_size: int = 3) -> None:
+    """generate_batch over more inputs than ``batch_size`` (rows join mid-flight as others finish, at different
+    lengths), different images (sizes, token counts) and prompts, and one unreadable input: every good row
+    equals that request's own ``generate()`` at batch 1, token for token; the bad one carries its error."""
+    inputs = [(image, PROMPTS[(i + j) % 2]) for i, image in enumerate(images) for j in range(2)][:5]
+    inputs.insert(2, (b"not an image", PROMPTS[0]))
+    expected = [None if isinstance(im, bytes) else hf_greedy(pipe, im, p, max_new) for im, p in inputs]
+    results = pipe.generate_batch([im for im, _ in inputs], [p for _, p in inputs], batch_size=batch_size,
+                                  max_new_tokens=max_new, num_draft_tokens=k)
+    assert len(results) == len(inputs)
+    for i, (res, exp) in enumerate(zip(results, expected)):
+        if exp is None:
+            assert res.error and "image" in res.error and res.token_ids == []
+        else:
+            assert res.error is None and res.token_ids == exp, (i, res.rounds)
+            assert res.stats.new_tokens == len(exp) and res.stats.target_forwards == len(res.rounds)
+    lengths = {len(e) for e in expected if e is not None}
+    assert len(lengths) > 1 or max_new in lengths
+
+
 def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:
     """Session logits over several new positions at once, and again after a rollback, equal HF's uncached forward."""
     adapter = pipe.adapter

@@ -110,19 +110,28 @@ class CausalLMDraftBatch(DraftBatch):
     def _catch_up(self, rows: list) -> torch.Tensor:
         """Feed every row what its cache lacks; -> [len(rows), vocab] logits after each row's last token."""
         last = {}
-        for r in [r for r in rows if r in self.fresh]:
-            # a joining row's prefill runs on its own, then joins the shared cache
-            ids = torch.tensor(self.seq[r], dtype=torch.long, device=self.device)
-            emb = self.embed(ids[None])
-            if self.prefix[r] is not None:
-                emb = torch.cat([self.prefix[r].to(emb.dtype), emb], dim=1)
+        joining = [r for r in rows if r in self.fresh]
+        if joining:
+            # the joining rows' prefills run together, then join the shared cache
             slots = SlotCache(self.model.config, self.device, self.slots.dtype)
-            slots.add_empty(r)
-            last[r] = self._run(slots, emb, [chain(emb.shape[1])])[0, -1]
+            embeds = []
+            for r in joining:
+                slots.add_empty(r)
+                emb = self.embed(torch.tensor(self.seq[r], dtype=torch.long, device=self.device))
+                if self.prefix[r] is not None:
+                    emb = torch.cat([self.prefix[r][0].to(emb.dtype), emb], dim=0)
+                embeds.append(emb)
+            T = max(e.shape[0] for e in embeds)
+            batch = torch.zeros(len(joining), T, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
+            for b, e in enumerate(embeds):
+                batch[b, : e.shape[0]] = e
+            logits = self._run(slots, batch, [chain(e.shape[0]) for e in embeds])
             self.slots.absorb(slots)
-            self.cached[r] = len(self.seq[r])
-            self.fresh.discard(r)
-            self.prefix[r] = None
+            for b, r in enumerate(joining):
+                last[r] = logits[b, embeds[b].shape[0] - 1]
+                self.cached[r] = len(self.seq[r])
+                self.fresh.discard(r)
+                self.prefix[r] = None
         rest = [r for r in self.slots.rows if r not in last]
         if rest:
             new = {r: self.seq[r][self.cached[r]:] for r in rest}

@@ -73,7 +73,7 @@ class TargetBatch:
         self.main = self._slots()
         self.positions: dict = {}        # row -> Positions
         self.fresh: dict = {}            # row -> (embeds of the positions before the pending one, pending's embed)
-        self.prefilled: dict = {}        # row -> SlotCache holding a prefill not yet merged into ``main``
+        self.prefilled: list = []        # SlotCaches of prefills not yet merged into ``main``
         self.hidden: dict = {}           # row -> [n, hidden] of the last verify, when ``want_hidden``
 
     def _slots(self):
@@ -98,7 +98,6 @@ class TargetBatch:
         for r in rows:
             self.fresh.pop(r, None)
             self.positions.pop(r, None)
-            self.prefilled.pop(r, None)
             self.hidden.pop(r, None)
         self.main.remove(rows)
 
@@ -118,24 +117,36 @@ class TargetBatch:
         token after node i."""
         parents = parents or {}
         out = {}
-        for r in [r for r in ids if r in self.fresh]:
-            prompt, first = self.fresh.pop(r)
-            new = ids[r].to(self.device)
-            emb = self.embed(new[None])
-            if first is not None:
-                emb = torch.cat([first.to(emb.dtype), emb[:, 1:]], dim=1)
-            emb = torch.cat([prompt.to(emb.dtype), emb], dim=1)
-            L = prompt.shape[1]
-            par = parents.get(r) or chain(len(new))
+        joining = [r for r in ids if r in self.fresh]
+        if joining:
+            # the joining rows' prefills run together, apart from the running rows (whose rounds are short)
             slots = self._slots()
-            slots.add_empty(r)
-            full = chain(L) + [p + L if p >= 0 else L - 1 for p in par]
-            logits, hidden = self._forward(slots, emb, [full], [r])
-            slots.prefix = L        # the prompt's slots are kept whatever is accepted
-            self.prefilled[r] = slots
-            out[r] = logits[0, L:]
-            if self.want_hidden:
-                self.hidden[r] = hidden[0, L:]
+            for r in joining:
+                slots.add_empty(r)
+            embeds, full, starts = [], [], []
+            for r in joining:
+                prompt, first = self.fresh.pop(r)
+                new = ids[r].to(self.device)
+                emb = self.embed(new[None])
+                if first is not None:
+                    emb = torch.cat([first.to(emb.dtype), emb[:, 1:]], dim=1)
+                embeds.append(torch.cat([prompt.to(emb.dtype), emb], dim=1)[0])
+                L = prompt.shape[1]
+                par = parents.get(r) or chain(len(new))
+                full.append(chain(L) + [p + L if p >= 0 else L - 1 for p in par])
+                starts.append(L)
+            T = max(e.shape[0] for e in embeds)
+            batch = torch.zeros(len(joining), T, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
+            for b, e in enumerate(embeds):
+                batch[b, : e.shape[0]] = e
+            logits, hidden = self._forward(slots, batch, full, joining)
+            slots.prefix = starts   # the prompts' slots are kept whatever is accepted
+            self.prefilled.append(slots)
+            for b, r in enumerate(joining):
+                n = int(ids[r].shape[0])
+                out[r] = logits[b, starts[b]: starts[b] + n]
+                if self.want_hidden:
+                    self.hidden[r] = hidden[b, starts[b]: starts[b] + n]
         rows = self.main.rows
         counts = [int(ids[r].shape[0]) if r in ids else 0 for r in rows]
         T = max(counts, default=0)
@@ -163,10 +174,10 @@ class TargetBatch:
         """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache."""
         if self.main.rows:
             self.main.commit([list(keep.get(r, ())) for r in self.main.rows])
-        for r, slots in list(self.prefilled.items()):
-            slots.commit([list(range(slots.prefix)) + [slots.prefix + i for i in keep[r]]])
+        for slots in self.prefilled:
+            slots.commit([list(range(L)) + [L + i for i in keep[r]] for r, L in zip(slots.rows, slots.prefix)])
             self.main.absorb(slots)
-            del self.prefilled[r]
+        self.prefilled = []
 
     def truncate(self, row, length: int) -> None:
         """Forget every position of ``row`` from ``length`` on (the next verify re-feeds from there)."""
@@ -272,7 +283,8 @@ class TargetAdapter(ABC):
                                        "min_new_tokens": None, "suppress_tokens": None,
                                        "begin_suppress_tokens": None, "forced_bos_token_id": None,
                                        "forced_eos_token_id": None, "sequence_bias": None,
-                                       "exponential_decay_length_penalty": None}
+                                       "exponential_decay_length_penalty": None, "num_beams": 1,
+                                       "num_beam_groups": 1, "penalty_alpha": None}
 
     @property
     def repetition_penalty(self) -> float:
@@ -328,6 +340,32 @@ class TargetAdapter(ABC):
         """Fill ``request.features`` from the vision cache, encoding the image only on a miss."""
         request.features, request.vision_cache_hit = self.vision_cache.get_or_compute(
             request.image_key, lambda: self.encode_image(request))
+
+    def images_features(self, requests: list[Request]) -> None:
+        """``image_features`` for several requests; families that can encode a stack of images at once
+        (``encode_images``) run the misses in one vision forward."""
+        misses = []
+        for req in requests:
+            value = self.vision_cache.get(req.image_key)
+            if value is not None:
+                self.vision_cache.hits += 1
+                req.features, req.vision_cache_hit = value, True
+            else:
+                misses.append(req)
+        if len(misses) > 1:
+            encoded = self.encode_images(misses)
+            if encoded is not None:
+                for req, feats in zip(misses, encoded):
+                    self.vision_cache.misses += 1
+                    self.vision_cache.put(req.image_key, feats)
+                    req.features, req.vision_cache_hit = feats, False
+                return
+        for req in misses:
+            self.image_features(req)
+
+    def encode_images(self, requests: list[Request]) -> list | None:
+        """Features of several requests in one vision forward, or None where the family encodes one at a time."""
+        return None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

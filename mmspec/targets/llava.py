@@ -37,3 +37,12 @@ class LlavaAdapter(TargetAdapter):
         out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         # [n_image_tokens, hidden]
         return torch.cat(list(out.pooler_output), dim=0)
+
+    @torch.inference_mode()
+    def encode_images(self, requests: list[Request]) -> list | None:
+        pixels = [r.model_inputs["pixel_values"] for r in requests]
+        if type(self) is not LlavaAdapter or len({tuple(p.shape) for p in pixels}) != 1:
+            return None  # tiles of varying count (LLaVA-NeXT) or sizes: one image at a time
+        stack = torch.cat(pixels).to(self.device, self.model.dtype)
+        out = self.model.get_image_features(pixel_values=stack, return_dict=True)
+        return [feats for feats in out.pooler_output]
