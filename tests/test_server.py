@@ -1,0 +1,417 @@
+"""``mmspec serve`` (mmspec/server.py): a real uvicorn server on a free loopback port, spoken to with the real
+``openai`` client (httpx for what a client library would not send). Answers equal ``pipe.generate``'s text,
+streamed or not, for one client or 16 at once; every bad input gets an OpenAI-style 4xx and the server keeps
+answering; the API key is enforced; a client that goes away frees its row. Bundled pair, CPU, offline."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import mmspec
+from mmspec.errors import MMSpecError
+from mmspec.server import RunningServer, build_app, data_url, load_test, resolve_api_key
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = sorted((ROOT / "assets" / "images").glob("*.png"))[:16]
+ANSWERS = {a["file"]: a for a in json.loads((ROOT / "assets" / "images" / "answers.json").read_text())}
+MAX_TOKENS = 16
+MODEL = "mmspec-bundled"
+MAX_BODY = 1 << 20
+MAX_IMAGE = 256 << 10
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def prompt_for(i: int) -> str:
+    """Image i's prompt: captions and the scene's own questions, in turn."""
+    prompts = ANSWERS[IMAGES[i].name]["prompts"]
+    return prompts[0]["prompt"] if i % 2 == 0 else prompts[1 + i // 2 % 3]["prompt"]
+
+
+def user_message(image_url: str, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return mmspec.load()
+
+
+@pytest.fixture(scope="module")
+def refs(pipe):
+    """pipe.generate's answer for each (image, prompt), computed before any request reaches the server."""
+    return {i: pipe.generate(IMAGES[i], prompt_for(i), max_new_tokens=MAX_TOKENS) for i in range(len(IMAGES))}
+
+
+@pytest.fixture(scope="module")
+def server(pipe, refs):
+    with RunningServer(build_app(pipe, max_body_bytes=MAX_BODY, max_image_bytes=MAX_IMAGE)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def urls():
+    return [data_url(p) for p in IMAGES]
+
+
+def ask(client, urls, i: int, stream: bool = False, **kwargs):
+    """Image i's question through the openai client: (text, finish_reason, usage, mmspec stats)."""
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    messages = [user_message(urls[i], prompt_for(i))]
+    if not stream:
+        r = client.chat.completions.create(model=MODEL, messages=messages, **kwargs)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage, r.model_extra["mmspec"]
+    parts, finish, usage, stats = [], None, None, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, **kwargs):
+        assert chunk.object == "chat.completion.chunk" and chunk.model == MODEL
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+            stats = (chunk.model_extra or {}).get("mmspec") or stats
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return "".join(parts), finish, usage, stats
+
+
+# ----- happy paths -------------------------------------------------------------------------------------
+def test_models_and_health(server, client, pipe):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["drafter_kind"] == pipe.drafter_kind
+
+
+def test_non_streamed_answer_equals_generate(client, urls, refs):
+    text, finish, usage, stats = ask(client, urls, 0)
+    ref = refs[0]
+    assert text == ref.text
+    assert finish == ("stop" if ref.stats.stop_reason == "eos" else "length")
+    assert usage.completion_tokens == len(ref.token_ids)
+    assert usage.prompt_tokens == len(ref.prompt_ids)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert stats["target_forwards"] >= 1 and 0 <= stats["accepted_tokens"] <= stats["drafted_tokens"]
+    assert stats["drafter_kind"] == "text"
+
+
+def test_streamed_answer_equals_generate(client, urls, refs):
+    for i in (0, 1):
+        text, finish, usage, stats = ask(client, urls, i, stream=True)
+        assert text == refs[i].text
+        assert finish in ("stop", "length")
+        assert usage.completion_tokens == len(refs[i].token_ids)
+        assert stats["target_forwards"] >= 1
+
+
+def test_default_settings_and_max_completion_tokens(client, urls, refs, pipe):
+    # no max_tokens: up to end-of-sequence (within the context); max_completion_tokens wins over max_tokens
+    text, finish, *_ = ask(client, urls, 0, max_tokens=None)
+    full = pipe.generate(IMAGES[0], prompt_for(0), max_new_tokens=pipe.adapter.context_length)
+    assert text == full.text and finish == "stop"
+    text, *_ = ask(client, urls, 0, max_tokens=3, max_completion_tokens=MAX_TOKENS)
+    assert text == refs[0].text
+
+
+def test_stop_strings(client, urls, pipe):
+    full = pipe.generate(IMAGES[0], prompt_for(0), max_new_tokens=40).text
+    word = full.split()[3]
+    expected = full[:full.find(word)]
+    for stream in (False, True):
+        text, finish, usage, _ = ask(client, urls, 0, stream=stream, max_tokens=40, stop=[word, "zzz-never"])
+        assert (text, finish) == (expected, "stop")
+        assert 0 < usage.completion_tokens < len(pipe.adapter.tokenizer(full, add_special_tokens=False).input_ids)
+
+
+def test_conversation_and_sampling(client, urls):
+    messages = [{"role": "system", "content": "You answer questions about shapes."},
+                {"role": "user", "content": [{"type": "text", "text": "Describe the image."},
+                                             {"type": "image_url", "image_url": {"url": urls[2]}}]},
+                {"role": "assistant", "content": "some shapes."},
+                {"role": "user", "content": "How many objects are there?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert isinstance(r.choices[0].message.content, str)
+    a, b = (client.chat.completions.create(model=MODEL, messages=[user_message(urls[3], "Describe the image.")],
+                                           max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+            .choices[0].message.content for _ in range(2))
+    assert a == b  # the same seed, the same sample
+
+
+def test_sixteen_concurrent_clients(client, urls, refs, pipe):
+    engine = pipe._scheduler.engine
+    step, peak = engine.step, [0]
+
+    def counting_step():
+        events = step()
+        peak[0] = max(peak[0], len(engine.active))
+        return events
+
+    engine.step = counting_step
+    barrier = threading.Barrier(len(IMAGES))
+
+    def one(i):
+        barrier.wait()
+        return ask(client, urls, i, stream=i % 2 == 1)[0]
+
+    try:
+        with ThreadPoolExecutor(len(IMAGES)) as pool:
+            answers = list(pool.map(one, range(len(IMAGES))))
+    finally:
+        del engine.step
+    assert answers == [refs[i].text for i in range(len(IMAGES))]
+    assert peak[0] > 1  # they shared the batch
+
+
+# ----- bad input -------------------------------------------------------------------------------------------
+def _b64(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def _body(**overrides) -> dict:
+    body = {"model": MODEL, "max_tokens": 4,
+            "messages": [user_message(data_url(IMAGES[0]), "Describe the image.")]}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def _msgs(*content) -> list:
+    return [{"role": "user", "content": list(content)}]
+
+
+IMG = {"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}
+TXT = {"type": "text", "text": "Describe the image."}
+
+BAD_BODIES = {
+    "unknown model": (_body(model="gpt-4o"), 404),
+    "missing model": (_body(model=...), 400),
+    "missing messages": (_body(messages=...), 400),
+    "empty messages": (_body(messages=[]), 400),
+    "messages not a list": (_body(messages="hi"), 400),
+    "message not an object": (_body(messages=["hi"]), 400),
+    "tool role": (_body(messages=[{"role": "tool", "content": "x"}]), 400),
+    "missing image": (_body(messages=[{"role": "user", "content": "Describe the image."}]), 400),
+    "two images": (_body(messages=_msgs(IMG, IMG, TXT)), 400),
+    "image only, no text": (_body(messages=_msgs(IMG)), 400),
+    "image in assistant turn": (_body(messages=[{"role": "assistant", "content": [IMG]},
+                                                {"role": "user", "content": "hi"}]), 400),
+    "audio part": (_body(messages=_msgs(IMG, TXT, {"type": "input_audio", "input_audio": {}})), 400),
+    "image token in text": (_body(messages=_msgs(IMG, {"type": "text", "text": "<image> what?"})), 400),
+    "undecodable image": (_body(messages=_msgs({"type": "image_url", "image_url": {"url": _b64(b"not a png")}},
+                                               TXT)), 400),
+    "truncated image": (_body(messages=_msgs({"type": "image_url", "image_url": {
+        "url": _b64(IMAGES[0].read_bytes()[:300])}}, TXT)), 400),
+    "bad base64": (_body(messages=_msgs({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}},
+                                        TXT)), 400),
+    "data url not base64": (_body(messages=_msgs({"type": "image_url", "image_url": {"url": "data:,hello"}},
+                                                 TXT)), 400),
+    "remote url not allowed": (_body(messages=_msgs({"type": "image_url", "image_url": {
+        "url": "http://127.0.0.1:9/x.png"}}, TXT)), 400),
+    "file url": (_body(messages=_msgs({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, TXT)), 400),
+    "oversized image": (_body(messages=_msgs({"type": "image_url", "image_url": {
+        "url": _b64(os.urandom(MAX_IMAGE + 1024))}}, TXT)), 413),
+    "prompt longer than the context": (_body(messages=_msgs(IMG, {"type": "text", "text": "red square " * 400})),
+                                       400),
+    "max_tokens 0": (_body(max_tokens=0), 400),
+    "max_tokens not an integer": (_body(max_tokens="ten"), 400),
+    "max_completion_tokens negative": (_body(max_completion_tokens=-1), 400),
+    "temperature negative": (_body(temperature=-0.5), 400),
+    "temperature too high": (_body(temperature=2.5), 400),
+    "temperature a string": (_body(temperature="hot"), 400),
+    "top_p 0": (_body(top_p=0), 400),
+    "top_p above 1": (_body(top_p=1.5), 400),
+    "n 2": (_body(n=2), 400),
+    "seed negative": (_body(seed=-1), 400),
+    "seed too large": (_body(seed=2**64), 400),
+    "stop not a string": (_body(stop=3), 400),
+    "too many stop strings": (_body(stop=["a", "b", "c", "d", "e"]), 400),
+    "empty stop string": (_body(stop=[""]), 400),
+    "stream not a bool": (_body(stream="yes"), 400),
+    "logprobs": (_body(logprobs=True), 400),
+    "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    "body not an object": ([1, 2, 3], 400),
+}
+
+
+def _check_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == ERROR_KEYS and isinstance(err["message"], str) and err["message"]
+    return err
+
+
+CODES = {"unknown model": "model_not_found", "missing image": "missing_image", "two images": "too_many_images",
+         "undecodable image": "invalid_image", "truncated image": "invalid_image", "bad base64": "invalid_image",
+         "remote url not allowed": "remote_images_disabled", "oversized image": "image_too_large",
+         "prompt longer than the context": "context_length_exceeded", "n 2": "invalid_value",
+         "logprobs": "unsupported_parameter", "image only, no text": "empty_prompt"}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_request_bodies(server, name):
+    body, status = BAD_BODIES[name]
+    for stream in (False, True):
+        payload = dict(body, stream=True) if stream and isinstance(body, dict) and "stream" not in body else body
+        err = _check_error(httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=60), status)
+        assert err["code"] == CODES.get(name, err["code"]), err
+        assert err["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_bad_request_framing(server):
+    url = f"{server.url}/v1/chat/completions"
+    assert _check_error(httpx.post(url, content=b"{not json"), 400)["code"] == "invalid_json"
+    assert _check_error(httpx.post(url, content=b"\xff\xfe{}"), 400)["code"] == "invalid_json"
+    assert _check_error(httpx.post(url, content=b""), 400)["code"] == "invalid_json"
+    big = json.dumps(_body(padding="x" * (MAX_BODY + 1))).encode()
+    assert _check_error(httpx.post(url, content=big, timeout=60), 413)["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit holds on what arrives
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    assert _check_error(httpx.post(url, content=chunked(), timeout=60), 413)["code"] == "request_too_large"
+    _check_error(httpx.get(f"{server.url}/v1/nothing-here"), 404)
+    _check_error(httpx.get(url), 405)
+    _check_error(httpx.get(f"{server.url}/v1/models/gpt-4o"), 404)
+
+
+def test_openai_client_gets_the_errors(client, urls):
+    with pytest.raises(openai.NotFoundError, match="mmspec-bundled"):
+        client.chat.completions.create(model="gpt-4o", messages=[user_message(urls[0], "hi")])
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model=MODEL, messages=[user_message(urls[0], "hi")], n=2)
+    with pytest.raises(openai.BadRequestError, match="no image"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+def test_still_answers_after_bad_input(client, urls, refs):
+    assert ask(client, urls, 0)[0] == refs[0].text
+
+
+# ----- remote images, API key, disconnects --------------------------------------------------------------
+@pytest.fixture
+def image_host(tmp_path):
+    """A loopback HTTP server with one sample image and one image too large for the server's limit."""
+    (tmp_path / "ok.png").write_bytes(IMAGES[0].read_bytes())
+    (tmp_path / "big.png").write_bytes(os.urandom(MAX_IMAGE + 1024))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_images_when_allowed(pipe, refs, image_host):
+    app = build_app(pipe, allow_remote_images=True, max_image_bytes=MAX_IMAGE, remote_timeout_s=5)
+    with RunningServer(app) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=[user_message(f"{image_host}/ok.png", prompt_for(0))],
+                                      max_tokens=MAX_TOKENS)
+        assert r.choices[0].message.content == refs[0].text
+        url = f"{s.url}/v1/chat/completions"
+        for path, status in (("big.png", 413), ("missing.png", 400)):
+            body = _body(messages=_msgs({"type": "image_url", "image_url": {"url": f"{image_host}/{path}"}}, TXT))
+            _check_error(httpx.post(url, json=body, timeout=60), status)
+
+
+def test_api_key_enforced(pipe, refs, urls):
+    with RunningServer(build_app(pipe, api_key="s3cret")) as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+                r = httpx.request(method, s.url + path, headers=headers, json=_body())
+                assert _check_error(r, 401)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
+        r = good.chat.completions.create(model=MODEL, messages=[user_message(urls[0], prompt_for(0))],
+                                         max_tokens=MAX_TOKENS)
+        assert r.choices[0].message.content == refs[0].text
+
+
+def test_api_key_from_flag_or_environment(monkeypatch):
+    monkeypatch.delenv("MMSPEC_API_KEY", raising=False)
+    assert resolve_api_key(None) is None and resolve_api_key("k") == "k"
+    monkeypatch.setenv("MMSPEC_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env" and resolve_api_key("flag") == "flag"
+    monkeypatch.setenv("MMSPEC_API_KEY", " ")
+    assert resolve_api_key(None) is None
+
+
+def test_client_that_goes_away_frees_its_row(server, pipe, urls):
+    state = server.server.config.app.state.mmspec
+    engine = pipe._scheduler.engine
+    step = engine.step
+
+    def slow_step():  # rounds slow enough that the answer cannot finish before the client leaves
+        time.sleep(0.1)
+        return step()
+
+    engine.step = slow_step
+    url = f"{server.url}/v1/chat/completions"
+
+    def wait_until_freed(before: int) -> None:
+        deadline = time.monotonic() + 20
+        while (state.disconnects == before or engine.active) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.disconnects == before + 1
+        assert not engine.active and not state.in_flight
+
+    try:
+        before = state.disconnects
+        with httpx.Client(timeout=60) as c, c.stream("POST", url, json=_body(max_tokens=64, stream=True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break   # the first words arrived; now hang up
+        wait_until_freed(before)
+        before = state.disconnects
+        with pytest.raises(httpx.ReadTimeout):   # not streamed: the client gives up waiting
+            httpx.post(url, json=_body(max_tokens=64), timeout=httpx.Timeout(60, read=0.5))
+        wait_until_freed(before)
+    finally:
+        del engine.step
+
+
+# ----- command line and load test -----------------------------------------------------------------------
+def test_serve_refuses_a_busy_port():
+    from mmspec.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+
+
+def test_load_test_runs_tiny(pipe, capsys):
+    rows = load_test(pipe, concurrency=(1, 2), drafting=(True, False), requests_per_level=2, max_tokens=4,
+                     images=IMAGES[:2])
+    assert [(r["drafting"], r["clients"]) for r in rows] == [("text", 1), ("text", 2), ("none", 1), ("none", 2)]
+    assert all(r["requests"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    table = capsys.readouterr().out
+    assert "| drafting | clients |" in table and table.count("\n| text |") == 2
+    with pytest.raises(MMSpecError):
+        load_test(pipe, requests_per_level=0)
