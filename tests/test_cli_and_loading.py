@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import mmspec
 from tests.tiny import sample_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_device_map_auto_and_dtype(tiny_target, tiny_drafter):
@@ -33,7 +37,7 @@ def test_unknown_preset():
         mmspec.load(preset="no-such-pair")
 
 
-@pytest.mark.parametrize("command", [[], ["caption"], ["demo"], ["bench"], ["train-drafter"]])
+@pytest.mark.parametrize("command", [[], ["caption"], ["demo"], ["bench"], ["train-drafter"], ["serve"]])
 def test_help(command):
     out = subprocess.run([sys.executable, "-m", "mmspec.cli", *command, "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -41,3 +45,26 @@ def test_help(command):
     assert "usage: mmspec" in out.stdout
     if command:
         assert "--target" in out.stdout and "--drafter-kind" in out.stdout
+
+
+def test_readme_presets_table_is_the_presets():
+    """``--preset``'s help points to the README's table: one row per ``PRESETS`` entry, as it is."""
+    from mmspec.presets import PRESETS
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Presets"):]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(PRESETS)
+    for name, p in PRESETS.items():
+        assert f"| `{name}` | `{p.target}` | `{p.drafter}` | {p.drafter_kind} | {p.dtype} | {p.needs} |" in rows
+
+
+def test_readme_python_api_example_runs(monkeypatch, capsys):
+    """The README's Python API example, as printed there, on the bundled models."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "tokens in" in out and "per forward" in out and "eos" in out

@@ -398,7 +398,7 @@ def test_closed_stdout_pipe_stops_cleanly_and_resumes(tmp_path, tiny_target, tin
 # ----------------------------------------------------------------------------------------------------------
 # start-up and Ctrl-C
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["caption"], ["demo"], ["bench"], ["train-drafter"]])
+@pytest.mark.parametrize("command", [[], ["caption"], ["demo"], ["bench"], ["train-drafter"], ["serve"]])
 def test_help_imports_nothing_heavy(command):
     code = ("import sys\nfrom mmspec.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'gradio', 'ray') if m in sys.modules]\n"
