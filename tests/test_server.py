@@ -120,6 +120,20 @@ def test_streamed_answer_equals_generate(client, urls, refs):
         assert stats["target_forwards"] >= 1
 
 
+def test_stream_wire_format(server, urls, refs):
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "stream": True,
+            "messages": [user_message(urls[0], prompt_for(0))]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == refs[0].text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "mmspec" in chunks[-1]
+
+
 def test_default_settings_and_max_completion_tokens(client, urls, refs, pipe):
     # no max_tokens: up to end-of-sequence (within the context); max_completion_tokens wins over max_tokens
     text, finish, *_ = ask(client, urls, 0, max_tokens=None)
