@@ -177,7 +177,7 @@ class Engine:
         while self.queue and len(self.active) + len(joining) < self.max_batch:
             job = self.queue.popleft()
             if job.error is not None or job.cancelled:
-                failed.append((job, self._finish_error(job, job.error or "cancelled")))
+                failed.append((job, self._finish_error(job, job.error or "cancelled before it started")))
             else:
                 joining.append(job)
         if len(joining) > 1:
@@ -221,19 +221,29 @@ class Engine:
         return StreamEvent(round=Round((), 0, None), token_ids=[], text="", stats=job.stats, done=True,
                            result=job.result)
 
-    def cancel_finished(self) -> None:
+    def cancel_finished(self) -> list[tuple[Job, StreamEvent]]:
+        """Cancelled rows leave the batch; each gets a last event (``done``, stop reason "cancelled")."""
         gone = [r for r, j in self.active.items() if j.cancelled]
+        events = []
         if gone:
             for r in gone:
-                self.active.pop(r)
+                job = self.active.pop(r)
+                job.stats.stop_reason = "cancelled"
+                job.stats.wall_s = time.perf_counter() - job.start
+                text = self.adapter.decode(job.token_ids)
+                job.result = GenerationResult(text=text, token_ids=list(job.token_ids), rounds=list(job.rounds),
+                                              stats=job.stats, prompt_ids=list(job.request.prompt_ids))
+                events.append((job, StreamEvent(round=Round((), 0, None), token_ids=list(job.token_ids), text=text,
+                                                stats=job.stats, done=True, result=job.result)))
             self.target.remove(gone)
             self.drafts.remove(gone)
+        return events
 
     # ----- one round --------------------------------------------------------------------------------
     def step(self) -> list[tuple[Job, StreamEvent]]:
         """Admit what fits, run one round over every row in flight, and return each row's event."""
-        self.cancel_finished()
-        events = self._admit()
+        events = self.cancel_finished()
+        events += self._admit()
         if not self.active:
             return events
         rows = list(self.active)
@@ -317,10 +327,8 @@ class Engine:
     def _commit(self, rows, drafts, accepted) -> None:
         self.target.commit({r: range(1 + accepted[r][0]) for r in rows})
         results = {r: (accepted[r][0], drafts[r].ids.tolist()[:accepted[r][0]] + [accepted[r][1]]) for r in rows}
-        hidden = None
-        if self.drafts.wants_hidden:
-            hidden = {r: self.target.hidden[r][: 1 + accepted[r][0]] for r in rows}
-        self.drafts.update(results, hidden)
+        # the target's hidden states of the positions just committed, for drafters that read them
+        self.drafts.update(results, self.target.committed_hidden if self.drafts.wants_hidden else None)
         self._results = results
 
     def _emit(self, rows, drafts, accepted) -> list[tuple[Job, StreamEvent]]:

@@ -24,6 +24,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_TARGET = ASSETS / "models" / "target"
 BUNDLED_TEXT_DRAFTER = ASSETS / "models" / "text-drafter"
 BUNDLED_VISUAL_DRAFTER = ASSETS / "models" / "visual-drafter"
+BUNDLED_EAGLE_DRAFTER = ASSETS / "models" / "eagle-drafter"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -280,7 +281,8 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
         target = BUNDLED_TARGET
     if drafter == "default":
         if bundled:
-            drafter = BUNDLED_VISUAL_DRAFTER if drafter_kind == "visual" else BUNDLED_TEXT_DRAFTER
+            drafter = {"visual": BUNDLED_VISUAL_DRAFTER, "eagle": BUNDLED_EAGLE_DRAFTER}.get(drafter_kind,
+                                                                                        BUNDLED_TEXT_DRAFTER)
         else:
             drafter = None
     if drafter_kind is None:

@@ -40,7 +40,7 @@ class Stats:
     wall_s: float = 0.0
     time_to_first_token_s: float = 0.0
     vision_cache_hit: bool = False
-    stop_reason: str = ""           # "eos" | "max_new_tokens" | "context" | "error"
+    stop_reason: str = ""           # "eos" | "max_new_tokens" | "context" | "cancelled" | "error"
 
     @property
     def mean_accepted(self) -> float:

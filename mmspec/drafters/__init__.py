@@ -17,6 +17,7 @@ DRAFTER_KINDS: dict[str, str] = {
     "text": "mmspec.drafters.text:TextDrafter",
     "visual": "mmspec.drafters.visual:VisualDrafter",
     "vlm": "mmspec.drafters.vlm:VlmDrafter",
+    "eagle": "mmspec.drafters.eagle:EagleDrafter",
     "ngram": "mmspec.drafters.ngram:NgramDrafter",
     "none": "mmspec.drafters.base:NoDrafter",
 }

@@ -53,7 +53,7 @@ def to_target_vocab(q: torch.Tensor, target_vocab: int) -> torch.Tensor:
 
 
 def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec], target_vocab: int,
-                eos_ids: frozenset[int]) -> list[Draft]:
+                eos_ids: frozenset[int], stop_threshold: float = 0.0) -> list[Draft]:
     """Draft autoregressively for B rows at once: ``logits`` [B, drafter_vocab] predict each row's first token,
     ``step(tokens [B])`` feeds one token per row and returns the next logits (not called after the last step).
     Row b drafts ``ks[b]`` tokens, fewer when it drafts an end-of-sequence token (nothing after it can be
@@ -74,6 +74,11 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
                 token[b] = torch.multinomial(q, 1, generator=spec.generator)[0]
                 qs[b].append(q)
         toks.append(token)
+        if stop_threshold > 0:
+            conf = logits.float().softmax(-1).gather(-1, token[:, None])[:, 0]
+            for b in torch.nonzero(conf < stop_threshold).flatten().tolist():
+                if not done[b]:
+                    lengths[b] = min(lengths[b], i)
         if eos is not None:
             # one host sync per drafting step: which rows just drafted their end of sequence
             hit = torch.isin(token, eos).tolist()

@@ -75,6 +75,7 @@ class TargetBatch:
         self.fresh: dict = {}            # row -> (embeds of the positions before the pending one, pending's embed)
         self.prefilled: list = []        # SlotCaches of prefills not yet merged into ``main``
         self.hidden: dict = {}           # row -> [n, hidden] of the last verify, when ``want_hidden``
+        self.committed_hidden: dict = {}
 
     def _slots(self):
         return SlotCache(self.config, self.device, self.dtype)
@@ -145,8 +146,8 @@ class TargetBatch:
             for b, r in enumerate(joining):
                 n = int(ids[r].shape[0])
                 out[r] = logits[b, starts[b]: starts[b] + n]
-                if self.want_hidden:
-                    self.hidden[r] = hidden[b, starts[b]: starts[b] + n]
+                if self.want_hidden:   # the prompt's positions too: they are committed with this round
+                    self.hidden[r] = hidden[b, : starts[b] + n]
         rows = self.main.rows
         counts = [int(ids[r].shape[0]) if r in ids else 0 for r in rows]
         T = max(counts, default=0)
@@ -171,7 +172,19 @@ class TargetBatch:
         return out
 
     def commit(self, keep: dict) -> None:
-        """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache."""
+        """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache.
+        With ``want_hidden``, ``committed_hidden[row]`` is then the last hidden states of the positions this
+        commit added, in order (for a row's first round: its whole prompt, then what was kept)."""
+        if self.want_hidden:
+            self.committed_hidden = {}
+            starts = {r: L for slots in self.prefilled for r, L in zip(slots.rows, slots.prefix)}
+            for r, idx in keep.items():
+                h = self.hidden.get(r)
+                if h is None:
+                    continue
+                L = starts.get(r, 0)
+                sel = torch.tensor([L + i for i in idx], dtype=torch.long, device=h.device)
+                self.committed_hidden[r] = torch.cat([h[:L], h.index_select(0, sel)])
         if self.main.rows:
             self.main.commit([list(keep.get(r, ())) for r in self.main.rows])
         for slots in self.prefilled:

@@ -1,0 +1,326 @@
+"""``drafter_kind="eagle"``: a one-layer head that drafts from the target's own last hidden states (EAGLE, MSD).
+
+At sequence position t the head takes the target's last hidden state h_t and the input of position t+1 (the
+token's embedding, or for an image placeholder the image feature the target put there, through its own
+projection: modality-decoupled, as MSD) and predicts h_{t+1}; the target's own LM head (frozen, shared, never
+copied) turns the prediction into a distribution. Drafting k tokens feeds its own predictions back. The engine
+hands the head the target's hidden states of every position it commits (``wants_hidden``), so after each round
+the head re-reads the true features of the accepted tokens (its own guesses are dropped from its cache).
+
+Optional: a trimmed LM head for drafting only (VocabTrim: the rows of the tokens the target actually emits),
+and a confidence stop (a row's draft ends when the head's probability for its next token is below
+``stop_threshold``: Draft & Verify / MCSD). Folders are made by ``mmspec train-drafter --kind eagle``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
+from mmspec.errors import MMSpecError
+from mmspec.kv import CACHE_KW, SlotCache, chain
+from mmspec.targets.base import Request, TargetAdapter
+
+CONFIG_NAME = "eagle_config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mmspec-eagle/1"
+
+
+def layer_config(cfg: dict):
+    from transformers import LlamaConfig
+
+    cfg_ = LlamaConfig(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                       num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
+                       head_dim=cfg["hidden_size"] // cfg["num_attention_heads"], num_hidden_layers=1,
+                       rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=cfg["max_position_embeddings"],
+                       vocab_size=cfg["vocab_size"], rope_theta=cfg.get("rope_theta", 10000.0))
+    cfg_._attn_implementation = "sdpa"
+    return cfg_
+
+
+def head_config_for(adapter: TargetAdapter, intermediate_size: int | None = None) -> dict:
+    """The head's shape for a target: the target's hidden size, heads and vocabulary; one layer."""
+    text = adapter.model.config.get_text_config()
+    heads = int(text.num_attention_heads)
+    return {"format": FORMAT, "family": adapter.family, "model_type": adapter.model.config.model_type,
+            "target": str(adapter.model.config._name_or_path), "hidden_size": int(text.hidden_size),
+            "intermediate_size": int(intermediate_size or text.intermediate_size), "num_attention_heads": heads,
+            "num_key_value_heads": int(getattr(text, "num_key_value_heads", heads) or heads),
+            "rms_norm_eps": float(getattr(text, "rms_norm_eps", 1e-6)),
+            "max_position_embeddings": int(adapter.context_length if adapter.context_length < 1 << 20 else 32768),
+            "vocab_size": int(adapter.vocab_size), "draft_vocab": None, "stop_threshold": 0.0}
+
+
+class EagleHead(nn.Module):
+    """fc(cat(input, hidden)) -> one Llama decoder layer -> predicted next hidden state."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        self.cfg = dict(cfg)
+        H = cfg["hidden_size"]
+        self.layer_cfg = layer_config(cfg)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.image_proj = nn.Linear(H, H, bias=False)   # image positions: the target's image features, projected
+        self.layer = LlamaDecoderLayer(self.layer_cfg, 0)
+        self.rotary = LlamaRotaryEmbedding(self.layer_cfg)
+        with torch.no_grad():
+            self.image_proj.weight.copy_(torch.eye(H))
+            # start as "input + hidden": the layer then learns the step from h_t to h_{t+1}
+            self.fc.weight.zero_()
+            self.fc.weight[:, :H] += torch.eye(H) * 0.5
+            self.fc.weight[:, H:] += torch.eye(H) * 0.5
+
+    def inputs(self, token_embeds: torch.Tensor, image_feats: torch.Tensor | None, is_image: torch.Tensor | None):
+        """The per-position input: token embeddings, or projected image features at image positions."""
+        if image_feats is None or is_image is None or not bool(is_image.any()):
+            return token_embeds
+        return torch.where(is_image[..., None], self.image_proj(image_feats.to(token_embeds.dtype)), token_embeds)
+
+    def forward(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        # hidden, inputs: [B, T, H] -> [B, T, H]
+        x = self.fc(torch.cat([inputs.to(self.fc.weight.dtype), hidden.to(self.fc.weight.dtype)], dim=-1))
+        rotary = self.rotary(x, positions)
+        kw = {CACHE_KW: cache} if cache is not None else {}
+        out = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
+                         use_cache=cache is not None, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    # ----- files ----------------------------------------------------------------------------------
+    def save_pretrained(self, folder, dtype: torch.dtype = torch.float32) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith("rotary.")}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (folder / CONFIG_NAME).write_text(json.dumps(self.cfg, indent=2) + "\n")
+
+    @classmethod
+    def exists(cls, folder) -> bool:
+        return (Path(str(folder)) / CONFIG_NAME).is_file()
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "EagleHead":
+        from safetensors.torch import load_file
+
+        folder = Path(str(folder))
+        if not cls.exists(folder):
+            raise MMSpecError(f"{folder} is not an eagle drafter (no {CONFIG_NAME}); make one with "
+                              "`mmspec train-drafter --kind eagle`")
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+        if cfg.get("format") != FORMAT:
+            raise MMSpecError(f"{folder / CONFIG_NAME} is not an mmspec eagle head config ({FORMAT})")
+        head = cls(cfg)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        missing, unexpected = head.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.startswith("rotary.")]
+        if missing or unexpected:
+            raise MMSpecError(f"{folder}: eagle weights do not match its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+        return head
+
+
+def check_head_fits(cfg: dict, adapter: TargetAdapter, where) -> None:
+    """A head trained for another target is refused: hidden size, vocabulary and family must be the target's."""
+    text = adapter.model.config.get_text_config()
+    problems = []
+    if cfg["hidden_size"] != text.hidden_size:
+        problems.append(f"hidden size {cfg['hidden_size']} vs the target's {text.hidden_size}")
+    if cfg["vocab_size"] != adapter.vocab_size:
+        problems.append(f"vocabulary {cfg['vocab_size']} vs the target's {adapter.vocab_size}")
+    if cfg.get("family") != adapter.family:
+        problems.append(f"family {cfg.get('family')!r} vs the target's {adapter.family!r}")
+    if problems:
+        raise MMSpecError(f"the eagle drafter in {where} was trained for another target ({'; '.join(problems)}); "
+                          "train one for this target with `mmspec train-drafter --kind eagle --target ...`")
+
+
+class EagleDrafter(Drafter):
+    kind = "eagle"
+    default_k = 4
+    needs_weights = True
+
+    def __init__(self, target: TargetAdapter, head: EagleHead, where="the given head"):
+        super().__init__(target)
+        check_head_fits(head.cfg, target, where)
+        self.head = head.to(target.device, target.model.dtype).eval()
+        self.model = self.head
+        self.lm_head = target.model.get_output_embeddings()
+        self.embed = target.model.get_input_embeddings()
+        vocab = head.cfg.get("draft_vocab")
+        self.draft_vocab = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=target.device)
+        # VocabTrim: the rows of the tokens drafting may propose (a drafting-only slice; verification is unchanged)
+        self.trimmed_weight = None if vocab is None else self.lm_head.weight.detach()[self.draft_vocab]
+        self.stop_threshold = float(head.cfg.get("stop_threshold") or 0.0)
+        bad = torch.zeros(target.vocab_size, dtype=torch.bool)
+        bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
+        tok_len = len(target.tokenizer)
+        if tok_len < target.vocab_size:
+            bad[tok_len:] = True   # padding rows of the target's vocabulary are never emitted
+        self.bad_ids = bad.to(target.device)
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "EagleDrafter":
+        if not EagleHead.exists(path):
+            raise MMSpecError(f"{path} is not an eagle drafter folder (no {CONFIG_NAME}); make one with "
+                              "`mmspec train-drafter --kind eagle`")
+        return cls(target, EagleHead.from_pretrained(path), where=str(path))
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """[..., H] predicted hidden states -> [..., vocab] float32 logits over the target's vocabulary."""
+        if self.trimmed_weight is None:
+            return self.lm_head(f).float().masked_fill(self.bad_ids, float("-inf"))
+        small = torch.nn.functional.linear(f, self.trimmed_weight).float()
+        full = torch.full(f.shape[:-1] + (self.target.vocab_size,), float("-inf"), device=f.device)
+        full[..., self.draft_vocab] = small
+        return full.masked_fill(self.bad_ids, float("-inf"))
+
+    def batch(self) -> "EagleDraftBatch":
+        return EagleDraftBatch(self)
+
+
+class EagleDraftBatch(DraftBatch):
+    """Rows over one head cache. Row r's head has consumed pairs (h_t, input_{t+1}) for t < ``fed[r]``; the
+    pairs whose true hidden states came in since wait in ``todo[r]``."""
+
+    wants_hidden = True
+
+    def __init__(self, drafter: EagleDrafter):
+        self.d = drafter
+        self.head = drafter.head
+        self.device = drafter.target.device
+        self.slots = SlotCache(drafter.head.layer_cfg, self.device, drafter.target.model.dtype)
+        self.specs: dict = {}
+        self.inputs: dict = {}       # row -> [L, H] the prompt's inputs (embeddings / projected image features)
+        self.todo: dict = {}         # row -> (hidden [m, H], inputs [m, H]) not fed yet
+        self.base: dict = {}         # row -> head cache length before this round's drafts
+        self.fresh: set = set()
+
+    def add(self, row, spec: RowSpec) -> None:
+        request = spec.request
+        adapter = self.d.target
+        with torch.inference_mode():
+            embeds = adapter.prompt_embeds(request)[0]                      # [L, H] with the image features
+            ids = torch.tensor(request.prompt_ids, device=self.device)
+            is_image = torch.isin(ids, torch.tensor(sorted(adapter.feature_token_ids), device=self.device))
+            token = self.d.embed(ids)
+            self.inputs[row] = self.head.inputs(token, embeds, is_image)
+        self.specs[row] = spec
+        self.todo[row] = None
+        self.fresh.add(row)
+
+    def remove(self, rows) -> None:
+        for r in rows:
+            for d in (self.specs, self.inputs, self.todo, self.base):
+                d.pop(r, None)
+            self.fresh.discard(r)
+        self.slots.remove([r for r in rows if r in self.slots.rows])
+
+    def _run(self, slots: SlotCache, hidden, inputs, parents) -> torch.Tensor:
+        mask, pos = slots.extend(parents)
+        f = self.head(hidden, inputs, mask, pos, slots.cache)
+        slots.commit([list(range(len(p))) for p in parents])
+        return f
+
+    def propose(self, ks: dict) -> dict:
+        out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
+        # a row drafts once the target has given it hidden states (after its prefill's round)
+        rows = [r for r, k in ks.items() if k > 0 and self.todo.get(r) is not None]
+        if not rows:
+            return out
+        joining = [r for r in rows if r in self.fresh]
+        last = {}
+        if joining:
+            slots = SlotCache(self.d.head.layer_cfg, self.device, self.slots.dtype)
+            for r in joining:
+                slots.add_empty(r)
+            last.update(self._feed(slots, joining))
+            self.slots.absorb(slots)
+            self.fresh.difference_update(joining)
+        rest = [r for r in self.slots.rows if r not in last and self.todo.get(r) is not None]
+        if rest:
+            last.update(self._feed(self.slots, rest))
+        for r in self.slots.rows:
+            self.base[r] = self.slots.length(r)
+        order = self.slots.rows
+        state = {"f": torch.stack([last[r] for r in rows])}       # [R, H] the latest predicted hidden state
+        forwards = [1]
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            forwards[0] += 1
+            H = state["f"].shape[-1]
+            hid = torch.zeros(len(order), 1, H, dtype=state["f"].dtype, device=self.device)
+            inp = torch.zeros_like(hid)
+            emb = self.d.embed(tokens)
+            for i, r in enumerate(rows):
+                b = order.index(r)
+                hid[b, 0], inp[b, 0] = state["f"][i], emb[i]
+            parents = [[-1] if r in rows else [] for r in order]
+            f = self._run(self.slots, hid, inp, parents)[:, 0]
+            state["f"] = f[[order.index(r) for r in rows]]
+            return self.d.logits(state["f"])
+
+        first = self.d.logits(state["f"])
+        drafts = draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
+                             self.d.target.vocab_size, self.d.eos_ids, self.d.stop_threshold)
+        for r, dr in zip(rows, drafts):
+            dr.forwards = forwards[0]
+            out[r] = dr
+        return out
+
+    def _feed(self, slots: SlotCache, rows: list) -> dict:
+        """Feed each row's waiting (true hidden, input) pairs; -> row -> the prediction after its last pair."""
+        order = slots.rows
+        items = {r: self.todo[r] for r in rows}
+        T = max(items[r][0].shape[0] for r in rows)
+        H = self.head.cfg["hidden_size"]
+        dtype = self.slots.dtype
+        hid = torch.zeros(len(order), T, H, dtype=dtype, device=self.device)
+        inp = torch.zeros_like(hid)
+        counts = []
+        for b, r in enumerate(order):
+            if r in items:
+                h, u = items[r]
+                hid[b, : h.shape[0]], inp[b, : h.shape[0]] = h, u
+                counts.append(h.shape[0])
+            else:
+                counts.append(0)
+        f = self._run(slots, hid, inp, [chain(n) for n in counts])
+        out = {}
+        for b, r in enumerate(order):
+            if r in items:
+                out[r] = f[b, counts[b] - 1]
+                self.todo[r] = None
+        return out
+
+    def update(self, results: dict, hidden: dict | None = None) -> None:
+        for r, (n_accepted, emitted) in results.items():
+            if r in self.base:
+                # the head's own guesses for this round's drafts leave; the true features replace them
+                self.slots.truncate(r, self.base.pop(r))
+            h = hidden[r]                                   # [m, H]: the positions just committed
+            m = h.shape[0]
+            prompt = self.inputs[r]
+            if self.todo.get(r) is None and r in self.fresh and r not in self.slots.rows:
+                # first round: hidden of the whole prompt (but its last) + pending + accepted; inputs are the
+                # prompt's from position 1, then the emitted tokens
+                new_inputs = torch.cat([prompt[1:], self.d.embed(torch.tensor(emitted, device=self.device))])
+            else:
+                new_inputs = self.d.embed(torch.tensor(emitted, device=self.device))
+            new_inputs = new_inputs[-m:]
+            prev = self.todo.get(r)
+            if prev is not None:
+                h = torch.cat([prev[0], h])
+                new_inputs = torch.cat([prev[1], new_inputs])
+            self.todo[r] = (h, new_inputs)
+
+
+__all__ = ["EagleDrafter", "EagleHead", "check_head_fits", "head_config_for"]
