@@ -4,10 +4,15 @@ Inputs are image files, folders (searched recursively for image extensions), glo
 (``.txt``: one path per line; ``.jsonl``: one ``{"path": ..., "prompt": ...}`` per line). Each input gets
 exactly one JSON line in ``--out``::
 
-    {"path", "prompt", "caption", "tokens", "mean_accepted", "acceptance_rate", "time_s", "error", ...}
+    {"mmspec": "caption/1", "path", "prompt", "caption", "tokens", "mean_accepted", "acceptance_rate",
+     "time_s", "error", ...}
 
 Guarantees (see docs/CAPTIONING.md):
 
+- mmspec writes only files of its own (the first line is a caption record) or new ones: any other existing
+  ``--out``/``--csv`` is refused before work starts (exit status 2) and left byte-for-byte as it was; inside
+  our file only our lines are trusted. Flag values, prompts and output paths are all checked before the first
+  input, so a value wrong for every input never turns into an error line per input;
 - every line is written with one ``write``, flushed and ``fsync``-ed before the next input starts, so a crash
   loses at most the input being captioned;
 - a rerun with the same ``--out`` skips the inputs already done (same path and prompt) and finishes the rest;
@@ -15,7 +20,9 @@ Guarantees (see docs/CAPTIONING.md):
 - one process at a time writes an output file (an exclusive ``flock``), so two runs cannot interleave;
 - inputs whose line records an error count as done (the error is the answer for a corrupt file);
   ``--retry-errors`` redoes them, replacing their error lines so that each input still has one line;
-- a bad image never stops the batch: it gets an error line and the exit status is 1.
+- a bad image never stops the batch: it gets an error line and the exit status is 1;
+- a write that fails (disk full) is taken back and stops the run (exit status 2), the file still ending in a
+  complete line; rerunning finishes it.
 
 The captions are exactly what ``pipe.generate(image, prompt)`` returns. ``--backend ray`` runs the same
 captioner on Ray Data, one model replica per worker; the driver alone writes the file, with the same guarantees.
@@ -365,14 +372,15 @@ def check_outputs(args, tasks: list[Task]) -> None:
         _check_output_path("--csv", csv_path,
                            create_folder=os.path.dirname(os.path.abspath(csv_path)) == out_folder,
                            why_regular="it is replaced atomically at the end of the run")
-    inputs = [os.path.expanduser(str(p)) for p in args.paths if os.path.isfile(os.path.expanduser(str(p)))]
-    inputs += [t.path for t in tasks]
+    given = [os.path.expanduser(str(p)) for p in args.paths if os.path.isfile(os.path.expanduser(str(p)))]
     for flag, path in (("--out", out), ("--csv", csv_path)):
         if path is None:
             continue
-        real = os.path.realpath(path)
-        for inp in inputs:
-            if os.path.realpath(inp) == real or (os.path.exists(path) and _same_file(inp, path)):
+        name = os.path.basename(path)
+        # the files named on the command line (list files above all: any spelling, hard links), and the images
+        # found (by name first: a batch may hold a million of them)
+        for inp in given + [t.path for t in tasks if os.path.basename(t.path) == name]:
+            if _same_file(inp, path):
                 raise MMSpecError(f"{flag} {path} is also an input of this run ({inp}); mmspec never writes over "
                                   f"its inputs. Choose another {flag}")
     if os.path.exists(out):
