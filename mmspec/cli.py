@@ -37,7 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="drafter model: hub id or folder; 'none' for weightless kinds (default: bundled with "
                         "the bundled target, none otherwise)")
     g.add_argument("--drafter-kind", default=None,
-                   help="text | visual | vlm | ngram | none (mmspec.drafters.DRAFTER_KINDS; default: text when a "
+                   help="text | visual | vlm | eagle | ngram | none (mmspec.drafters.DRAFTER_KINDS; default: text when a "
                         "drafter model is given, else ngram)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, "
