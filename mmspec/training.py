@@ -1,4 +1,4 @@
-"""``mmspec train-drafter``: distil a drafter (text or visual) from any supported target.
+"""``mmspec train-drafter``: distil a drafter (text, visual or eagle) from any supported target.
 
 1. Self-distillation data: the target answers every (image, prompt) greedily; the answer ids, the target's
    top-K next-token distributions along the answer, and (visual) the pooled source features are written to
@@ -121,7 +121,8 @@ def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
     return row
 
 
-def build_distill_data(pipe, examples: list[Example], folder: Path, args, pool_m: int | None, desc: str) -> list[dict]:
+def build_distill_data(pipe, examples: list[Example], folder: Path, args, pool_m: int | None, desc: str,
+                       make_row=None) -> list[dict]:
     import torch
 
     from tqdm import tqdm
@@ -138,7 +139,7 @@ def build_distill_data(pipe, examples: list[Example], folder: Path, args, pool_m
                 continue
             part = []
             for ex in examples[s * SHARD:(s + 1) * SHARD]:
-                row = distill_example(pipe, ex, args, pool_m)
+                row = (make_row or distill_example)(pipe, ex, args, pool_m)
                 if row is not None:
                     part.append(row)
                 bar.update()
@@ -215,22 +216,14 @@ def batch_loss(drafter, projector, rows: list[dict], loss_kind: str, unk: int) -
     return total / max(count, 1)
 
 
-def train(args, pipe, rows: list[dict], out: Path):
+def train(args, modules: dict, loss_fn, rows: list[dict], out: Path, desc: str) -> None:
+    """AdamW with warm-up and linear decay over ``modules``' parameters, minimising ``loss_fn(batch of rows)``;
+    a checkpoint every ``--checkpoint-every`` steps in OUT/checkpoint.pt, which ``--resume`` continues from."""
     import torch
 
     from tqdm import tqdm
 
-    from vision.compress import VisualProjector
-
-    drafter = make_drafter(args, pipe).float().train()
-    projector = None
-    if args.kind == "visual":
-        in_dim = rows[0]["pooled"].shape[-1]
-        projector = VisualProjector(in_dim, drafter.config.hidden_size, args.num_visual_tokens,
-                                    source=args.visual_source, open_clip_model=args.open_clip_model,
-                                    open_clip_pretrained=args.open_clip_pretrained)
-        projector.train()
-    params = list(drafter.parameters()) + (list(projector.parameters()) if projector else [])
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, args.steps // 20)) * max(0.05, 1 - s / max(1, args.steps)))
@@ -238,19 +231,21 @@ def train(args, pipe, rows: list[dict], out: Path):
     step = 0
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        drafter.load_state_dict(state["drafter"])
-        if projector is not None:
-            projector.load_state_dict(state["projector"])
+        if set(state.get("modules", {})) != set(modules):
+            raise MMSpecError(f"{ckpt} holds {sorted(state.get('modules', {}))}, not {sorted(modules)}: it was "
+                              "written by another --kind; use another --out or drop --resume")
+        for name, m in modules.items():
+            m.load_state_dict(state["modules"][name])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = state["step"]
         print(f"resumed from {ckpt} at step {step}")
-    tok = pipe.processor.tokenizer
-    unk = tok.unk_token_id if tok.unk_token_id is not None else 0
+    for m in modules.values():
+        m.train()
     rng = random.Random(args.seed + step)
-    with tqdm(total=args.steps, initial=step, desc=f"train {args.kind} drafter", unit="step") as bar:
+    with tqdm(total=args.steps, initial=step, desc=desc, unit="step") as bar:
         while step < args.steps:
-            loss = batch_loss(drafter, projector, rng.sample(rows, min(args.batch_size, len(rows))), args.loss, unk)
+            loss = loss_fn(rng.sample(rows, min(args.batch_size, len(rows))))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -260,11 +255,154 @@ def train(args, pipe, rows: list[dict], out: Path):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update()
             if step % args.checkpoint_every == 0 or step == args.steps:
-                state = {"drafter": drafter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "step": step, "projector": projector.state_dict() if projector else None}
+                state = {"modules": {n: m.state_dict() for n, m in modules.items()}, "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "step": step}
                 torch.save(state, ckpt.with_suffix(".tmp"))
                 ckpt.with_suffix(".tmp").replace(ckpt)
-    return drafter.eval(), projector.eval() if projector else None
+    for m in modules.values():
+        m.eval()
+
+
+def train_causal_lm(args, pipe, rows: list[dict], out: Path):
+    """The text drafter (and, for ``visual``, its projector) on the target's distributions along its answers."""
+    from vision.compress import VisualProjector
+
+    drafter = make_drafter(args, pipe).float()
+    projector = None
+    if args.kind == "visual":
+        in_dim = rows[0]["pooled"].shape[-1]
+        projector = VisualProjector(in_dim, drafter.config.hidden_size, args.num_visual_tokens,
+                                    source=args.visual_source, open_clip_model=args.open_clip_model,
+                                    open_clip_pretrained=args.open_clip_pretrained)
+    tok = pipe.processor.tokenizer
+    unk = tok.unk_token_id if tok.unk_token_id is not None else 0
+    modules = {"drafter": drafter, **({"projector": projector} if projector is not None else {})}
+    train(args, modules, lambda batch: batch_loss(drafter, projector, batch, args.loss, unk), rows, out,
+          f"train {args.kind} drafter")
+    return drafter, projector
+
+
+# ---------------------------------------------------------------------------------------------- eagle
+def eagle_example(pipe, ex: Example, args, pool_m=None) -> dict | None:
+    """The target's greedy answer and its last hidden state at every position of prompt + answer."""
+    import torch
+
+    from mmspec.targets.base import TargetBatch
+    from vision.images import load_image
+
+    adapter = pipe.adapter
+    try:
+        res = pipe.generate(ex.image, ex.prompt, max_new_tokens=args.max_new_tokens)
+        image = load_image(ex.image)
+    except MMSpecError as e:
+        print(f"skipping {ex.name}: {e}")
+        return None
+    request = adapter.prepare(image, adapter.format_prompt(ex.prompt))
+    adapter.image_features(request)
+    with torch.inference_mode():
+        batch = TargetBatch(adapter, want_hidden=True)
+        batch.add(0, request)
+        ids = torch.tensor([request.prompt_ids[-1]] + res.token_ids, device=adapter.device)
+        batch.verify({0: ids})
+        hidden = batch.hidden[0]                        # [L + answer, H]
+    return {"ids": request.prompt_ids + res.token_ids, "prompt_len": len(request.prompt_ids),
+            "hidden": hidden.half().cpu(), "features": request.features.half().cpu(), "name": ex.name}
+
+
+def ttt_mask(M: int, steps: int) -> "torch.Tensor":
+    """Attention of the head unrolled ``steps`` times over M positions (training-time test, EAGLE-3): copy s at
+    position p is the chain drafted from base p - s; it sees the true copy up to p - s and its own chain's
+    earlier copies, exactly what the head sees at drafting step s + 1. -> [(steps+1)M, (steps+1)M] bool."""
+    import torch
+
+    n = (steps + 1) * M
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    p = torch.arange(M)
+    for s in range(steps + 1):
+        q = s * M + p
+        base = p - s
+        # true keys at positions <= base
+        allowed[q[:, None], p[None, :]] = p[None, :] <= base[:, None]
+        for s2 in range(1, s + 1):
+            k = base + s2
+            ok = (base >= 0)
+            allowed[q[ok], s2 * M + k[ok]] = True
+    return allowed
+
+
+def eagle_loss(head, drafter_parts, rows: list[dict], steps: int, reg_weight: float = 1.0) -> "torch.Tensor":
+    """Regression to the target's next hidden state plus KL to its next-token distribution, at answer
+    positions, for the true features and ``steps`` rounds of the head's own predictions (``ttt_mask``)."""
+    import torch
+
+    embed, lm_head, image_ids = drafter_parts
+    total, count = 0.0, 0
+    for r in rows:
+        ids = torch.tensor(r["ids"])
+        h = r["hidden"].float()
+        N = ids.shape[0]
+        M = N - 1
+        with torch.no_grad():
+            tok = embed(ids).float()
+            is_image = torch.isin(ids, image_ids)
+            feats = torch.zeros_like(tok)
+            if bool(is_image.any()):
+                feats[is_image] = r["features"].float()
+            target_logp = lm_head(h[1:]).float().log_softmax(-1)          # [M, vocab] predicts x_{t+2}
+        u = head.inputs(tok, feats, is_image)[1:]                          # [M, H] input of position t+1
+        start = max(r["prompt_len"] - 2, 0)                                # head outputs that predict answer tokens
+        hidden_in = h[:-1]
+        allowed = ttt_mask(M, steps)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        positions = torch.arange(M).repeat(steps + 1)[None]
+        outs = []
+        for s in range(steps + 1):
+            # copy j's hidden input at p is copy j-1's prediction at p-1 (copy 0: the target's own)
+            hid = [hidden_in]
+            for prev in outs:
+                hid.append(torch.cat([hidden_in[:1], prev[:-1]]))
+            n = len(hid) * M
+            f = head(torch.cat(hid)[None], u.repeat(len(hid), 1)[None], mask[..., :n, :n], positions[:, :n])[0]
+            outs = [f[j * M:(j + 1) * M] for j in range(len(hid))]
+        for s, f in enumerate(outs):
+            lo = max(start, s)
+            if lo >= M:
+                continue
+            logq = lm_head(f[lo:]).float().log_softmax(-1)
+            p = target_logp[lo:].exp()
+            kl = (p * (target_logp[lo:] - logq)).sum(-1)
+            reg = torch.nn.functional.smooth_l1_loss(f[lo:], h[1:][lo:], reduction="none").mean(-1)
+            total = total + (kl + reg_weight * reg).sum() / (s + 1)
+            count += M - lo
+    return total / max(count, 1)
+
+
+def train_eagle(args, pipe, rows: list[dict], out: Path):
+    import torch
+
+    from mmspec.drafters.eagle import EagleHead, head_config_for
+
+    adapter = pipe.adapter
+    cfg = head_config_for(adapter, args.eagle_intermediate_size)
+    if args.draft_vocab:
+        # VocabTrim: the tokens the target emits most in its own answers (and every end-of-sequence id)
+        counts = torch.zeros(adapter.vocab_size)
+        for r in rows:
+            counts.index_add_(0, torch.tensor(r["ids"][r["prompt_len"]:]), torch.ones(len(r["ids"]) - r["prompt_len"]))
+        keep = set(counts.topk(min(args.draft_vocab, int((counts > 0).sum()))).indices.tolist()) | set(adapter.eos_token_ids)
+        cfg["draft_vocab"] = sorted(keep)
+    cfg["stop_threshold"] = args.stop_threshold
+    torch.manual_seed(args.seed)
+    head = EagleHead(cfg).float()
+    embed = adapter.model.get_input_embeddings().float()
+    lm_head = adapter.model.get_output_embeddings().float()
+    for p in list(embed.parameters()) + list(lm_head.parameters()):
+        p.requires_grad_(False)
+    image_ids = torch.tensor(sorted(adapter.feature_token_ids))
+    parts = (embed, lm_head, image_ids)
+    train(args, {"head": head}, lambda batch: eagle_loss(head, parts, batch, args.ttt_steps), rows, out,
+          "train eagle head")
+    return head
 
 
 # ---------------------------------------------------------------------------------------------- 3. export
@@ -272,6 +410,9 @@ def export(drafter, projector, pipe, out: Path, save_dtype: str) -> None:
     import torch
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
+    if projector is None and not hasattr(drafter, "config"):   # an eagle head: weights + its own config
+        drafter.save_pretrained(out, dtype)
+        return
     drafter.to(dtype).save_pretrained(out, safe_serialization=True)
     pipe.processor.tokenizer.save_pretrained(out)
     if projector is not None:
@@ -308,7 +449,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     g = parser.add_argument_group("training")
-    g.add_argument("--kind", choices=("text", "visual"), default="visual", help="drafter kind to train")
+    g.add_argument("--kind", choices=("text", "visual", "eagle"), default="visual",
+                   help="drafter kind to train: a text LM, a text LM fed compressed visual tokens, or an eagle head "
+                        "over the target's hidden states")
     g.add_argument("--out", required=True, help="output folder (HF format; also holds data and checkpoints)")
     g.add_argument("--data", default=None, help="folder of images or JSONL of {image, prompt} "
                                                 "(default: the bundled synthetic world)")
@@ -335,6 +478,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt and OUT/distill/")
     g.add_argument("--save-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    e = parser.add_argument_group("eagle head (--kind eagle)")
+    e.add_argument("--ttt-steps", type=int, default=2,
+                   help="extra unrolled steps on the head's own predictions (training-time test; 0 = true "
+                        "features only)")
+    e.add_argument("--draft-vocab", type=int, default=0,
+                   help="VocabTrim: draft only over the N tokens the target emits most (0 = the whole vocabulary)")
+    e.add_argument("--stop-threshold", type=float, default=0.0,
+                   help="end a row's draft before a token the head gives less probability than this (0 = never)")
+    e.add_argument("--eagle-intermediate-size", type=int, default=None,
+                   help="MLP width of the head's layer (default: the target's)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -345,6 +498,8 @@ def run(args) -> int:
 
     if args.steps < 1 or args.batch_size < 1 or args.num_visual_tokens < 1 or args.heldout < 1:
         raise MMSpecError("--steps, --batch-size, --num-visual-tokens and --heldout must be at least 1")
+    if args.ttt_steps < 0 or args.draft_vocab < 0 or not 0.0 <= args.stop_threshold < 1.0:
+        raise MMSpecError("--ttt-steps and --draft-vocab must be >= 0 and --stop-threshold in [0, 1)")
     args.prompt = args.prompt or ["Describe the image."]
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -352,18 +507,22 @@ def run(args) -> int:
     # The target answers through mmspec itself (lossless, so the answers are the target's greedy ones, only
     # sooner); --drafter/--drafter-kind pick the helper drafter, by default the bundled text drafter or ngram.
     kind = args.drafter_kind if args.drafter_kind in (None, "text", "ngram", "none") else None
-    pipe = mmspec.load(target=args.target, preset=args.preset, drafter=args.drafter, drafter_kind=kind,
+    drafter = None if str(args.drafter).lower() == "none" else args.drafter
+    pipe = mmspec.load(target=args.target, preset=args.preset, drafter=drafter, drafter_kind=kind,
                        device=args.device, dtype=args.dtype, device_map=args.device_map,
                        trust_remote_code=args.trust_remote_code)
     train_ex, held_ex = read_examples(args)
     m = args.num_visual_tokens if args.kind == "visual" else None
     t0 = time.time()
-    data_dir = out / "distill" / (f"{args.visual_source}-m{m}" if m else "text")
-    rows = build_distill_data(pipe, train_ex, data_dir, args, m,
-                              "target answers (self-distillation)")
+    data_dir = out / "distill" / (f"{args.visual_source}-m{m}" if m else args.kind if args.kind == "eagle" else "text")
+    rows = build_distill_data(pipe, train_ex, data_dir, args, m, "target answers (self-distillation)",
+                              make_row=eagle_example if args.kind == "eagle" else None)
     if not rows:
         raise MMSpecError("no usable training examples (every image failed to load)")
-    drafter, projector = train(args, pipe, rows, out)
+    if args.kind == "eagle":
+        drafter, projector = train_eagle(args, pipe, rows, out), None
+    else:
+        drafter, projector = train_causal_lm(args, pipe, rows, out)
     export(drafter, projector, pipe, out, args.save_dtype)
     report = evaluate(pipe, out, args.kind, held_ex, args.max_new_tokens)
     report.update(kind=args.kind, train_examples=len(rows), steps=args.steps, minutes=round((time.time() - t0) / 60, 1))

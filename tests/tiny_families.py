@@ -225,13 +225,32 @@ def build_tiny_llava_next(folder: Path, vocab_pad: int = 5, seed: int = 0, hidde
 # ------------------------------------------------------------------------------- checks shared by family tests
 
 PROMPTS = ["what color is the circle ?", "describe the image ."]
-KINDS = ["text", "ngram", "none", "vlm", "vlm-own"]
+KINDS = ["text", "ngram", "none", "vlm", "vlm-own", "eagle"]
+
+
+def random_eagle_head(target: Path, folder: Path, seed: int = 0) -> Path:
+    """An untrained eagle head shaped for ``target`` (random weights: checks losslessness and plumbing)."""
+    import mmspec
+    from mmspec.drafters.eagle import EagleHead, head_config_for
+
+    torch.manual_seed(seed)
+    adapter = mmspec.load(str(target), drafter=None, drafter_kind="none").adapter
+    head = EagleHead(head_config_for(adapter))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    head.save_pretrained(folder)
+    return folder
 
 
 def load_pipes(target: Path, drafters: dict[str, Path | None]) -> dict:
-    """One pipeline per drafter kind ("vlm-own" = a vlm drafter with its own vision tower)."""
+    """One pipeline per drafter kind ("vlm-own" = a vlm drafter with its own vision tower); "eagle" gets a
+    random head for the target unless one is given."""
     import mmspec
 
+    drafters = dict(drafters)
+    if drafters.get("eagle") is None:
+        drafters["eagle"] = random_eagle_head(target, Path(target).parent / "eagle")
     return {kind: mmspec.load(str(target), drafter=None if d is None else str(d), drafter_kind=kind.split("-")[0])
             for kind, d in drafters.items()}
 

@@ -1,0 +1,197 @@
+"""The eagle drafter: a head over the target's own hidden states.
+
+Lossless greedy output (batch 1 and batched) with a random head and with a briefly trained one, the hidden
+states the engine hands the head equal a fresh forward's, save/load round trip, a head for another target is
+refused, sampling follows the target, the trainer (training-time test unrolling) runs, checkpoints and resumes.
+Every other family runs the eagle kind through tests/tiny_families.py (KINDS).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mmspec
+from mmspec.cli import main
+from mmspec.drafters.eagle import EagleDrafter, EagleHead, head_config_for
+from mmspec.pipeline import Pipeline
+from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
+from tests.tiny import sample_image
+from tests.tiny_families import random_eagle_head
+
+PROMPTS = ["what color is the circle ?", "describe the image ."]
+MAX_NEW = 20
+
+
+def hf_greedy(pipe, image, prompt, max_new_tokens=MAX_NEW):
+    inputs = pipe.processor(images=image, text=pipe.adapter.format_prompt(prompt), return_tensors="pt")
+    out = pipe.target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_target):
+    return mmspec.load(str(tiny_target), drafter=None, drafter_kind="none")
+
+
+@pytest.fixture(scope="module")
+def scene_data(tmp_path_factory):
+    """A JSONL of images and prompts in the tiny tokenizer's words."""
+    folder = tmp_path_factory.mktemp("eagle-data")
+    lines = []
+    for seed in range(8):
+        sample_image(seed).save(folder / f"img{seed}.png")
+        lines.append(json.dumps({"image": f"img{seed}.png", "prompt": PROMPTS[seed % 2]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, scene_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eagle-trained")
+    assert _train(tiny_target, scene_data, out, 120) == 0
+    return out
+
+
+def _train(target, data, out, steps, *extra):
+    return main(["train-drafter", "--kind", "eagle", "--target", str(target), "--drafter", "none",
+                 "--drafter-kind", "none", "--data", str(data), "--out", str(out), "--steps", str(steps),
+                 "--batch-size", "4", "--checkpoint-every", "20", "--max-new-tokens", str(MAX_NEW),
+                 "--heldout", "2", "--lr", "3e-3", "--save-dtype", "float32", *extra])
+
+
+def test_ttt_mask_sees_the_true_prefix_and_its_own_chain():
+    from mmspec.training import ttt_mask
+
+    m = ttt_mask(4, 2)             # copies 0, 1, 2 of positions 0..3
+    q = lambda s, p: s * 4 + p     # noqa: E731
+    assert m[q(0, 2)].nonzero().flatten().tolist() == [0, 1, 2]                    # plain causal
+    # copy 1 at position 3 was drafted from base 2: true 0..2, then itself
+    assert m[q(1, 3)].nonzero().flatten().tolist() == [0, 1, 2, q(1, 3)]
+    # copy 2 at position 3 (base 1): true 0..1, copy 1 at 2, itself
+    assert m[q(2, 3)].nonzero().flatten().tolist() == [0, 1, q(1, 2), q(2, 3)]
+    assert not m[q(2, 1)].any()    # no base: never used in the loss
+
+
+@pytest.mark.parametrize("k", [None, 2, 4])
+def test_random_head_is_lossless(base, tiny_target, tmp_path, k):
+    pipe = mmspec.load(str(tiny_target), drafter=str(random_eagle_head(tiny_target, tmp_path / "h")),
+                       drafter_kind="eagle")
+    for seed in range(3):
+        image, prompt = sample_image(seed), PROMPTS[seed % 2]
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=k)
+        assert res.token_ids == hf_greedy(base, image, prompt)
+
+
+def test_the_head_reads_the_targets_true_hidden_states(base, tiny_target, tmp_path):
+    """What the engine hands the head after each round is the target's last hidden state at every committed
+    position: equal to one fresh forward over prompt + output."""
+    head = EagleHead.from_pretrained(random_eagle_head(tiny_target, tmp_path / "h"))
+    got = []
+
+    class Recording(EagleDrafter):
+        def batch(self):
+            b = super().batch()
+            update = b.update
+
+            def record(results, hidden=None):
+                got.append(hidden[0].clone())
+                update(results, hidden)
+
+            b.update = record
+            return b
+
+    pipe = Pipeline(base.adapter, Recording(base.adapter, head))
+    image, prompt = sample_image(2), PROMPTS[1]
+    res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+    req = base.adapter.prepare(image, base.adapter.format_prompt(prompt))
+    base.adapter.image_features(req)
+    with torch.inference_mode():
+        embeds = torch.cat([base.adapter.prompt_embeds(req),
+                            base.target.get_input_embeddings()(torch.tensor([res.token_ids[:-1]]))], dim=1)
+        ref = base.target.get_decoder()(inputs_embeds=embeds).last_hidden_state[0]
+    seen = torch.cat(got)
+    assert seen.shape[0] == ref.shape[0] == len(req.prompt_ids) + len(res.token_ids) - 1
+    assert torch.allclose(seen, ref, atol=1e-4)
+
+
+def test_trained_head_accepts_and_stays_lossless(base, trained):
+    pipe = mmspec.load(base.target.config._name_or_path, drafter=str(trained), drafter_kind="eagle")
+    tokens = forwards = 0
+    for seed in range(8):
+        image, prompt = sample_image(seed), PROMPTS[seed % 2]
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+        assert res.token_ids == hf_greedy(base, image, prompt)
+        tokens, forwards = tokens + res.stats.new_tokens, forwards + res.stats.target_forwards
+    assert tokens / forwards > 1.3, "a head trained on these very prompts drafts some tokens right"
+    images = [sample_image(s) for s in range(6)]
+    prompts = [PROMPTS[s % 2] for s in range(6)]
+    batched = pipe.generate_batch(images, prompts, batch_size=4, max_new_tokens=MAX_NEW)
+    assert [r.token_ids for r in batched] == [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
+    report = json.loads((trained / "train_report.json").read_text())
+    assert report["kind"] == "eagle" and report["outputs_differing_from_target"] == 0
+
+
+def test_training_resumes_from_its_checkpoint(tiny_target, scene_data, tmp_path, capsys):
+    out = tmp_path / "eagle"
+    assert _train(tiny_target, scene_data, out, 20) == 0
+    first = EagleHead.from_pretrained(out).state_dict()
+    assert _train(tiny_target, scene_data, out, 40, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    second = EagleHead.from_pretrained(out).state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_save_load_round_trip(base, tmp_path):
+    torch.manual_seed(0)
+    head = EagleHead(head_config_for(base.adapter))
+    head.save_pretrained(tmp_path / "h")
+    again = EagleHead.from_pretrained(tmp_path / "h")
+    assert again.cfg == head.cfg
+    for k, v in head.state_dict().items():
+        if not k.startswith("rotary."):
+            assert torch.equal(v, again.state_dict()[k])
+    assert (tmp_path / "h" / "model.safetensors").is_file()
+
+
+def test_a_head_for_another_target_is_refused(base, tiny_target, tmp_path):
+    cfg = head_config_for(base.adapter)
+    for change, message in [({"hidden_size": cfg["hidden_size"] * 2, "intermediate_size": 8}, "hidden size"),
+                            ({"vocab_size": cfg["vocab_size"] + 3}, "vocabulary"),
+                            ({"family": "qwen2_vl"}, "family")]:
+        EagleHead({**cfg, **change}).save_pretrained(tmp_path / message)
+        with pytest.raises(mmspec.MMSpecError, match=f"trained for another target.*{message}"):
+            mmspec.load(str(tiny_target), drafter=str(tmp_path / message), drafter_kind="eagle")
+    with pytest.raises(mmspec.MMSpecError, match="not an eagle drafter"):
+        mmspec.load(str(tiny_target), drafter=str(tmp_path), drafter_kind="eagle")
+
+
+def test_vocab_trim_and_confidence_stop_stay_lossless(base, trained, tmp_path):
+    cfg = json.loads((trained / "eagle_config.json").read_text())
+    head = EagleHead.from_pretrained(trained)
+    # draft only over the tokens of the first few answers, and stop a row's draft below 0.5 confidence
+    answers = {t for s in range(3) for t in hf_greedy(base, sample_image(s), PROMPTS[s % 2])}
+    head.cfg = {**cfg, "draft_vocab": sorted(answers), "stop_threshold": 0.5}
+    pipe = Pipeline(base.adapter, EagleDrafter(base.adapter, head))
+    for seed in range(5):
+        image, prompt = sample_image(seed), PROMPTS[seed % 2]
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=4)
+        assert res.token_ids == hf_greedy(base, image, prompt)
+        assert all(t in answers for r in res.rounds for t in r.draft_ids)
+
+
+def test_sampling_follows_the_target(base, trained):
+    pipe = mmspec.load(base.target.config._name_or_path, drafter=str(trained), drafter_kind="eagle")
+    image, prompt, temperature, top_p = sample_image(3), PROMPTS[1], 1.0, 0.95
+    p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
+    # the head drafts from round 2 on (it needs the prefill's hidden states): 3 tokens cover a drafted round
+    results = pipe.generate_batch([image] * 500, prompt, batch_size=8, max_new_tokens=3, temperature=temperature,
+                                  top_p=top_p, num_draft_tokens=2, seed=0)
+    firsts = [r.token_ids[0] for r in results]
+    seconds = [r.token_ids[1] for r in results if len(r.token_ids) > 1]
+    assert sum(len(r.rounds[1].draft_ids) for r in results if len(r.rounds) > 1) > 0
+    assert _chi2_p(np.bincount(firsts, minlength=len(p1)), p1) > P_MIN
+    assert _chi2_p(np.bincount(seconds, minlength=len(p2)), p2) > P_MIN
