@@ -13,8 +13,9 @@ Guarantees (see docs/CAPTIONING.md):
   ``--out``/``--csv`` is refused before work starts (exit status 2) and left byte-for-byte as it was; inside
   our file only our lines are trusted. Flag values, prompts and output paths are all checked before the first
   input, so a value wrong for every input never turns into an error line per input;
-- every line is written with one ``write``, flushed and ``fsync``-ed before the next input starts, so a crash
-  loses at most the input being captioned;
+- up to ``--batch-size`` inputs are decoded together (continuous batching); each line is written with one
+  ``write`` and ``fsync``-ed as its row finishes, so a crash loses at most the inputs in flight (with
+  ``--compare``, the few batches being compared); lines come in completion order;
 - a rerun with the same ``--out`` skips the inputs already done (same path and prompt) and finishes the rest;
   a last line cut by a crash is detected, removed, and that input is redone;
 - one process at a time writes an output file (an exclusive ``flock``), so two runs cannot interleave;
@@ -24,8 +25,9 @@ Guarantees (see docs/CAPTIONING.md):
 - a write that fails (disk full) is taken back and stops the run (exit status 2), the file still ending in a
   complete line; rerunning finishes it.
 
-The captions are exactly what ``pipe.generate(image, prompt)`` returns. ``--backend ray`` runs the same
-captioner on Ray Data, one model replica per worker; the driver alone writes the file, with the same guarantees.
+The captions are exactly what ``pipe.generate(image, prompt)`` returns, at any batch size. ``--backend ray`` runs
+the same captioner on Ray Data, one model replica per worker, each worker decoding its batches with
+``generate_batch``; the driver alone writes the file, with the same guarantees.
 Also runnable as ``python -m demos.caption``.
 """
 
@@ -38,6 +40,7 @@ import glob
 import io
 import json
 import os
+import queue
 import stat
 import statistics
 import sys
@@ -593,8 +596,26 @@ def write_csv(jsonl_path: str, csv_path: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# captioning one input
+# captioning: one input's record, and the loop that feeds the batched engine
 # ----------------------------------------------------------------------------------------------------------
+DEFAULT_BATCH_SIZE = 16   # = mmspec.Pipeline.default_batch_size (not imported: --help loads no torch)
+LOOKAHEAD = 0.5           # inputs read and queued beyond the batch (a fraction of it), so a freed row refills at once
+COMPARE_CHUNK = 4         # --compare: inputs measured side by side at a time, in batches
+POLL_S = 0.005            # how often the feeding loop looks for finished rows
+CANCEL_WAIT_S = 30.0      # how long a stopped run waits for its cancelled rows to leave the engine
+
+
+@dataclass
+class Timing:
+    """What a backend measured over this run's inputs (model loading excluded unless said)."""
+
+    decode_s: float = 0.0     # wall time of the speculative side
+    plain_s: float = 0.0      # --compare: wall time of the plain side, over ``compared`` inputs
+    compared: int = 0
+    failed_in_batch: int = 0  # rows that ended with an error inside a batch, then captioned again alone
+    note: str = ""            # what decode_s includes beyond decoding
+
+
 def _short(e: BaseException, path: str = "") -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if path and text.startswith(f"{path}: "):  # the line already names the file
@@ -610,45 +631,107 @@ def baseline_pipeline(pipe):
 
 
 def warm_up(*pipes) -> None:
-    """One short request per pipeline so one-time costs do not land on the first image's timing."""
+    """One short batch per pipeline so one-time costs do not land on the first images' timing."""
     from PIL import Image
 
     img = Image.new("RGB", (64, 64), (120, 80, 200))
     for p in pipes:
         try:
-            p.generate(img, DEFAULT_PROMPT, max_new_tokens=4)
+            p.generate_batch([img, img], DEFAULT_PROMPT, max_new_tokens=4)
         except Exception:  # noqa: BLE001 - a failed warm-up only costs accuracy of the first timing
             pass
 
 
-def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | None, baseline=None) -> dict:
-    """One record for ``task``; never raises for a bad input (only for KeyboardInterrupt and the like)."""
+def _fill(rec: dict, res) -> None:
+    s = res.stats
+    rec.update(caption=res.text, tokens=s.new_tokens, mean_accepted=round(s.mean_accepted, 4),
+               acceptance_rate=round(s.acceptance_rate, 4), drafted=s.drafted_tokens, accepted=s.accepted_tokens,
+               target_forwards=s.target_forwards)
+
+
+def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | None, baseline=None,
+                result=None, plain=None) -> dict:
+    """The record of ``task``; never raises for a bad input (only for KeyboardInterrupt and the like).
+
+    ``result`` is the ``GenerationResult`` of its row in the batched engine, ``plain`` (with ``baseline``) that of
+    its plain-decoding row: the record is made from them, ``time_s`` being the row's latency (from reading the
+    input to its last token, in a batch shared with others). With no result, or one that ended with an error,
+    the input is captioned here alone (``generate``, batch 1), so an error line always says what that input does
+    by itself; the same for the plain side."""
     rec = {"path": task.path, "prompt": task.prompt, "caption": None, "tokens": 0, "mean_accepted": None,
            "acceptance_rate": None, "time_s": 0.0, "error": None}
     start = time.perf_counter()
     try:
-        res = pipe.generate(task.path, task.prompt, max_new_tokens=max_new_tokens,
-                            num_draft_tokens=num_draft_tokens)
-        elapsed = time.perf_counter() - start
-        s = res.stats
-        rec.update(caption=res.text, tokens=s.new_tokens, mean_accepted=round(s.mean_accepted, 4),
-                   acceptance_rate=round(s.acceptance_rate, 4), time_s=round(elapsed, 4),
-                   drafted=s.drafted_tokens, accepted=s.accepted_tokens, target_forwards=s.target_forwards)
+        if result is not None and result.error is None:
+            res, elapsed = result, result.stats.wall_s
+        else:
+            res = pipe.generate(task.path, task.prompt, max_new_tokens=max_new_tokens,
+                                num_draft_tokens=num_draft_tokens)
+            elapsed = time.perf_counter() - start
+        _fill(rec, res)
+        rec["time_s"] = round(elapsed, 4)
         if baseline is not None:
-            t0 = time.perf_counter()
-            plain = baseline.generate(task.path, task.prompt, max_new_tokens=max_new_tokens)
-            plain_s = time.perf_counter() - t0
+            if plain is not None and plain.error is None:
+                plain_s = plain.stats.wall_s
+            else:
+                t0 = time.perf_counter()
+                plain = baseline.generate(task.path, task.prompt, max_new_tokens=max_new_tokens)
+                plain_s = time.perf_counter() - t0
             rec.update(plain_time_s=round(plain_s, 4), speedup=round(plain_s / elapsed, 4) if elapsed > 0 else None,
                        plain_matches=plain.token_ids == res.token_ids)
-    except MMSpecError as e:
-        rec.update(error=_short(e, task.path), time_s=round(time.perf_counter() - start, 4))
     except Exception as e:  # noqa: BLE001 - one odd input must not stop the batch; KeyboardInterrupt still does
         rec.update(error=_short(e, task.path), time_s=round(time.perf_counter() - start, 4))
     return rec
 
 
+def feed(pipe, tasks: Iterable[Task], settings: dict, window: int, on_done: Callable) -> None:
+    """Caption ``tasks`` on ``pipe``'s shared batched engine (``pipe.submit``; it keeps
+    ``pipe.default_batch_size`` rows in flight and admits a waiting input as soon as a row finishes), with at most
+    ``window`` inputs read and not finished at a time. ``on_done(task, result)`` runs in this thread as each input
+    finishes, in completion order; ``result`` is None for an input ``submit`` refused (a bad file).
+    Inputs still in the engine when this stops early (Ctrl-C, a failed write) are cancelled."""
+    todo = iter(tasks)
+    out: list = []  # (task, job), oldest first
+    try:
+        while True:
+            while len(out) < window and (task := next(todo, None)) is not None:
+                try:
+                    out.append((task, pipe.submit(task.path, task.prompt, **settings)))
+                except Exception:  # noqa: BLE001 - a bad input: on_done captions it alone, which says why
+                    on_done(task, None)
+            if not out:
+                return
+            finished = [pair[1].done for pair in out]
+            if not any(finished):
+                try:  # sleep until the oldest row has news, or POLL_S
+                    out[0][1].events.get(timeout=POLL_S)
+                except queue.Empty:
+                    pass
+                continue
+            done = [pair for pair, f in zip(out, finished) if f]
+            out = [pair for pair, f in zip(out, finished) if not f]
+            for task, job in done:
+                on_done(task, job.result)
+    finally:
+        _cancel([job for _, job in out])  # (those of ``done`` are finished already)
+
+
+def _cancel(jobs: list) -> None:
+    """Free the rows of ``jobs`` and wait (a little) until the engine has let them go."""
+    for job in jobs:
+        job.cancelled = True
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    for job in jobs:
+        while not job.done and time.monotonic() < deadline:
+            try:
+                job.events.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
 # ----------------------------------------------------------------------------------------------------------
-# backends: each yields records for ``pending`` in any order; the caller writes them
+# backends: each loads its models, then returns work(emit) -> Timing, which hands every record of ``pending``
+# to ``emit`` (the caller writes it) as it finishes, in any order
 # ----------------------------------------------------------------------------------------------------------
 def model_device(args) -> str:
     """Where the target runs: ``--device``, except that Ray workers given GPUs run on them."""
@@ -666,23 +749,80 @@ def _model_kwargs(args) -> dict:
     return {k: getattr(args, k, None) for k in dests}
 
 
-def run_local(args, pending: list[Task]) -> Iterator[dict]:
-    """Loads the models now (before the progress bar starts), then captions lazily, one input per ``next``."""
+def _batch_size(args) -> int:
+    return int(getattr(args, "batch_size", None) or DEFAULT_BATCH_SIZE)
+
+
+def run_local(args, pending: list[Task]) -> Callable[[Callable[[dict], None]], Timing]:
+    """Loads the models now (before the progress bar starts); the returned ``work(emit)`` captions ``pending``
+    through the batched engine, each record handed to ``emit`` as its row finishes.
+
+    With ``--compare``, ``COMPARE_CHUNK`` batches of inputs at a time go through the speculative pipeline, then
+    the same inputs through plain decoding at the same batch size; their lines follow the plain side."""
     from mmspec.cli import load_from_args
 
     pipe = load_from_args(args)
     check_prompts(pipe, pending)
+    batch = _batch_size(args)
+    pipe.default_batch_size = batch  # the rows in flight of the pipeline's shared engine (made at the first submit)
     baseline = baseline_pipeline(pipe) if args.compare else None
     if baseline is not None:
+        baseline.default_batch_size = batch
         warm_up(pipe, baseline)
-    return (caption_one(pipe, task, args.max_new_tokens, args.num_draft_tokens, baseline) for task in pending)
+    window = batch + max(1, int(batch * LOOKAHEAD))
+    settings = dict(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
+    timing = Timing()
+
+    def record(task: Task, result=None, plain=None) -> dict:
+        if result is not None and result.error is not None:
+            timing.failed_in_batch += 1
+        return caption_one(pipe, task, args.max_new_tokens, args.num_draft_tokens, baseline, result, plain)
+
+    def work(emit: Callable[[dict], None]) -> Timing:
+        if baseline is None:
+            t0 = time.perf_counter()
+            feed(pipe, pending, settings, window, lambda task, res: emit(record(task, res)))
+            timing.decode_s = time.perf_counter() - t0
+            return timing
+        step = batch * COMPARE_CHUNK
+        for i in range(0, len(pending), step):
+            chunk = pending[i:i + step]
+            spec: dict = {}
+            plain: dict = {}
+            t0 = time.perf_counter()
+            feed(pipe, chunk, settings, window, lambda task, res: spec.__setitem__(task.key, res))
+            t1 = time.perf_counter()
+            ok = [t for t in chunk if spec.get(t.key) is not None and spec[t.key].error is None]
+            feed(baseline, ok, dict(max_new_tokens=args.max_new_tokens), window,
+                 lambda task, res: plain.__setitem__(task.key, res))
+            timing.decode_s += t1 - t0
+            timing.plain_s += time.perf_counter() - t1
+            timing.compared += len(ok)
+            for task in chunk:
+                emit(record(task, spec.get(task.key), plain.get(task.key)))
+        return timing
+
+    return work
+
+
+def _batch_results(pipe, tasks: list[Task], batch_size: int, **settings) -> list:
+    """``pipe.generate_batch`` over ``tasks`` (results in order); if the batch as a whole fails, no results
+    (each input is then captioned alone by ``caption_one``)."""
+    if not tasks:
+        return []
+    try:
+        return pipe.generate_batch([t.path for t in tasks], [t.prompt for t in tasks], batch_size=batch_size,
+                                   **settings)
+    except Exception:  # noqa: BLE001 - KeyboardInterrupt still stops the worker
+        return [None] * len(tasks)
 
 
 class RayCaptioner:
-    """The Ray Data worker: one model replica per actor, loaded once, captioning one batch of inputs at a time."""
+    """The Ray Data worker: one model replica per actor, loaded once; each call captions one batch of inputs
+    with ``generate_batch`` (``batch_size`` rows in flight)."""
 
     def __init__(self, model_kwargs: dict, max_new_tokens: int, num_draft_tokens: int | None, compare: bool,
-                 num_threads: int = 1):
+                 num_threads: int = 1, batch_size: int = DEFAULT_BATCH_SIZE):
         import argparse as _argparse
 
         import torch
@@ -696,23 +836,43 @@ class RayCaptioner:
             warm_up(self.pipe, self.baseline)
         self.max_new_tokens = max_new_tokens
         self.num_draft_tokens = num_draft_tokens
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
+        tasks = [Task(str(path), str(prompt)) for path, prompt in zip(batch["path"], batch["prompt"])]
+        results = _batch_results(self.pipe, tasks, self.batch_size, max_new_tokens=self.max_new_tokens,
+                                 num_draft_tokens=self.num_draft_tokens)
+        plains = [None] * len(tasks)
+        if self.baseline is not None:  # the same inputs through plain decoding, at the same batch size
+            ok = [i for i, r in enumerate(results) if r is not None and r.error is None]
+            got = _batch_results(self.baseline, [tasks[i] for i in ok], self.batch_size,
+                                 max_new_tokens=self.max_new_tokens)
+            for i, res in zip(ok, got):
+                plains[i] = res
         # Records travel back as JSON strings: no Arrow type inference over None/str/float columns.
-        out = []
-        for path, prompt in zip(batch["path"], batch["prompt"]):
-            rec = caption_one(self.pipe, Task(str(path), str(prompt)), self.max_new_tokens, self.num_draft_tokens,
-                              self.baseline)
-            out.append(json.dumps(rec, ensure_ascii=False))
+        out = [json.dumps(caption_one(self.pipe, task, self.max_new_tokens, self.num_draft_tokens, self.baseline,
+                                      res, plain), ensure_ascii=False)
+               for task, res, plain in zip(tasks, results, plains)]
         return {"record": out}
 
 
-def run_ray(args, pending: list[Task]) -> Iterator[dict]:
+def run_ray(args, pending: list[Task]) -> Callable[[Callable[[dict], None]], Timing]:
     try:
         import ray
         import ray.data
     except ImportError:
         raise MMSpecError("--backend ray needs Ray Data: pip install 'mmspec[ray]' (or 'ray[data]>=2.9,<3')") from None
+
+    def work(emit: Callable[[dict], None]) -> Timing:
+        t0 = time.perf_counter()
+        for rec in _ray_records(ray, args, pending):
+            emit(rec)
+        return Timing(decode_s=time.perf_counter() - t0, note="Ray start-up and the workers' model loading included")
+
+    return work
+
+
+def _ray_records(ray, args, pending: list[Task]) -> Iterator[dict]:
     if not pending:
         return
     workers = max(1, int(args.workers))
@@ -737,11 +897,11 @@ def run_ray(args, pending: list[Task]) -> Iterator[dict]:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
         else:  # Ray < 2.10
             ds = ray.data.from_items(items, parallelism=len(items))
-        ds = ds.map_batches(RayCaptioner, batch_size=1, batch_format="numpy",
+        ds = ds.map_batches(RayCaptioner, batch_size=_batch_size(args), batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             fn_constructor_kwargs=dict(model_kwargs=model_kwargs, max_new_tokens=args.max_new_tokens,
                                                        num_draft_tokens=args.num_draft_tokens, compare=args.compare,
-                                                       num_threads=max(1, int(cpus))),
+                                                       num_threads=max(1, int(cpus)), batch_size=_batch_size(args)),
                             num_cpus=cpus, num_gpus=gpus if gpus > 0 else None)
         rows = iter(ds.iter_rows())
         while True:
@@ -786,11 +946,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default: 64)")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="draft tokens per round (default: adaptive, from the drafter kind)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help="inputs decoded together (continuous batching: a finished row is refilled at once; with "
+                             "--backend ray, per worker); captions are the same at any N (default 16)")
     parser.add_argument("--csv", default=None, metavar="FILE",
                         help="also write all captions of --out as CSV at the end")
     parser.add_argument("--compare", action="store_true",
-                        help="also time plain decoding (drafter kind 'none', same target) on each image and report "
-                             "the measured speedup")
+                        help="also run plain decoding (drafter kind 'none', same target, same --batch-size) on the "
+                             "same inputs, side by side a few batches at a time, and report the measured speedup")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N inputs")
     parser.add_argument("--retry-errors", action="store_true",
                         help="caption again the inputs whose line in --out records an error (their error line "
@@ -822,12 +985,16 @@ def _print(quiet: bool, *parts, file=None) -> None:
         out.flush()  # line by line, also into a pipe (| tee, | head)
 
 
-def _summary(args, records: list[dict], n_new: int, wall: float) -> None:
-    """Totals over every input of this command, captioned now or in an earlier run of the same --out."""
+def _summary(args, records: list[dict], n_new: int, wall: float, timing: Timing | None = None,
+             new_tokens: int = 0) -> None:
+    """Totals over every input of this command, captioned now or in an earlier run of the same --out; speeds
+    from what this run measured (rows of a batch overlap, so their latencies do not add up to a wall time)."""
+    timing = timing or Timing()
+    batch = _batch_size(args)
+    where = f"batch size {batch}" + (f", {args.workers} Ray workers" if args.backend == "ray" else "")
     ok = [r for r in records if r.get("error") is None]
     errors = len(records) - len(ok)
     tokens = sum(r.get("tokens") or 0 for r in ok)
-    gen_s = sum(r.get("time_s") or 0.0 for r in ok)
     forwards = sum(r.get("target_forwards") or 0 for r in ok)
     earlier = len(records) - n_new
     lines = [f"{len(records)} input(s): {len(ok)} captioned, {errors} error(s); {n_new} done now in {wall:.1f}s"
@@ -836,17 +1003,26 @@ def _summary(args, records: list[dict], n_new: int, wall: float) -> None:
         mean_acc = tokens / forwards if forwards else 0.0
         drafted = sum(r.get("drafted") or 0 for r in ok)
         accepted = sum(r.get("accepted") or 0 for r in ok)
-        lines.append(f"  {tokens} tokens, {tokens / gen_s if gen_s > 0 else 0.0:.1f} tokens/s, mean accepted "
-                     f"{mean_acc:.2f} tokens per target forward, {accepted}/{drafted} drafted tokens accepted"
-                     + (f" ({accepted / drafted:.0%})" if drafted else ""))
+        lines.append(f"  {tokens} tokens, mean accepted {mean_acc:.2f} tokens per target forward, "
+                     f"{accepted}/{drafted} drafted tokens accepted" + (f" ({accepted / drafted:.0%})" if drafted else ""))
+    if new_tokens and timing.decode_s > 0:
+        lines.append(f"  this run: {new_tokens} tokens in {timing.decode_s:.1f}s = {new_tokens / timing.decode_s:.1f} "
+                     f"tokens/s at {where}" + (f" ({timing.note})" if timing.note else ""))
+    if timing.failed_in_batch:
+        lines.append(f"  {timing.failed_in_batch} input(s) failed inside a batch and were captioned again alone")
     timed = [r for r in ok if r.get("plain_time_s") and r.get("time_s")]
     if args.compare and timed:
-        plain = sum(r["plain_time_s"] for r in timed)
-        spec = sum(r["time_s"] for r in timed)
         per_image = statistics.median(r["plain_time_s"] / r["time_s"] for r in timed)
         same = sum(bool(r.get("plain_matches")) for r in timed)
-        lines.append(f"  speedup vs plain decoding (same target, drafter kind 'none'): {plain / spec:.2f}x overall "
-                     f"({plain:.2f}s -> {spec:.2f}s), median {per_image:.2f}x per image"
+        if timing.plain_s > 0 and timing.decode_s > 0:
+            overall = (f"{timing.plain_s / timing.decode_s:.2f}x throughput ({timing.plain_s:.2f}s -> "
+                       f"{timing.decode_s:.2f}s for the {timing.compared} input(s) compared now, both sides at {where})")
+        else:  # nothing compared in this run (or by Ray workers): the rows' own latencies
+            plain = sum(r["plain_time_s"] for r in timed)
+            spec = sum(r["time_s"] for r in timed)
+            overall = f"{plain / spec:.2f}x over the summed per-image latencies ({plain:.2f}s -> {spec:.2f}s)"
+        lines.append(f"  speedup vs plain decoding (same target, drafter kind 'none'): {overall}, median "
+                     f"{per_image:.2f}x per image (latency)"
                      + (f" (over {len(timed)} of {len(ok)} images; the others were captioned without --compare)"
                         if len(timed) < len(ok) else "")
                      + f"; identical output on {same}/{len(timed)}")
@@ -865,7 +1041,7 @@ def _per_image(args, rec: dict, i: int, n: int, earlier: bool = False) -> None:
     if not args.compare:
         return
     if rec.get("speedup"):
-        speed = f"speedup {rec['speedup']:.2f}x ({rec['plain_time_s']:.3f}s plain -> {rec['time_s']:.3f}s)"
+        speed = f"speedup {rec['speedup']:.2f}x ({rec['plain_time_s']:.3f}s plain -> {rec['time_s']:.3f}s latency)"
     else:
         speed = f"{rec['time_s']:.3f}s (not compared)"
     same = "" if rec.get("plain_matches", True) else "  [WARNING: differs from plain decoding]"
@@ -890,6 +1066,9 @@ def check_flags(args) -> None:
         raise MMSpecError("--prompt is empty")
     if args.limit is not None and args.limit < 1:
         raise MMSpecError(f"--limit must be at least 1, got {args.limit}")
+    batch = getattr(args, "batch_size", DEFAULT_BATCH_SIZE)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise MMSpecError(f"--batch-size must be a positive whole number, got {batch!r}")
     if args.workers < 1:
         raise MMSpecError(f"--workers must be at least 1, got {args.workers}")
     if not (math.isfinite(args.num_cpus_per_worker) and args.num_cpus_per_worker > 0):
@@ -959,33 +1138,37 @@ def run(args) -> int:
                 hf_logging.disable_progress_bar()
             except ImportError:
                 pass
-        results = BACKENDS[args.backend](args, pending) if pending else iter(())
+        work = BACKENDS[args.backend](args, pending) if pending else None
         bar = tqdm(total=len(pending), unit="img", disable=args.quiet or not pending, dynamic_ncols=True,
                    file=sys.stderr, desc="captioning")
         n_new = n_errors = forwards = tokens = 0
         want = {t.key for t in pending}
+
+        def emit(rec: dict) -> None:
+            nonlocal n_new, n_errors, forwards, tokens
+            key = record_key(rec)
+            if key not in want:  # never twice, whatever a backend sends back
+                return
+            want.discard(key)
+            rec["target"] = target
+            log.append(rec)
+            n_new += 1
+            if rec.get("error") is None:
+                forwards += rec.get("target_forwards") or 0
+                tokens += rec.get("tokens") or 0
+            else:
+                n_errors += 1
+            bar.update(1)
+            bar.set_postfix(mean_acc=f"{tokens / forwards:.2f}" if forwards else "-", errors=n_errors,
+                            refresh=False)
+            _per_image(args, rec, skipped + n_new, len(tasks))
+
         try:
-            for rec in results:
-                key = record_key(rec)
-                if key not in want:  # never twice, whatever a backend sends back
-                    continue
-                want.discard(key)
-                rec["target"] = target
-                log.append(rec)
-                n_new += 1
-                if rec.get("error") is None:
-                    forwards += rec.get("target_forwards") or 0
-                    tokens += rec.get("tokens") or 0
-                else:
-                    n_errors += 1
-                bar.update(1)
-                bar.set_postfix(mean_acc=f"{tokens / forwards:.2f}" if forwards else "-", errors=n_errors,
-                                refresh=False)
-                _per_image(args, rec, skipped + n_new, len(tasks))
+            timing = work(emit) if work is not None else Timing()
         finally:
             bar.close()
         final = [log.records.get(t.key) for t in tasks]
-    _summary(args, [r for r in final if r is not None], n_new, time.perf_counter() - started)
+    _summary(args, [r for r in final if r is not None], n_new, time.perf_counter() - started, timing, tokens)
     if args.csv:
         rows = write_csv(os.path.expanduser(args.out), args.csv)
         _print(args.quiet, f"  wrote {rows} row(s) to {args.csv}")

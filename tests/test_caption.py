@@ -20,6 +20,7 @@ from PIL import Image
 
 import mmspec
 from demos import caption
+from mmspec.cli import build_parser
 from mmspec.cli import main as cli_main
 from tests.tiny import sample_image
 
@@ -171,17 +172,21 @@ def test_all_good_exits_zero_and_limit(tmp_path, model_flags):
         sample_image(20 + i).save(folder / f"{i}.png")
     out = tmp_path / "c.jsonl"
     assert cli_main(["caption", str(folder), "--out", str(out), "--limit", "2", "--quiet", *model_flags]) == 0
-    assert [Path(r["path"]).name for r in read_lines(out)] == ["0.png", "1.png"]
+    # (lines come in the order rows finish, so they are compared as sets)
+    assert sorted(Path(r["path"]).name for r in read_lines(out)) == ["0.png", "1.png"]
     assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", *model_flags]) == 0
-    assert [Path(r["path"]).name for r in read_lines(out)] == ["0.png", "1.png", "2.png"]
+    assert sorted(Path(r["path"]).name for r in read_lines(out)) == ["0.png", "1.png", "2.png"]
 
 
-def _slow_cmd(out: Path, folder: Path, model_flags: list[str]) -> list[str]:
-    # ``python -m demos.caption`` with each image made slower, so the kill lands in the middle of the batch
-    code = ("import sys, time\nimport demos.caption as c\nf = c.caption_one\n"
-            "def slow(*a, **k):\n    r = f(*a, **k)\n    time.sleep(0.25)\n    return r\n"
-            "c.caption_one = slow\nsys.exit(c.main(sys.argv[1:]))\n")
-    return [sys.executable, "-c", code, str(folder), "--out", str(out), "--quiet", *model_flags]
+def _slow_cmd(out: Path, folder: Path, model_flags: list[str], rounds_log: Path, *extra: str) -> list[str]:
+    """``python -m demos.caption`` with every round of a batched engine made slower (so signals land while rows
+    are in flight) and the number of rows of each round appended to ``rounds_log``."""
+    code = ("import sys, time\nimport mmspec.engine as e\nstep = e.Engine.step\n"
+            "def slow(self):\n    events = step(self)\n    if self.max_batch > 1 and events:\n"
+            f"        with open({str(rounds_log)!r}, 'a') as f:\n            f.write(f'{{len(events)}}\\n')\n"
+            "    time.sleep(0.05)\n    return events\n"
+            "e.Engine.step = slow\nimport demos.caption as c\nsys.exit(c.main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, str(folder), "--out", str(out), "--quiet", *model_flags, *extra]
 
 
 def _env():
@@ -190,46 +195,153 @@ def _env():
     return env
 
 
-def test_sigkill_mid_batch_then_resume_gives_exactly_one_line_per_input(tmp_path, pipe, model_flags):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    paths = []
-    for i in range(10):
-        paths.append(folder / f"img_{i:02d}.png")
-        sample_image(40 + i).save(paths[-1])
-    out = tmp_path / "captions.jsonl"
-    proc = subprocess.Popen(_slow_cmd(out, folder, model_flags), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _stop_after(cmd: list[str], out: Path, lines: int, sig: int) -> tuple[int, str]:
+    """Run ``cmd`` until ``out`` holds ``lines`` lines, then send ``sig``; (exit status, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            if out.exists() and out.read_bytes().count(b"\n") >= lines:
                 break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+            time.sleep(0.01)
+        assert proc.poll() is None, f"finished before the signal: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    partial = out.read_bytes()
-    n_done = partial.count(b"\n")
-    assert 3 <= n_done < len(paths)
+    return proc.returncode, err.decode()
 
-    # resume (the plain module entry point this time): the rest is done, nothing twice, nothing corrupt
+
+def test_sigkill_and_ctrl_c_mid_batch_then_resume_give_exactly_one_line_per_input(tmp_path, pipe, model_flags):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(12):
+        paths.append(folder / f"img_{i:02d}.png")
+        sample_image(40 + i).save(paths[-1])
+    out, rounds_log = tmp_path / "captions.jsonl", tmp_path / "rounds.txt"
+
+    # 1. SIGKILL while a batch of 4 is in flight
+    rc, err = _stop_after(_slow_cmd(out, folder, model_flags, rounds_log, "--batch-size", "4"), out, 3, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, err[-2000:]
+    rows = [int(n) for n in rounds_log.read_text().split()]
+    assert max(rows) > 1 and max(rows) <= 4, rows  # rows were decoded together, never more than --batch-size
+    partial = out.read_bytes()
+    n_killed = partial.count(b"\n")
+    assert partial.endswith(b"\n") and 3 <= n_killed < len(paths)
+
+    # 2. Ctrl-C in the next run (another batch size): exit 130, one line on stderr, the lines written kept
+    rc, err = _stop_after(_slow_cmd(out, folder, model_flags, rounds_log, "--batch-size", "3"), out, n_killed + 2,
+                          signal.SIGINT)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    interrupted = out.read_bytes()
+    assert interrupted.startswith(partial) and interrupted.endswith(b"\n")
+    assert n_killed + 2 <= interrupted.count(b"\n") < len(paths)
+
+    # 3. resume (the plain module entry point this time): the rest is done, nothing twice, nothing corrupt
     res = subprocess.run([sys.executable, "-m", "demos.caption", str(folder), "--out", str(out), "--quiet",
-                          *model_flags], cwd=ROOT, env=_env(), capture_output=True, timeout=300)
+                          "--batch-size", "5", *model_flags], cwd=ROOT, env=_env(), capture_output=True, timeout=300)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
-    data = out.read_bytes()
-    assert data.startswith(partial[: partial.rfind(b"\n") + 1])  # what was done before is kept as it was
+    assert out.read_bytes().startswith(interrupted)  # what was done before is kept as it was
     records = read_lines(out)
     assert len(records) == len(paths)
     assert sorted(os.path.abspath(r["path"]) for r in records) == sorted(str(p) for p in paths)
     for rec in records:
         assert rec["error"] is None
         assert rec["caption"] == pipe.generate(rec["path"], PROMPT, max_new_tokens=MAX_NEW).text
+
+
+@pytest.fixture
+def rows_per_round(monkeypatch):
+    """The number of rows of every round run by a batched engine (max_batch > 1) in this process."""
+    from mmspec.engine import Engine
+
+    seen: list[int] = []
+    step = Engine.step
+
+    def counting(self):
+        events = step(self)
+        if self.max_batch > 1 and events:
+            seen.append(len(events))
+        return events
+
+    monkeypatch.setattr(Engine, "step", counting)
+    return seen
+
+
+def test_bad_files_inside_a_batch_get_error_lines_and_the_rest_finish(tmp_path, pipe, model_flags, rows_per_round):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = []
+    for i in range(7):  # bad files between good ones, all in one batch of 5 and its refills
+        if i % 3 == 1:
+            (folder / f"{i}.png").write_bytes(b"" if i == 1 else b"not a picture at all")
+        else:
+            sample_image(200 + i).save(folder / f"{i}.png")
+        names.append(f"{i}.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--quiet", "--batch-size", "5", *model_flags]) == 1
+    got = {Path(r["path"]).name: r for r in read_lines(out)}
+    assert sorted(got) == sorted(names) and len(read_lines(out)) == len(names)
+    assert "empty" in got["1.png"]["error"] and "not an image" in got["4.png"]["error"]
+    for name in names:
+        if name not in ("1.png", "4.png"):
+            assert got[name]["error"] is None
+            assert got[name]["caption"] == pipe.generate(str(folder / name), PROMPT, max_new_tokens=MAX_NEW).text
+    assert max(rows_per_round) > 1 and max(rows_per_round) <= 5
+
+
+def test_a_row_that_fails_inside_the_batch_is_captioned_again_alone(tmp_path, pipe, model_flags, monkeypatch,
+                                                                    capsys):
+    from mmspec.engine import Engine
+
+    folder = image_folder(tmp_path, 210, 4)
+    opened = Engine._open
+    calls = []
+
+    def flaky(self, job):  # the batched engine fails on the second row it opens; batch 1 never does
+        if self.max_batch > 1:
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated failure inside the batch")
+        return opened(self, job)
+
+    monkeypatch.setattr(Engine, "_open", flaky)
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--batch-size", "4", *model_flags]) == 0
+    assert "1 input(s) failed inside a batch and were captioned again alone" in capsys.readouterr().out
+    records = read_lines(out)
+    assert len(records) == 4 and all(r["error"] is None for r in records)
+    for rec in records:
+        assert rec["caption"] == pipe.generate(rec["path"], PROMPT, max_new_tokens=MAX_NEW).text
+
+
+@pytest.mark.parametrize("value, message", [("0", "--batch-size must be a positive whole number, got 0"),
+                                            ("-2", "--batch-size must be a positive whole number, got -2")])
+def test_batch_size_is_checked_before_any_work(tmp_path, model_flags, capsys, value, message):
+    folder = image_folder(tmp_path, 220, 1)
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(folder), "--out", str(out), "--batch-size", value, *model_flags]) == 2
+    err = capsys.readouterr().err
+    assert f"mmspec caption: error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
+    for bad in ("two", "1.5"):  # not a whole number: argparse refuses it, exit status 2
+        with pytest.raises(SystemExit) as e:
+            cli_main(["caption", str(folder), "--out", str(out), "--batch-size", bad, *model_flags])
+        assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_default_batch_size_is_the_pipelines(capsys):
+    from mmspec.pipeline import Pipeline
+
+    args = build_parser().parse_args(["caption", "x.png", "--out", "c.jsonl"])
+    assert args.batch_size == caption.DEFAULT_BATCH_SIZE == Pipeline.default_batch_size == 16
+    with pytest.raises(SystemExit):
+        cli_main(["caption", "--help"])
+    assert "default 16" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cut_last_line_is_removed_and_that_input_redone(tmp_path, model_flags):
@@ -254,7 +366,7 @@ def test_cut_last_line_is_removed_and_that_input_redone(tmp_path, model_flags):
     data = out.read_bytes()
     assert data.startswith(lines[0] + lines[1] + foreign)
     records = caption.read_records(str(out))
-    assert [Path(r["path"]).name for r in records] == ["0.png", "1.png", "2.png"]
+    assert sorted(Path(r["path"]).name for r in records) == ["0.png", "1.png", "2.png"]
 
 
 def test_errors_are_kept_unless_retry_errors(tmp_path, model_flags):
@@ -330,7 +442,8 @@ def test_inputs_globs_lists_dedup_and_missing(tmp_path, model_flags):
                      "--out", str(out), "--quiet", *model_flags]) == 1
     records = read_lines(out)
     assert len(records) == 5
-    assert "not found" in records[-1]["error"]
+    missing = [r for r in records if Path(r["path"]).name == "missing.png"]
+    assert len(missing) == 1 and "not found" in missing[0]["error"]
     with pytest.raises(mmspec.MMSpecError, match="line 1"):
         (tmp_path / "broken.jsonl").write_text("{not json\n")
         caption.expand_inputs([str(tmp_path / "broken.jsonl")])
@@ -364,7 +477,7 @@ def test_help_lists_the_flags(capsys):
         cli_main(["caption", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--out", "--csv", "--compare", "--limit", "--retry-errors", "--backend", "--workers",
+    for flag in ("--out", "--csv", "--compare", "--limit", "--retry-errors", "--batch-size", "--backend", "--workers",
                  "--num-gpus-per-worker", "--ray-address", "--target", "--drafter-kind"):
         assert flag in out
 
@@ -391,7 +504,7 @@ def test_ray_backend_same_captions_as_local(tmp_path, model_flags):
     # two done before: the Ray run must skip them and write only the other three
     remote.write_bytes(b"".join(local.read_bytes().splitlines(keepends=True)[:2]))
     rc = cli_main(["caption", str(folder), "--out", str(remote), "--quiet", "--backend", "ray", "--workers", "2",
-                   *model_flags])
+                   "--batch-size", "2", *model_flags])  # each worker decodes its batches with generate_batch
     assert rc == 1
     got, want = read_lines(remote), read_lines(local)
     assert len(got) == len(want) == 5
