@@ -10,6 +10,10 @@ import pytest
 import torch
 
 from demos import build_default_models as b
+from demos.build import common, drafter_stage, export
+from demos.build import evaluate as ev
+from demos.build import target_stage as ts
+from demos.build import vision_stage as vs
 from vision import scenes
 
 
@@ -18,14 +22,14 @@ def setup():
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    processor = b.build_processor()
-    model = LlavaForConditionalGeneration(b.target_config(processor.tokenizer)).eval()
+    processor = common.build_processor()
+    model = LlavaForConditionalGeneration(common.target_config(processor.tokenizer)).eval()
     return model, processor
 
 
 def test_cell_labels_match_the_scene():
     for seed in range(1000, 1020):
-        lab = b.cell_labels(seed)
+        lab = vs.cell_labels(seed)
         objs = {o.cell: o for o in scenes.scene_for_seed(seed).objects}
         assert lab[:, 3].tolist() == list(range(9))
         for c in range(9):
@@ -39,24 +43,24 @@ def test_cell_labels_match_the_scene():
 
 
 def test_code_targets_sum_one_code_per_head():
-    codes = b.cell_codes(16)
+    codes = vs.cell_codes(16)
     lab = torch.tensor([[[2, 3, 1, 4]]])
-    off = [0, b.CELL_HEADS[0], sum(b.CELL_HEADS[:2]), sum(b.CELL_HEADS[:3])]
+    off = [0, vs.CELL_HEADS[0], sum(vs.CELL_HEADS[:2]), sum(vs.CELL_HEADS[:3])]
     want = codes[2 + off[0]] + codes[3 + off[1]] + codes[1 + off[2]] + codes[4 + off[3]]
-    assert torch.allclose(b.code_targets(codes, lab)[0, 0], want)
+    assert torch.allclose(vs.code_targets(codes, lab)[0, 0], want)
 
 
 def test_scale_tower_output_scales_features_exactly(setup):
     model, processor = setup
     tower = model.model.vision_tower
-    pix = b.heldout_pixels(processor, range(3))
+    pix = vs.heldout_pixels(processor, range(3))
     with torch.no_grad():
-        before = b.image_features(tower, pix)
+        before = vs.image_features(tower, pix)
     saved = {k: v.clone() for k, v in tower.state_dict().items()}
     try:
-        b.scale_tower_output(tower, 8.0)
+        vs.scale_tower_output(tower, 8.0)
         with torch.no_grad():
-            after = b.image_features(tower, pix)
+            after = vs.image_features(tower, pix)
         assert torch.allclose(after, 8 * before, rtol=1e-4, atol=1e-4)
     finally:
         tower.load_state_dict(saved)
@@ -65,13 +69,13 @@ def test_scale_tower_output_scales_features_exactly(setup):
 def test_answer_loss_with_cached_features_equals_llava_loss(setup):
     model, processor = setup
     seeds = list(range(1000, 1004))
-    pix = b.heldout_pixels(processor, seeds)
+    pix = vs.heldout_pixels(processor, seeds)
     pool = {"seeds": seeds, "pixels": pix}
-    ids, mask, labels, j = b.sample_batch(pool, b.PromptCache(processor), random.Random(0), 6)
+    ids, mask, labels, j = common.sample_batch(pool, common.PromptCache(processor), random.Random(0), 6)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix[j], labels=labels).loss
-        feats = b.image_features(model.model.vision_tower, pix)
-        ours = b.answer_loss(model, ids, mask, labels, feats[j])
+        feats = vs.image_features(model.model.vision_tower, pix)
+        ours = ts.answer_loss(model, ids, mask, labels, feats[j])
     assert torch.allclose(ref, ours, atol=1e-5)
 
 
@@ -90,14 +94,14 @@ def test_tune_questions_refuses_without_a_stage2_checkpoint_before_any_work(tmp_
 def test_per_example_loss_weighs_every_answer_equally(setup):
     model, processor = setup
     seeds = list(range(1000, 1004))
-    pix = b.heldout_pixels(processor, seeds)
-    ids, mask, labels, j = b.sample_batch({"seeds": seeds, "pixels": pix}, b.PromptCache(processor),
+    pix = vs.heldout_pixels(processor, seeds)
+    ids, mask, labels, j = common.sample_batch({"seeds": seeds, "pixels": pix}, common.PromptCache(processor),
                                           random.Random(0), 6)
     with torch.no_grad():
-        feats = b.image_features(model.model.vision_tower, pix)[j]
-        each = torch.stack([b.answer_loss(model, ids[i:i + 1], mask[i:i + 1], labels[i:i + 1], feats[i:i + 1])
+        feats = vs.image_features(model.model.vision_tower, pix)[j]
+        each = torch.stack([ts.answer_loss(model, ids[i:i + 1], mask[i:i + 1], labels[i:i + 1], feats[i:i + 1])
                             for i in range(len(ids))])
-        batch = b.answer_loss(model, ids, mask, labels, feats, per_example=True)
+        batch = ts.answer_loss(model, ids, mask, labels, feats, per_example=True)
     assert torch.allclose(batch, each.mean(), atol=1e-5)
 
 
@@ -105,43 +109,113 @@ def test_length_chunks_give_the_whole_batchs_loss(setup):
     """Training splits each batch by length; weighted as in the loop, the chunks' losses are the batch's."""
     model, processor = setup
     seeds = list(range(1000, 1010))
-    pix = b.heldout_pixels(processor, seeds)
-    batch = b.sample_batch({"seeds": seeds, "pixels": pix}, b.PromptCache(processor), random.Random(3), 16)
+    pix = vs.heldout_pixels(processor, seeds)
+    batch = common.sample_batch({"seeds": seeds, "pixels": pix}, common.PromptCache(processor), random.Random(3), 16)
     ids, mask, labels, j = batch
     with torch.no_grad():
-        feats = b.image_features(model.model.vision_tower, pix)
+        feats = vs.image_features(model.model.vision_tower, pix)
         for per_example in (False, True):
-            chunks = b.length_chunks(*batch, per_example=per_example)
+            chunks = ts.length_chunks(*batch, per_example=per_example)
             assert len(chunks) == 2 and sum(len(c[0]) for c in chunks) == len(ids)
             assert max(c[0].shape[1] for c in chunks) == int(mask.sum(1).max()) > min(c[0].shape[1] for c in chunks)
-            whole = b.answer_loss(model, ids, mask, labels, feats[j], per_example=per_example)
-            parts = sum(share * b.answer_loss(model, c_ids, c_mask, c_labels, feats[c_j], per_example=per_example)
+            whole = ts.answer_loss(model, ids, mask, labels, feats[j], per_example=per_example)
+            parts = sum(share * ts.answer_loss(model, c_ids, c_mask, c_labels, feats[c_j], per_example=per_example)
                         for c_ids, c_mask, c_labels, c_j, share in chunks)
             assert torch.allclose(whole, parts, atol=1e-5)
 
 
 def test_all_runs_every_stage_with_its_parser_defaults(monkeypatch, tmp_path):
+    import mmspec.cli
+
     calls = []
-    for name in ("cmd_train_vision", "cmd_train_target", "cmd_export", "cmd_distill_drafter", "cmd_images",
-                 "cmd_eval", "cmd_bench"):
-        monkeypatch.setattr(b, name, lambda a: calls.append(a))
-    b.main(["--workdir", str(tmp_path), "--seed", "3", "all", "--target-minutes", "7", "--tune-minutes", "9",
-            "--resume"])
-    assert [a.cmd for a in calls] == ["train-vision", "train-target", "tune-questions", "export",
-                                      "distill-drafter", "export", "images", "eval", "bench"]
-    assert all(a.workdir == str(tmp_path) and a.seed == 3 for a in calls)
-    vision, target, tune = calls[:3]
+    for module, name in ((vs, "cmd_train_vision"), (ts, "cmd_train_target"), (export, "cmd_export"),
+                         (drafter_stage, "cmd_distill"), (export, "cmd_images"), (ev, "cmd_eval")):
+        monkeypatch.setattr(module, name, lambda a: calls.append(a))
+    monkeypatch.setattr(mmspec.cli, "main", lambda argv: calls.append(argv) or 0)
+    b.main(["--workdir", str(tmp_path), "--seed", "3", "--threads", "1", "all", "--target-minutes", "7",
+            "--tune-minutes", "9", "--resume"])
+    *stages, bench = calls
+    assert [a.cmd for a in stages] == ["train-vision", "train-target", "tune-questions", "export", "distill-drafter",
+                                       "export", "distill-visual", "export", "distill-eagle", "export", "images", "eval"]
+    assert all(a.workdir == str(tmp_path) and a.seed == 3 and a.threads == 1 for a in stages)
+    vision, target, tune = stages[:3]
     assert vision.steps == 400 and vision.resume and target.resume and tune.resume
     assert (target.max_minutes, target.pointer_weight, target.lr) == (7, 0.0, 1.5e-3)
     assert (tune.max_minutes, tune.pointer_weight, tune.lr) == (9, 4.0, 1.2e-3)
     assert (tune.prev_pointer, tune.lookup_lr_mult, target.prev_pointer, target.lookup_lr_mult) == (True, 5, False, 1)
-    assert (target.kind_weights, tune.kind_weights) == (b.KIND_WEIGHTS, b.QUESTION_WEIGHTS)
-    assert [calls[3].what, calls[5].what] == ["target", "drafter"]
-    assert (calls[4].scenes, calls[4].steps) == (60, 400)
-    assert (calls[7].method, calls[7].n, calls[7].acceptance, calls[8].n) == ("forced", 200, 50, 300)
+    assert (target.kind_weights, tune.kind_weights) == (common.KIND_WEIGHTS, common.QUESTION_WEIGHTS)
+    # the target is exported before the drafters learn from it, the text drafter before the visual one starts from it
+    assert [stages[i].what for i in (3, 5, 7, 9)] == ["target", "drafter", "visual-drafter", "eagle-drafter"]
+    assert [stages[i].kind for i in (4, 6, 8)] == ["text", "visual", "eagle"]
+    assert (stages[11].method, stages[11].n, stages[11].acceptance) == ("forced", 200, 50)
+    # speed: the engine's own benchmark, last
+    assert bench[:1] == ["bench"]
+    args = mmspec.cli.build_parser(bench).parse_args(bench)
+    assert (args.threads, args.json, args.n) == (1, f"{tmp_path}/bench.json", 12)
     calls.clear()
     b.main(["--workdir", str(tmp_path), "all", "--tune-minutes", "0"])
-    assert "tune-questions" not in [a.cmd for a in calls] and not calls[0].resume
+    assert "tune-questions" not in [a.cmd for a in calls[:-1]] and not calls[0].resume
+
+
+def test_distill_stages_run_mmspec_train_drafter_with_the_recorded_settings(monkeypatch, tmp_path):
+    import json
+
+    import mmspec.cli
+
+    seen = []
+    monkeypatch.setattr(mmspec.cli, "main", lambda argv: seen.append(argv) or 0)
+    b.main(["--workdir", str(tmp_path), "--seed", "5", "distill-drafter"])
+    b.main(["--workdir", str(tmp_path), "distill-visual", "--train-drafter-flags=--resume --loss tvd"])
+    b.main(["--workdir", str(tmp_path), "distill-eagle", "--out", str(tmp_path / "e"), "--steps", "7"])
+    text, visual, eagle = (mmspec.cli.build_parser(argv).parse_args(argv) for argv in seen)
+    assert [a.command for a in (text, visual, eagle)] == ["train-drafter"] * 3
+    assert (text.kind, text.out, text.scenes, text.heldout, text.steps, text.batch_size, text.lr,
+            text.max_new_tokens, text.seed) == ("text", str(tmp_path / "text-drafter"), 60, 100, 400, 64, 3e-3, 48, 5)
+    # the target answers with the weightless n-gram drafter: nothing depends on the drafters being rebuilt
+    assert all((a.drafter, a.drafter_kind, a.target) == ("none", "ngram", None) for a in (text, visual, eagle))
+    # the text drafter starts fresh, in the shipped text drafter's shape
+    assert text.init_drafter == str(tmp_path / "text-drafter-init")
+    fresh = json.loads((tmp_path / "text-drafter-init" / "config.json").read_text())
+    shipped = json.loads((scenes.ROOT / "assets" / "models" / "text-drafter" / "config.json").read_text())
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings", "vocab_size", "tie_word_embeddings", "eos_token_id", "pad_token_id")
+    assert {k: fresh[k] for k in shape} == {k: shipped[k] for k in shape}
+    # the visual one from train-drafter's default (the bundled text drafter), with the card's flags
+    assert (visual.kind, visual.out, visual.scenes, visual.heldout, visual.steps, visual.batch_size,
+            visual.num_visual_tokens, visual.max_new_tokens, visual.init_drafter) == (
+        "visual", str(tmp_path / "visual-drafter"), 250, 100, 400, 16, 4, 48, None)
+    assert visual.resume and visual.loss == "tvd"
+    assert (eagle.kind, eagle.out, eagle.steps) == ("eagle", str(tmp_path / "e"), 7)
+    monkeypatch.setattr(mmspec.cli, "main", lambda argv: 2)
+    with pytest.raises(SystemExit, match="train-drafter --kind eagle failed"):
+        b.main(["--workdir", str(tmp_path), "distill-eagle"])
+
+
+def test_export_copies_the_trained_drafters_without_their_data(monkeypatch, tmp_path):
+    work, models = tmp_path / "work", tmp_path / "models"
+    files = {"text-drafter": ["config.json", "model.safetensors", "tokenizer.json", "train_report.json"],
+             "eagle-drafter": ["eagle_config.json", "model.safetensors", "train_report.json"]}
+    for folder, names in files.items():
+        (work / folder / "distill" / "text").mkdir(parents=True)
+        for name in names + ["checkpoint.pt"]:
+            (work / folder / name).write_text(folder + name)
+    monkeypatch.setattr(export, "MODELS", models)
+    b.main(["--workdir", str(work), "export", "--what", "eagle-drafter"])
+    assert sorted(p.name for p in models.iterdir()) == ["eagle-drafter"]
+    b.main(["--workdir", str(work), "export"])  # no target_fp32 in the workdir: only the drafters
+    assert sorted(p.name for p in models.iterdir()) == ["eagle-drafter", "text-drafter"]
+    for folder, names in files.items():
+        assert sorted(p.name for p in (models / folder).iterdir()) == sorted(names)
+        assert (models / folder / "model.safetensors").read_text() == folder + "model.safetensors"
+
+
+def test_eval_measures_acceptance_through_the_engine(capsys):
+    b.main(["--threads", "1", "eval", "--n", "1", "--method", "forced", "--acceptance", "1"])
+    out = capsys.readouterr().out
+    assert "held-out scenes 0..0 (5 prompts)" in out and "text drafter" in out
+    rows = [line for line in out.splitlines() if "tokens per target forward" in line]
+    assert [r.split()[0] for r in rows] == ["caption", "questions"]
+    assert all(r.endswith("outputs differing from the target 0") for r in rows)
 
 
 def test_kind_weights_flag_parses_and_rejects_bad_input(capsys):
@@ -163,13 +237,13 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
     tok = processor.tokenizer
     seeds = list(range(1000, 1060))
     pool = {"seeds": seeds, "pixels": torch.zeros(len(seeds))}
-    ids, mask, labels, j = b.sample_batch(pool, b.PromptCache(processor), random.Random(0), 120,
-                                          kind_weights=b.QUESTION_WEIGHTS)
+    ids, mask, labels, j = common.sample_batch(pool, common.PromptCache(processor), random.Random(0), 120,
+                                          kind_weights=common.QUESTION_WEIGHTS)
     rows = [seeds[i] for i in j.tolist()]
-    ptr = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id)
+    ptr = ts.pointer_targets(ids, labels, rows, tok, model.config.image_token_id)
     assert len(ptr["noun"]) > 30 and ptr["prev"] == []
     # --prev-pointer: the same targets, plus each colour-naming question's noun -> the colour word before it
-    with_prev = b.pointer_targets(ids, labels, rows, tok, model.config.image_token_id, prev=True)
+    with_prev = ts.pointer_targets(ids, labels, rows, tok, model.config.image_token_id, prev=True)
     assert {k: v for k, v in with_prev.items() if k != "prev"} == {k: v for k, v in ptr.items() if k != "prev"}
     named = {(r, p) for r, p, _ in ptr["noun"]
              if tok.convert_ids_to_tokens(int(ids[r, p - 1])) in scenes.COLORS}
@@ -211,19 +285,19 @@ def test_pointer_targets_point_at_the_named_objects_cell(setup):
 def test_pointer_loss_is_small_only_when_the_head_looks_there():
     att = [torch.full((1, 4, 5, 5), 0.01) for _ in range(9)]
     targets = {"noun": [(0, 4, 2)], "answer": [(0, 3, 2)], "prev": [(0, 2, 2)]}
-    far = b.pointer_loss(att, targets)
-    for name, (layer, head) in b.POINTER_HEADS.items():
+    far = ts.pointer_loss(att, targets)
+    for name, (layer, head) in ts.POINTER_HEADS.items():
         q = targets[name][0][1]
         att[layer][0, head, q, 2] = 0.99
-    near = b.pointer_loss(att, targets)
+    near = ts.pointer_loss(att, targets)
     assert near < 0.02 < far
 
 
 def test_noun_head_looks_sorts_the_attention_by_what_is_there(setup):
     _, processor = setup
-    exs = [e for e in b.heldout_examples(12) if e.kind in ("position", "yesno")]
+    exs = [e for e in common.heldout_examples(12) if e.kind in ("position", "yesno")]
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    layer, head = b.POINTER_HEADS["noun"]
+    layer, head = ts.POINTER_HEADS["noun"]
 
     class LooksAtTheFirstCell:  # every query puts all its weight on the image token of grid cell 0
         config = type("C", (), {"image_token_id": image_token_id})
@@ -242,10 +316,10 @@ def test_noun_head_looks_sorts_the_attention_by_what_is_there(setup):
                  "same shape" if o.shape == shape else "same colour" if o.color == color else "other object")
         group = "position" if e.kind == "position" else f"yesno-{e.answer}"
         want.setdefault(group, []).append(place)
-    looks = b.noun_head_looks(LooksAtTheFirstCell(), processor, exs, batch_size=5)
+    looks = ev.noun_head_looks(LooksAtTheFirstCell(), processor, exs, batch_size=5)
     assert set(looks) == set(want)
     for group, places in want.items():
-        for place in b.LOOK_PLACES:
+        for place in ev.LOOK_PLACES:
             assert looks[group][place] == pytest.approx(places.count(place) / len(places))
 
 
@@ -255,7 +329,7 @@ def test_noun_head_looks_accounts_for_all_the_attention(setup):
     model, processor = setup
     eager = LlavaForConditionalGeneration._from_config(model.config, attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
-    looks = b.noun_head_looks(eager, processor, b.heldout_examples(6))
+    looks = ev.noun_head_looks(eager, processor, common.heldout_examples(6))
     assert looks and all(sum(w.values()) == pytest.approx(1.0, abs=1e-4) for w in looks.values())
 
 
@@ -263,20 +337,21 @@ def test_param_groups_speed_up_only_the_pointer_heads_layers(setup):
     model, _ = setup
     model.model.vision_tower.requires_grad_(False)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    [one] = b.param_groups(model)
+    [one] = ts.param_groups(model)
     assert {id(p) for p in one["params"]} == trainable and one["lr_mult"] == 1.0
-    rest, fast = b.param_groups(model, 5.0)
+    rest, fast = ts.param_groups(model, 5.0)
     assert (rest["lr_mult"], fast["lr_mult"]) == (1.0, 5.0)
     assert {id(p) for p in rest["params"]} | {id(p) for p in fast["params"]} == trainable
     names = {id(p): n for n, p in model.named_parameters()}
-    layers = {layer for layer, _ in b.POINTER_HEADS.values()}
+    layers = {layer for layer, _ in ts.POINTER_HEADS.values()}
     assert sorted(names[id(p)] for p in fast["params"]) == sorted(
         f"model.language_model.layers.{layer}.self_attn.{m}_proj.weight" for layer in layers for m in "qkvo")
     model.model.vision_tower.requires_grad_(True)
 
 
 def model_card_commands() -> list[list[str]]:
-    """Every `$M ...` line of the model card's bash blocks, as argv for the parser (variables expanded)."""
+    """Every `$M ...` and `mmspec ...` line of the model card's bash blocks, as argv (variables expanded):
+    the builder's without its ``python -m demos.build_default_models``, mmspec's with its program name."""
     import re
     import shlex
 
@@ -294,20 +369,32 @@ def model_card_commands() -> list[list[str]]:
                 argv = shlex.split(expanded)
                 assert argv[:3] == ["python", "-m", "demos.build_default_models"], line
                 commands.append(argv[3:])
+            elif line.startswith("mmspec "):
+                commands.append(shlex.split(expanded))
     return commands
 
 
 def test_model_card_rebuild_commands_parse_with_todays_flags():
     """The card's exact rebuild commands (the shipped recipe and the previous checkpoint's) stay runnable."""
+    import mmspec.cli
+
     commands = model_card_commands()
     assert len(commands) >= 15
-    stage3 = []
+    stage3, stages = [], []
     for argv in commands:
-        args = b.build_parser().parse_args(argv)  # SystemExit (a failure) on a flag that no longer exists
+        if argv[0] == "mmspec":  # SystemExit (a failure) on a flag that no longer exists
+            args = mmspec.cli.build_parser(argv[1:]).parse_args(argv[1:])
+            stages.append(args.command)
+            continue
+        args = b.build_parser().parse_args(argv)
+        stages.append(args.cmd)
         if args.cmd == "tune-questions":
             stage3.append(args)
+    # every model is rebuilt by a command, the drafters by the builder's stages that run train-drafter
+    assert {"train-vision", "train-target", "tune-questions", "export", "distill-drafter", "distill-visual",
+            "distill-eagle", "eval", "bench"} <= set(stages)
     shipped = stage3[0]  # the shipped recipe comes first: today's stage-3 defaults, a fixed step count
     assert (shipped.steps, shipped.max_minutes, shipped.pointer_weight, shipped.lookup_lr_mult) == (1860, 0, 4.0, 5.0)
-    assert shipped.kind_weights == b.QUESTION_WEIGHTS and shipped.prev_pointer
+    assert shipped.kind_weights == common.QUESTION_WEIGHTS and shipped.prev_pointer
     previous = stage3[1:]  # the old checkpoint's commands pin the flags that were the defaults then
     assert previous and all(a.pointer_weight == 1 and a.lookup_lr_mult == 1 and not a.prev_pointer for a in previous)

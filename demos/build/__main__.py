@@ -1,0 +1,3 @@
+from demos.build.cli import main
+
+main()
