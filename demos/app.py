@@ -7,7 +7,11 @@ accepted (green), which it rejected (red, struck through) and which it produced 
 
 ``build_app(pipe)`` builds the ``gr.Blocks`` around any ``Pipeline``; ``launch(app, ...)`` starts it with the
 upload limit, concurrency limit and CSS. The generation handler is ``app.mmspec_backend.generate``: a
-generator yielding one tuple of output values per round, so tests can call it without a browser.
+generator yielding a tuple of output values as rounds finish, so tests can call it without a browser.
+
+Concurrent users share the batched engine: each request is ``pipe.submit``-ted to the shared engine of its
+drafter kind's pipeline, so up to ``Pipeline.default_batch_size`` requests decode together in every target
+forward; a request whose page is closed (or cancelled) leaves the batch at the next round.
 """
 
 from __future__ import annotations
@@ -15,15 +19,15 @@ from __future__ import annotations
 import argparse
 import html
 import logging
+import queue
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from mmspec.config import MAX_DRAFT_TOKENS
 from mmspec.errors import MMSpecError
-from mmspec.types import Round, Stats
+from mmspec.types import Round, Stats, StreamEvent
 
 log = logging.getLogger("mmspec.demo")
 
@@ -34,7 +38,8 @@ BUNDLED_NOTE = ("\n\n*The bundled models know only this repository's synthetic w
                 "is the circle?\", \"How many objects are there?\", \"Where is the red square?\", \"Is there a "
                 "blue star?\"; on a photo, or asked anything else, their answer is meaningless.*")
 DEFAULT_MAX_UPLOAD_MB = 10.0
-DEFAULT_CONCURRENCY = 2
+DEFAULT_CONCURRENCY = 16  # requests run at once, together in one batch per drafter kind (= Pipeline.default_batch_size)
+ROUND_TIMEOUT_S = 600.0   # a request whose next round takes longer than this is given up
 MAX_NEW_TOKENS_LIMIT = 512
 
 # Inline styles too, so the token view reads right even where the page CSS is missing (e.g. copied HTML).
@@ -151,10 +156,11 @@ def _card(name: str, value: str, wide: bool = False) -> str:
             f"opacity:.75'>{html.escape(name)}</div></div>")
 
 
-def stats_html(stats: Stats, compute_s: float, kind: str, done: bool, compare: dict | None = None,
+def stats_html(stats: Stats, wall_s: float, kind: str, done: bool, compare: dict | None = None,
                note: str = "") -> str:
-    """The stats panel; ``compute_s`` is the model's time on this request (page updates excluded)."""
-    tps = stats.new_tokens / compute_s if compute_s > 0 else 0.0
+    """The stats panel; ``wall_s`` is the request's time in the engine so far (from its submission to its latest
+    round, sharing each round with the other requests in the batch; page updates excluded)."""
+    tps = stats.new_tokens / wall_s if wall_s > 0 else 0.0
     cards = [
         _card("status", "done" if done else "generating…"),
         _card("drafter", kind),
@@ -163,7 +169,7 @@ def stats_html(stats: Stats, compute_s: float, kind: str, done: bool, compare: d
         _card("acceptance rate", f"{stats.acceptance_rate:.0%} ({stats.accepted_tokens}/{stats.drafted_tokens})"),
         _card("vision cache hit", "yes" if stats.vision_cache_hit else "no"),
         _card("new tokens / VLM forwards", f"{stats.new_tokens} / {stats.target_forwards}", wide=True),
-        _card("time", f"{compute_s:.2f} s"),
+        _card("time", f"{wall_s:.2f} s"),
     ]
     if done and stats.stop_reason:
         cards.append(_card("stopped by", stats.stop_reason))
@@ -263,45 +269,59 @@ class DemoBackend:
         image = self._image(image)
         renderer = TokenRenderer(pipe.processor.tokenizer if hasattr(pipe.processor, "tokenizer")
                                  else pipe.processor)
-        compute_s = 0.0
-        t0 = time.perf_counter()
-        it = pipe.stream(image, prompt, **settings)  # validates everything before the first round
-        compute_s += time.perf_counter() - t0
         event = None
-        while True:
-            t0 = time.perf_counter()
-            event = next(it, None)
-            compute_s += time.perf_counter() - t0  # the model's time only, not the page updates between rounds
-            if event is None:
-                break
+        for event, more_waiting in self._events(pipe, image, prompt, settings):
             renderer.add_round(event.round)
             if event.done:
                 break
-            yield (renderer.html(), renderer.table, stats_html(event.stats, compute_s, pipe.drafter_kind, False),
-                   event.text, "")
+            if more_waiting:  # the page fell behind the engine: one update for all the rounds that came
+                continue
+            yield (renderer.html(), renderer.table, stats_html(event.stats, event.stats.wall_s, pipe.drafter_kind,
+                                                               False), event.text, "")
         result = event.result
         cmp = None
         note = ""
         if compare:
             yield (renderer.html(), renderer.table,
-                   stats_html(result.stats, compute_s, pipe.drafter_kind, False,
+                   stats_html(result.stats, result.stats.wall_s, pipe.drafter_kind, False,
                               note="running plain decoding (drafter none) on the same request for comparison…"),
                    result.text, "")
-            plain = self.pipeline("none")
-            t0 = time.perf_counter()
-            base = plain.generate(image, prompt, **settings)
-            plain_s = time.perf_counter() - t0
+            base = None
+            for base, _ in self._events(self.pipeline("none"), image, prompt, settings):
+                pass
+            base = base.result
+            plain_s, spec_s = base.stats.wall_s, result.stats.wall_s
             if settings["temperature"] == 0:
                 same = "yes" if base.token_ids == result.token_ids else "NO (please report this)"
             else:
                 same = "not expected with sampling (same distribution, different draws)"
             cmp = dict(wall_s=plain_s, tokens_per_s=base.stats.new_tokens / plain_s if plain_s > 0 else 0.0,
-                       forwards=base.stats.target_forwards, speedup=plain_s / compute_s if compute_s > 0 else 0.0,
+                       forwards=base.stats.target_forwards, speedup=plain_s / spec_s if spec_s > 0 else 0.0,
                        same=same)
             note = ("Plain decoding ran second and reused the cached image features, so the speedup shown is, "
                     "if anything, an underestimate." if not result.stats.vision_cache_hit else "")
-        yield (renderer.html(), renderer.table, stats_html(result.stats, compute_s, pipe.drafter_kind, True, cmp,
-                                                           note), result.text, "")
+        yield (renderer.html(), renderer.table, stats_html(result.stats, result.stats.wall_s, pipe.drafter_kind, True,
+                                                           cmp, note), result.text, "")
+
+    @staticmethod
+    def _events(pipe: Pipeline, image, prompt: str, settings: dict) -> Iterator[tuple[StreamEvent, bool]]:
+        """(event, more_waiting) per round of the request on ``pipe``'s shared batched engine, where it runs in one
+        batch with the other users' requests (``pipe.submit``; bad input raises ``MMSpecError`` at once);
+        ``more_waiting``: further rounds are already there. If the caller stops early (the page was closed, the
+        request cancelled: Gradio closes the handler's generator), the row is freed at the next round."""
+        from mmspec.engine import iter_job_events
+
+        job = pipe.submit(image, prompt, **settings)
+        try:
+            for event in iter_job_events(job, timeout=ROUND_TIMEOUT_S):
+                if event.done and event.result is not None and event.result.error is not None:
+                    raise MMSpecError(event.result.error)
+                yield event, not job.events.empty()
+        except queue.Empty:
+            raise MMSpecError(f"the model produced nothing for {ROUND_TIMEOUT_S:.0f} s; try again later") from None
+        finally:
+            if not job.done:
+                job.cancelled = True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -394,6 +414,8 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                                      label="Rounds", elem_id="rounds", interactive=False, wrap=True, max_height=360)
         button.click(backend.generate, inputs=[image, prompt, kind, k, temperature, max_new, compare, seed],
                      outputs=[tokens, table, stats, final, error], api_name="generate")
+    # several requests at once, so they share the engine's batch (``launch`` sets the limit from --concurrency)
+    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     demo.mmspec_backend = backend
     return demo
 
@@ -427,7 +449,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest image upload accepted, in MB (default: {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                        help=f"requests generated at once; others wait in a queue (default: {DEFAULT_CONCURRENCY})")
+                        help=f"requests generated at once, decoded together in one batch per drafter kind; others "
+                             f"wait in a queue (default: {DEFAULT_CONCURRENCY})")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="initial value of the slider (default: 64)")
     add_model_arguments(parser)
 

@@ -78,8 +78,8 @@ def test_html_spans_match_rounds_and_text_matches_generate(app, pipe, kind, seed
     # the accepted and VLM tokens, in order, are exactly the output
     emitted = [t for k, t, _ in spans if k != "rejected"]
     assert emitted == plain.token_ids
-    # streamed: one yield per round (the last one carries the done stats)
-    assert len(outs) == len(ref.rounds)
+    # streamed: one yield per round, or fewer when the page falls behind the engine (the last carries the done stats)
+    assert 1 <= len(outs) <= len(ref.rounds)
     assert "done" in stats and "tokens/s" in stats and "acceptance rate" in stats and "vision cache hit" in stats
     # legend present, classes styled
     for cls in ("tok-accepted", "tok-rejected", "tok-target"):
@@ -87,8 +87,9 @@ def test_html_spans_match_rounds_and_text_matches_generate(app, pipe, kind, seed
 
 
 def test_ngram_run_shows_accepted_and_rejected_tokens(app):
-    # sample image 0 with this prompt: the ngram drafter gets some drafts accepted and many rejected
-    tokens_html = run_handler(app, sample_image(0), PROMPT, "ngram", 0, 0.0, 64, False, 0)[-1][0]
+    # sample image 0 with this prompt and 3 drafts a round: the ngram drafter gets some drafts accepted and many
+    # rejected (a fixed length: the adaptive one learns from measured costs that drafting does not pay here)
+    tokens_html = run_handler(app, sample_image(0), PROMPT, "ngram", 3, 0.0, 64, False, 0)[-1][0]
     kinds = [k for k, *_ in SPAN.findall(tokens_html)]
     assert "accepted" in kinds and "rejected" in kinds and "target" in kinds
 
@@ -130,6 +131,97 @@ def test_concurrent_requests_share_the_model_and_stay_exact(app, pipe):
                                jobs))
     for (img, _), out in zip(jobs, finals):
         assert out[4] == "" and out[3] == pipe.generate(img, PROMPT, max_new_tokens=24).text
+
+
+@pytest.fixture
+def rows_per_round(monkeypatch):
+    """Rows of every round the shared engines run (slowed a little, so that requests overlap)."""
+    import time
+
+    from mmspec.engine import Engine
+
+    seen: list[int] = []
+    step = Engine.step
+
+    def counting(self):
+        events = step(self)
+        if self.max_batch > 1 and events:
+            seen.append(len(events))
+            time.sleep(0.01)
+        return events
+
+    monkeypatch.setattr(Engine, "step", counting)
+    return seen
+
+
+def test_concurrent_users_are_decoded_in_one_batch_and_each_gets_generates_text(app, pipe, rows_per_round):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    users = [(sample_image(10 + i), kind, i == 2) for i, kind in enumerate(["text"] * 5 + ["ngram"] * 2)]
+    start = threading.Barrier(len(users))
+
+    def user(req):
+        img, kind, compare = req
+        start.wait()
+        return run_handler(app, img, PROMPT, kind, 0, 0.0, 32, compare, 0)[-1]
+
+    with ThreadPoolExecutor(max_workers=len(users)) as pool:
+        finals = list(pool.map(user, users))
+    for (img, _, compare), out in zip(users, finals):
+        assert out[4] == "", out[4]
+        assert out[3] == pipe.generate(img, PROMPT, max_new_tokens=32).text
+        assert ("speedup on this request" in out[2]) == compare
+    assert max(rows_per_round) >= 3, rows_per_round  # several users' requests shared the target's forwards
+
+
+def test_the_served_page_runs_requests_together(pipe, tmp_path, rows_per_round):
+    # through Gradio's queue, as browsers reach it: requests must not wait for each other
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    served = demo_app.build_app(pipe, examples=[])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo_app.launch(served, port=port, block=False, quiet=True)
+    try:
+        paths = []
+        for i in range(3):
+            paths.append(tmp_path / f"{i}.png")
+            sample_image(20 + i).save(paths[-1])
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+
+        def request(path):
+            return client.predict(handle_file(str(path)), PROMPT, "text", 0, 0.0, 48, False, 0, api_name="/generate")
+
+        with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+            outs = list(pool.map(request, paths))
+    finally:
+        served.close()
+    for path, out in zip(paths, outs):
+        assert out[3] == pipe.generate(str(path), PROMPT, max_new_tokens=48).text
+    assert max(rows_per_round) >= 2, rows_per_round
+
+
+def test_a_closed_page_frees_its_row(app, monkeypatch, rows_per_round):
+    import time
+
+    kind_pipe = app.mmspec_backend.pipeline("ngram")
+    jobs = []
+    submit = kind_pipe.submit
+    monkeypatch.setattr(kind_pipe, "submit", lambda *a, **k: jobs.append(submit(*a, **k)) or jobs[-1])
+    gen = app.mmspec_backend.generate(sample_image(5), PROMPT, "ngram", 1, 0.0, 400, False, 0)
+    next(gen)            # the first round is on the page
+    gen.close()          # the user closes the page: Gradio closes the handler's generator
+    job = jobs[0]
+    deadline = time.time() + 30
+    while not job.done and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.cancelled and job.done and job.result.stats.stop_reason == "cancelled"
+    assert job.result.stats.new_tokens < 400
 
 
 @pytest.mark.parametrize("image, prompt, kind, k, temp, n, message", [

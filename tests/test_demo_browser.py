@@ -23,6 +23,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPT = "describe the image ."
 MAX_NEW = 64
+K = 3  # draft tokens per round, set on the page
 MAX_UPLOAD_MB = 0.25
 
 if not os.path.exists(CHROMIUM):
@@ -79,6 +80,9 @@ def test_generate_in_the_browser_shows_accepted_and_rejected_tokens(server, brow
     # drafter kind: ngram (on these random tiny models it gets some drafts accepted, many rejected)
     page.locator("#drafter-kind input").click()
     page.get_by_role("option", name="ngram", exact=True).click()
+    # 3 drafts a round (the adaptive length follows measured costs, so it could differ from the run compared below)
+    page.locator("#num-draft input[type=number]").fill(str(K))
+    page.locator("#num-draft input[type=number]").press("Enter")
     page.locator("#compare input[type=checkbox]").check()
     page.locator("#generate").click()
 
@@ -102,7 +106,8 @@ def test_generate_in_the_browser_shows_accepted_and_rejected_tokens(server, brow
     assert final == ref.text
     assert accepted > 0 and rejected > 0 and target > 0
     # what the page shows matches the rounds the ngram drafter produces for this request
-    rounds = demo_app.DemoBackend(pipe).pipeline("ngram").generate(image_path, PROMPT, max_new_tokens=MAX_NEW).rounds
+    rounds = demo_app.DemoBackend(pipe).pipeline("ngram").generate(image_path, PROMPT, max_new_tokens=MAX_NEW,
+                                                                   num_draft_tokens=K).rounds
     assert accepted == sum(r.n_accepted for r in rounds)
     assert rejected == sum(len(r.draft_ids) - r.n_accepted for r in rounds)
     assert target == sum(r.target_token is not None for r in rounds)
