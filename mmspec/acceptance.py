@@ -74,7 +74,7 @@ def accept_sampling(draft_ids: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 
 
 def repetition_penalty_rows(logits: torch.Tensor, seen: torch.Tensor, draft_ids: torch.Tensor,
-                            penalty: float) -> torch.Tensor:
+                            penalty: float, parents: list[int] | None = None) -> torch.Tensor:
     """transformers' ``RepetitionPenaltyLogitsProcessor`` applied to every verify row at once.
 
     logits: [k+1, vocab]; seen: [vocab] bool, the tokens of the prompt and output so far; row i has also seen
@@ -82,9 +82,70 @@ def repetition_penalty_rows(logits: torch.Tensor, seen: torch.Tensor, draft_ids:
     ``generate()``, so greedy equality needs it too.
     """
     k, vocab = draft_ids.shape[0], logits.shape[-1]
-    # [k+1, vocab]: drafts seen before each row
-    drafted = torch.nn.functional.one_hot(draft_ids.clamp_max(vocab - 1), vocab).cumsum(0) > 0
+    onehot = torch.nn.functional.one_hot(draft_ids.clamp_max(vocab - 1), vocab).to(logits.device)
+    if parents is None:
+        # [k, vocab]: drafts seen up to each draft (a chain)
+        drafted = onehot.cumsum(0) > 0
+    else:
+        # a tree (parents in verify indexing, node 0 = the pending token): the drafts on each node's path
+        from mmspec.kv import ancestor_matrix
+
+        anc = ancestor_matrix(parents, logits.device)[1:, 1:].to(onehot.dtype)
+        drafted = (anc @ onehot) > 0
     rows = seen[None, :vocab] | torch.cat([torch.zeros(1, vocab, dtype=torch.bool, device=logits.device),
-                                           drafted.to(logits.device)])[: k + 1]
+                                           drafted])[: k + 1]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(rows, penalized, logits)
+
+
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {-1: []}
+    for i, p in enumerate(parents):
+        kids.setdefault(p, []).append(i)
+        kids.setdefault(i, [])
+    return kids
+
+
+def accept_tree_greedy(ids: list[int], parents: list[int], target_ids: list[int]) -> tuple[list[int], int]:
+    """The longest root path of a draft tree whose tokens equal the target's argmax, and the target's token
+    after it. ids/parents: the tree's nodes (parent -1 = after the pending token); target_ids[i]: the target's
+    argmax after verify node i (0 = the pending token, node j at j + 1). -> (path of node indices, token)."""
+    kids = _children(parents)
+    node, path = -1, []
+    while True:
+        t = target_ids[node + 1]
+        nxt = next((c for c in kids[node] if ids[c] == t), None)
+        if nxt is None:
+            return path, t
+        path.append(nxt)
+        node = nxt
+
+
+def accept_tree_sampling(ids: list[int], parents: list[int], p: torch.Tensor,
+                         generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Lossless multi-draft rejection over a tree whose children are the drafter's top tokens (deterministic,
+    so q is one-hot per child): at each node the children are tried in order, child x is accepted with
+    probability p(x), and after a rejection p becomes norm(max(0, p - onehot(x))) (recursive rejection, as
+    SpecInfer / EAGLE); when every child is rejected the token is drawn from what is left of p. The emitted
+    token at each step is distributed exactly as p. p: [n+1, vocab] target probabilities per verify node."""
+    kids = _children(parents)
+    node, path = -1, []
+    while True:
+        dist = p[node + 1].clone()
+        nxt = None
+        for c in kids[node]:
+            x = ids[c]
+            total = dist.sum()
+            if total <= 0:
+                break
+            r = torch.rand((), generator=generator, device=dist.device)
+            if r * total < dist[x]:
+                nxt = c
+                break
+            dist[x] = 0.0
+        if nxt is None:
+            if dist.sum() <= 0:          # only possible when p puts all its mass on rejected children
+                dist = p[node + 1]
+            return path, int(torch.multinomial(dist / dist.sum(), 1, generator=generator).item())
+        path.append(nxt)
+        node = nxt

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from mmspec.errors import MMSpecError
 
 MAX_DRAFT_TOKENS = 16
+MAX_TREE_NODES = 64
+TREE_DEPTH = 6          # depth of a draft tree when num_draft_tokens does not say
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 
@@ -18,6 +20,7 @@ class DecodeConfig:
     top_p: float = 1.0
     num_draft_tokens: int | None = None   # fixed k; None = adapt k from recent acceptance
     seed: int | None = None
+    tree_nodes: int | None = None     # draft a tree of at most this many nodes per round; None = a chain
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -40,6 +43,10 @@ class DecodeConfig:
                 raise MMSpecError(f"seed must be an integer or None, got {self.seed!r}")
             if not 0 <= self.seed < MAX_SEED:
                 raise MMSpecError(f"seed must be in [0, 2**64) (what torch.Generator.manual_seed takes), got {self.seed}")
+
+        t = self.tree_nodes
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not (1 <= t <= MAX_TREE_NODES)):
+            raise MMSpecError(f"tree_nodes must be an integer in [1, {MAX_TREE_NODES}] or None (a chain), got {t!r}")
 
     @property
     def greedy(self) -> bool:

@@ -26,8 +26,9 @@ from typing import Iterator
 
 import torch
 
-from mmspec.acceptance import accept_sampling, repetition_penalty_rows, warp_logits
-from mmspec.config import MAX_DRAFT_TOKENS, DecodeConfig
+from mmspec.acceptance import (accept_sampling, accept_tree_greedy, accept_tree_sampling, repetition_penalty_rows,
+                               warp_logits)
+from mmspec.config import MAX_DRAFT_TOKENS, TREE_DEPTH, DecodeConfig
 from mmspec.drafters.base import Draft, Drafter, RowSpec
 from mmspec.targets.base import Request, TargetAdapter, TargetBatch
 from mmspec.types import GenerationResult, Round, Stats, StreamEvent
@@ -261,14 +262,20 @@ class Engine:
 
     def _draft(self, rows: list[int]) -> dict[int, Draft]:
         jobs = [self.active[r] for r in rows]
-        k_batch = self.policy.choose(jobs)
-        ks = {}
+        chains = [j for j in jobs if j.config.tree_nodes is None]
+        k_batch = self.policy.choose(chains) if chains else 0
+        ks, trees = {}, {}
         for r, job in zip(rows, jobs):
-            k = job.config.num_draft_tokens if job.config.num_draft_tokens is not None else k_batch
+            cfg = job.config
+            if cfg.tree_nodes is not None:    # a tree: depth from num_draft_tokens, at most tree_nodes nodes
+                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else TREE_DEPTH
+                trees[r] = cfg.tree_nodes
+            else:
+                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else k_batch
             # never more than the budget can take after the target's own token
             ks[r] = max(min(k, self._budget(job) - 1), 0)
         t0 = time.perf_counter()
-        drafts = self.drafts.propose(ks)
+        drafts = self.drafts.propose(ks, trees) if trees else self.drafts.propose(ks)
         self.policy.costs.observe_draft(max((d.forwards for d in drafts.values()), default=0),
                                         time.perf_counter() - t0)
         for r in rows:
@@ -279,26 +286,42 @@ class Engine:
         device = self.target.device
         ids = {r: torch.cat([torch.tensor([self.active[r].pending], device=device), drafts[r].ids.to(device)])
                for r in rows}
+        # a tree's nodes hang under the pending token (verify index 0), node j at index j + 1
+        parents = {r: [-1] + [p + 1 if p >= 0 else 0 for p in drafts[r].parents]
+                   for r in rows if drafts[r].parents is not None}
         t0 = time.perf_counter()
-        logits = self.target.verify(ids)
+        logits = self.target.verify(ids, parents)
         fresh = any(self.active[r].stats.target_forwards == 0 for r in rows)
         for r in rows:
             self.active[r].stats.target_forwards += 1
         if self.repetition_penalty != 1.0:
-            logits = {r: self._penalize(self.active[r], l, drafts[r]) for r, l in logits.items()}
+            logits = {r: self._penalize(self.active[r], l, drafts[r], parents.get(r)) for r, l in logits.items()}
         # [n] argmax rows, kept on the device until the one host sync of the accept phase
         self._last_verify = (t0, sum(int(v.shape[0]) for v in ids.values()), fresh)
         return logits
 
-    def _penalize(self, job: Job, logits: torch.Tensor, draft: Draft) -> torch.Tensor:
+    def _penalize(self, job: Job, logits: torch.Tensor, draft: Draft, parents=None) -> torch.Tensor:
         if job.seen is None:
             job.seen = torch.zeros(logits.shape[-1] + 1, dtype=torch.bool, device=logits.device)
             job.seen[torch.tensor(job.request.prompt_ids, device=logits.device).clamp_max(logits.shape[-1])] = True
-        return repetition_penalty_rows(logits, job.seen, draft.ids.to(logits.device), self.repetition_penalty)
+        return repetition_penalty_rows(logits, job.seen, draft.ids.to(logits.device), self.repetition_penalty,
+                                       parents)
 
     def _accept(self, rows, drafts, logits) -> dict[int, tuple[int, int]]:
+        """row -> (n_accepted, token); for a tree, ``self._paths[row]`` is the accepted path's node indices."""
         out = {}
-        greedy = [r for r in rows if self.active[r].config.greedy]
+        self._paths = {}
+        for r in [r for r in rows if drafts[r].parents is not None]:
+            job, d = self.active[r], drafts[r]
+            ids = d.ids.tolist()
+            if job.config.greedy:
+                path, token = accept_tree_greedy(ids, d.parents, logits[r].argmax(-1).tolist())
+            else:
+                p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
+                path, token = accept_tree_sampling(ids, d.parents, p, job.generator)
+            self._paths[r] = path
+            out[r] = (len(path), token)
+        greedy = [r for r in rows if self.active[r].config.greedy and r not in out]
         if greedy:
             # one host sync for every greedy row: the target's argmax at each verified position
             argmax = torch.cat([logits[r].argmax(-1) for r in greedy]).tolist()
@@ -325,8 +348,18 @@ class Engine:
         return out
 
     def _commit(self, rows, drafts, accepted) -> None:
-        self.target.commit({r: range(1 + accepted[r][0]) for r in rows})
-        results = {r: (accepted[r][0], drafts[r].ids.tolist()[:accepted[r][0]] + [accepted[r][1]]) for r in rows}
+        keep, results = {}, {}
+        for r in rows:
+            n, token = accepted[r]
+            ids = drafts[r].ids.tolist()
+            if r in self._paths:   # the accepted root path of a tree: its nodes' entries are gathered
+                path = self._paths[r]
+                keep[r] = [0] + [i + 1 for i in path]
+                results[r] = (n, [ids[i] for i in path] + [token])
+            else:
+                keep[r] = range(1 + n)
+                results[r] = (n, ids[:n] + [token])
+        self.target.commit(keep)
         # the target's hidden states of the positions just committed, for drafters that read them
         self.drafts.update(results, self.target.committed_hidden if self.drafts.wants_hidden else None)
         self._results = results
@@ -337,15 +370,22 @@ class Engine:
             job = self.active[r]
             n_acc, token = accepted[r]
             draft_ids = drafts[r].ids.tolist()
+            tree = None
+            if r in self._paths:
+                # the trace lists the accepted path first, then the rejected nodes, with their parents
+                order = self._paths[r] + [i for i in range(len(draft_ids)) if i not in self._paths[r]]
+                where = {i: j for j, i in enumerate(order)}
+                tree = tuple(where.get(drafts[r].parents[i], -1) for i in order)
+                draft_ids = [draft_ids[i] for i in order]
             emitted = self._results[r][1]
             if job.seen is not None:
                 job.seen[torch.tensor(emitted, device=job.seen.device).clamp_max(job.seen.shape[0] - 1)] = True
             DraftPolicy.observe(job, len(draft_ids), n_acc)
             stop = next((i for i, t in enumerate(emitted) if t in self.eos_ids), None)
             if stop is not None and stop < n_acc:
-                rnd = Round(tuple(draft_ids), stop + 1, None)   # stopped inside the accepted drafts
+                rnd = Round(tuple(draft_ids), stop + 1, None, tree)   # stopped inside the accepted drafts
             else:
-                rnd = Round(tuple(draft_ids), n_acc, token)
+                rnd = Round(tuple(draft_ids), n_acc, token, tree)
             stats = job.stats
             n_before = stats.new_tokens
             stats.new_tokens += len(rnd.emitted)

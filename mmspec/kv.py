@@ -74,11 +74,16 @@ class SlotCache:
         return self.lengths[self.index(row)]
 
     # ----- one forward ----------------------------------------------------------------------------
-    def extend(self, parents: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, parents: list[list[int]], past: list | None = None, depth0: list[list[int]] | None = None,
+               hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Make room for each row's new tokens (``parents[b]``: one entry per token, in the rows' order).
 
         Returns the 4-D additive attention mask [B, 1, T, S+T] (each token sees its row's committed slots and
         its own ancestors; padding sees only itself) and the tokens' positions [B, T] (length + depth).
+        A drafter growing a tree over several forwards passes ``past[b]`` ([n_b, S] bool: the existing slots each
+        token sees, e.g. committed ones plus its ancestors from earlier forwards), ``depth0[b]`` (each token's
+        depth under the committed sequence) and ``hidden=True`` (the new slots stay invisible to later tokens
+        unless ``past`` names them; ``truncate`` or ``reveal`` settles them).
         """
         B = len(self.rows)
         assert len(parents) == B
@@ -93,16 +98,22 @@ class SlotCache:
             own[b, :n, :n] = ancestor_matrix(par, "cpu")
             if n < T:
                 own[b, n:, n:] = torch.eye(T - n, dtype=torch.bool)
-            positions[b, :n] = torch.tensor(depths(par), dtype=torch.long) + self.lengths[b]
+            d = depths(par) if depth0 is None else depth0[b]
+            positions[b, :n] = torch.tensor(d, dtype=torch.long) + self.lengths[b]
             positions[b, n:] = self.lengths[b]
         new_valid = new_valid.to(self.device)
         own = own.to(self.device)
         # [B, T, S]: committed slots for real tokens; padding sees none of them
-        past = self.valid[:, None, :] & new_valid[:, :, None]
-        allowed = torch.cat([past, own], dim=-1)
+        seen = self.valid[:, None, :] & new_valid[:, :, None]
+        if past is not None:
+            seen = seen.clone()
+            for b, vis in enumerate(past):
+                if vis is not None and vis.shape[0]:
+                    seen[b, : vis.shape[0]] = vis.to(self.device)
+        allowed = torch.cat([seen, own], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self.valid = torch.cat([self.valid, torch.zeros_like(new_valid) if hidden else new_valid], dim=1)
         self._new, self._n_new = T, [len(p) for p in parents]
         return mask[:, None], positions.to(self.device)
 
@@ -117,7 +128,7 @@ class SlotCache:
             self.valid[:, S - T:] = tail.to(self.device)
         self.lengths = [n + len(k) for n, k in zip(self.lengths, keep)]
         self._new = 0
-        self._tidy()
+        self.tidy()
 
     def truncate(self, row, length: int) -> None:
         """Keep only the first ``length`` positions of ``row``."""
@@ -127,7 +138,7 @@ class SlotCache:
         order = self.valid[b].cumsum(0)
         self.valid[b] &= order <= length
         self.lengths[b] = length
-        self._tidy()
+        self.tidy()
 
     # ----- rows join and leave --------------------------------------------------------------------
     def add_empty(self, row) -> None:
@@ -170,7 +181,7 @@ class SlotCache:
         if not self.rows:
             self.cache = DynamicCache(config=self.config)
             self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-        self._tidy()
+        self.tidy()
 
     # ----- housekeeping ---------------------------------------------------------------------------
     def _pad_left(self, n: int) -> None:
@@ -189,7 +200,7 @@ class SlotCache:
                 layer.values = layer.values[:, :, start:stop]
         self.valid = self.valid[:, start:stop]
 
-    def _tidy(self) -> None:
+    def tidy(self) -> None:
         """Crop slots no row uses at either end; gather rows into consecutive slots when holes pile up (at
         batch 1 at once, so a single request's cache is always dense, as a plain ``generate()``'s)."""
         if not self.rows or not self.slots:

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from mmspec.config import DecodeConfig
-from mmspec.drafters import Drafter, drafter_class
+from mmspec.drafters import DRAFTER_KINDS, TREE_KINDS, Drafter, drafter_class
 from mmspec.errors import MMSpecError
 from mmspec.engine import Engine, Job, Scheduler
 from mmspec.targets import TargetAdapter, adapter_for
@@ -72,24 +72,27 @@ class Pipeline:
         return Pipeline(adapter, cls(adapter))
 
     def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 num_draft_tokens: int | None = None, seed: int | None = None,
-                 raw_prompt: bool = False) -> GenerationResult:
-        """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes); the text the target alone would give."""
+                 num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
+                 tree_nodes: int | None = None) -> GenerationResult:
+        """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes); the text the target alone would give.
+        ``tree_nodes=N`` drafts a tree of at most N nodes per round (depth ``num_draft_tokens``, default 6)."""
         event = None
         for event in self.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, num_draft_tokens=num_draft_tokens, seed=seed, raw_prompt=raw_prompt):
+                                 top_p=top_p, num_draft_tokens=num_draft_tokens, seed=seed, raw_prompt=raw_prompt,
+                                 tree_nodes=tree_nodes):
             pass
         return event.result
 
     def stream(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-               num_draft_tokens: int | None = None, seed: int | None = None,
-               raw_prompt: bool = False) -> Iterator[StreamEvent]:
+               num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
+               tree_nodes: int | None = None) -> Iterator[StreamEvent]:
         """Like ``generate``, one ``StreamEvent`` per round; the last has ``done=True`` and the ``result``.
 
         Everything is validated before the first event, so a bad request raises ``MMSpecError`` right away.
         """
         job = self._job(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                            num_draft_tokens=num_draft_tokens, seed=seed), raw_prompt)
+                                            num_draft_tokens=num_draft_tokens, seed=seed, tree_nodes=tree_nodes),
+                        raw_prompt)
         return self._stream_one(job)
 
     @torch.inference_mode()  # on a generator function torch applies it to each step, not to the caller
@@ -103,7 +106,7 @@ class Pipeline:
 
     def _job(self, image, prompt, settings: dict, raw_prompt: bool = False) -> Job:
         """Validate one input and prepare its request (raises ``MMSpecError`` on bad input)."""
-        config = DecodeConfig(**settings)
+        config = self._config(settings)
         if not isinstance(prompt, str) or not prompt.strip():
             raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
         start = time.perf_counter()
@@ -114,9 +117,16 @@ class Pipeline:
         self.adapter.check_prompt_length(request)
         return Job(request=request, config=config, start=start)
 
+    def _config(self, settings: dict) -> DecodeConfig:
+        config = DecodeConfig(**settings)
+        if config.tree_nodes is not None and not self.strategy.grows_trees:
+            raise MMSpecError(f"drafter kind {self.strategy.kind!r} does not draft trees; tree_nodes works with "
+                              f"{sorted(k for k in DRAFTER_KINDS if k in TREE_KINDS)} (or leave tree_nodes=None for a chain)")
+        return config
+
     def generate_batch(self, images, prompts, batch_size: int | None = None, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, num_draft_tokens: int | None = None,
-                       seed: int | None = None, raw_prompt: bool = False,
+                       seed: int | None = None, raw_prompt: bool = False, tree_nodes: int | None = None,
                        progress=None) -> list[GenerationResult]:
         """One ``GenerationResult`` per (image, prompt), in order, with at most ``batch_size`` rows in flight
         (continuous batching: a finished row leaves and the next input joins at once). ``prompts`` may be one
@@ -133,8 +143,8 @@ class Pipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise MMSpecError(f"batch_size must be a positive integer, got {batch_size!r}")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        num_draft_tokens=num_draft_tokens, seed=seed)
-        DecodeConfig(**settings)  # bad settings are the caller's error, not one row's
+                        num_draft_tokens=num_draft_tokens, seed=seed, tree_nodes=tree_nodes)
+        self._config(settings)  # bad settings are the caller's error, not one row's
         jobs = []
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             row_settings = dict(settings, seed=None if seed is None else seed + i)

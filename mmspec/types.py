@@ -17,6 +17,9 @@ class Round:
     draft_ids: tuple[int, ...]
     n_accepted: int
     target_token: int | None
+    # a tree round: each draft's parent in ``draft_ids`` (-1 = after the pending token); the accepted path comes
+    # first, so ``draft_ids[:n_accepted]`` is still what was kept, and the rest are the rejected branches
+    parents: tuple[int, ...] | None = None
 
     @property
     def emitted(self) -> list[int]:

@@ -22,6 +22,9 @@ DRAFTER_KINDS: dict[str, str] = {
     "none": "mmspec.drafters.base:NoDrafter",
 }
 
+# kinds whose drafter grows trees (``tree_nodes=N``)
+TREE_KINDS = ("eagle", "text", "visual")
+
 
 def drafter_class(kind: str) -> type[Drafter]:
     if kind not in DRAFTER_KINDS:
@@ -33,5 +36,5 @@ def drafter_class(kind: str) -> type[Drafter]:
         raise MMSpecError(f"drafter kind {kind!r} is not available in this build ({e})") from e
 
 
-__all__ = ["DRAFTER_KINDS", "Draft", "Drafter", "DraftSession", "NgramDrafter", "NoDrafter", "TextDrafter",
+__all__ = ["DRAFTER_KINDS", "TREE_KINDS", "Draft", "Drafter", "DraftSession", "NgramDrafter", "NoDrafter", "TextDrafter",
            "drafter_class"]

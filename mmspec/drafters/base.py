@@ -27,6 +27,7 @@ class Draft:
     ids: torch.Tensor                 # [k] drafted token ids (target vocabulary), k may be 0
     q: torch.Tensor | None = None     # [k, target_vocab] draft probabilities; None = deterministic (one-hot)
     forwards: int = 0                 # drafter forwards this row took part in for this draft
+    parents: list[int] | None = None  # a tree: node i's parent (-1 = after the pending token); None = a chain
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -100,6 +101,104 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
     return out
 
 
+def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, eos_ids: frozenset[int],
+              branch: int = 4) -> list[Draft]:
+    """Grow one dynamic draft tree per row (EAGLE-2): the root's top ``branch`` tokens, then at each depth the
+    ``branch`` frontier nodes with the highest path probability (product of the drafter's probabilities along
+    the path) are fed and each gets its top ``branch`` children; finally the ``budgets[b]`` nodes with the
+    highest path probability are kept (ancestors before descendants, so the set is a tree).
+
+    ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
+    feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
+    drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None)."""
+    R = first.shape[0]
+    tokens = [[] for _ in range(R)]
+    parents = [[] for _ in range(R)]
+    depth = [[] for _ in range(R)]
+    score = [[] for _ in range(R)]
+
+    def add_children(b, parent, logits, d):
+        logp = logits.float().log_softmax(-1)
+        top = logp.topk(min(branch, logp.shape[-1]))
+        base = score[b][parent] if parent >= 0 else 0.0
+        for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+            if lp == float("-inf"):
+                continue
+            tokens[b].append(tok)
+            parents[b].append(parent)
+            depth[b].append(d)
+            score[b].append(base + lp)
+
+    for b in range(R):
+        if budgets[b] > 0:
+            add_children(b, -1, first[b], 0)
+    frontier = [list(range(len(tokens[b]))) for b in range(R)]
+    forwards = 1
+    for d in range(1, max_depth):
+        feeds = []
+        for b in range(R):
+            live = [i for i in frontier[b] if tokens[b][i] not in eos_ids]
+            live.sort(key=lambda i: -score[b][i])
+            feeds.append([(i, tokens[b][i], parents[b][i], depth[b][i]) for i in live[:branch]])
+        if not any(feeds):
+            break
+        logits = expand(feeds)
+        forwards += 1
+        frontier = [[] for _ in range(R)]
+        for b in range(R):
+            for (i, *_), row in zip(feeds[b], logits[b]):
+                start = len(tokens[b])
+                add_children(b, i, row, d)
+                frontier[b].extend(range(start, len(tokens[b])))
+    out = []
+    for b in range(R):
+        order = sorted(range(len(tokens[b])), key=lambda i: (-score[b][i], i))
+        chosen: list[int] = []
+        picked = set()
+        for i in order:
+            if len(chosen) >= budgets[b]:
+                break
+            if parents[b][i] < 0 or parents[b][i] in picked:
+                chosen.append(i)
+                picked.add(i)
+        chosen.sort(key=lambda i: (depth[b][i], i))
+        index = {i: j for j, i in enumerate(chosen)}
+        ids = torch.tensor([tokens[b][i] for i in chosen], dtype=torch.long, device=first.device)
+        out.append(Draft(ids, None, forwards, [index.get(parents[b][i], -1) for i in chosen]))
+    return out
+
+
+class TreeFeeds:
+    """Bookkeeping for a drafter that grows trees over several forwards of one ``SlotCache``: each fed node
+    sees the row's committed slots and its fed ancestors only, and stays invisible to other branches."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.committed = {r: slots.valid[b].clone() for b, r in enumerate(slots.rows)}
+        self.column: dict = {r: {} for r in slots.rows}      # row -> node -> slot column
+        self.seen: dict = {r: {} for r in slots.rows}        # row -> node -> [S] bool of what it sees
+
+    def extend_args(self, feeds: dict) -> dict:
+        """feeds: row -> [(node, token, parent, depth)] -> keyword arguments of ``SlotCache.extend``."""
+        S = self.slots.slots
+        parents, past, depth0 = [], [], []
+        for b, r in enumerate(self.slots.rows):
+            nodes = feeds.get(r, [])
+            vis = []
+            for j, (node, _, parent, _) in enumerate(nodes):
+                base = self.seen[r][parent] if parent >= 0 else self.committed[r]
+                v = torch.cat([base, torch.zeros(S - base.shape[0], dtype=torch.bool, device=base.device)])
+                if parent >= 0:
+                    v[self.column[r][parent]] = True
+                self.seen[r][node] = v
+                self.column[r][node] = S + j
+                vis.append(v)
+            parents.append([-1] * len(nodes))
+            past.append(torch.stack(vis) if vis else None)
+            depth0.append([d for *_, d in nodes])
+        return dict(parents=parents, past=past, depth0=depth0, hidden=True)
+
+
 class DraftBatch(ABC):
     """One drafter's rows. ``wants_hidden``: ``update`` gets the target's hidden states of verified positions."""
 
@@ -112,8 +211,10 @@ class DraftBatch(ABC):
     def remove(self, rows) -> None: ...
 
     @abstractmethod
-    def propose(self, ks: dict) -> dict:
-        """ks: row -> k (every row of the batch; 0 = no draft this round) -> row -> ``Draft``."""
+    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
+        """ks: row -> k (every row of the batch; 0 = no draft this round) -> row -> ``Draft``. With
+        ``tree_nodes`` (row -> N), a row drafts a tree of at most N nodes and depth k instead of a chain, where
+        the drafter can (``grows_trees``)."""
 
     @abstractmethod
     def update(self, results: dict, hidden: dict | None = None) -> None:
@@ -144,7 +245,7 @@ class PerRowDraftBatch(DraftBatch):
         for r in rows:
             self.sessions.pop(r, None)
 
-    def propose(self, ks: dict) -> dict:
+    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
         out = {}
         for r, k in ks.items():
             s = self.sessions[r]
@@ -163,6 +264,7 @@ class Drafter(ABC):
     default_k: int = 4
     needs_weights: bool = False   # True: built by ``from_pretrained(target, path, ...)``
     gives_distribution: bool = True   # False: deterministic proposals only (prompt lookup, none)
+    grows_trees: bool = False     # True: ``tree_nodes`` drafts a tree (EAGLE-2 dynamic)
     model = None                  # the underlying HF model, when there is one
 
     def __init__(self, target: TargetAdapter):

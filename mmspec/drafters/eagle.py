@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
 from mmspec.errors import MMSpecError
 from mmspec.kv import CACHE_KW, SlotCache, chain
 from mmspec.targets.base import Request, TargetAdapter
@@ -147,6 +147,7 @@ class EagleDrafter(Drafter):
     kind = "eagle"
     default_k = 4
     needs_weights = True
+    grows_trees = True
 
     def __init__(self, target: TargetAdapter, head: EagleHead, where="the given head"):
         super().__init__(target)
@@ -224,13 +225,43 @@ class EagleDraftBatch(DraftBatch):
             self.fresh.discard(r)
         self.slots.remove([r for r in rows if r in self.slots.rows])
 
-    def _run(self, slots: SlotCache, hidden, inputs, parents) -> torch.Tensor:
-        mask, pos = slots.extend(parents)
-        f = self.head(hidden, inputs, mask, pos, slots.cache)
-        slots.commit([list(range(len(p))) for p in parents])
+    def _run(self, slots: SlotCache, states, inputs, parents, **tree) -> torch.Tensor:
+        mask, pos = slots.extend(parents, **tree)
+        f = self.head(states, inputs, mask, pos, slots.cache)
+        if not tree:
+            slots.commit([list(range(len(p))) for p in parents])
         return f
 
-    def propose(self, ks: dict) -> dict:
+    def _tree(self, rows: list, last: dict, ks: dict, tree_nodes: dict) -> dict:
+        """EAGLE-2 dynamic trees: nodes fed by depth, each on its parent's predicted hidden state."""
+        feeds_state = TreeFeeds(self.slots)
+        f_of = {r: {-1: last[r]} for r in rows}
+
+        def expand(feeds_per_row):
+            feeds = {r: nodes for r, nodes in zip(rows, feeds_per_row) if nodes}
+            order = self.slots.rows
+            T = max(len(v) for v in feeds.values())
+            H = self.head.cfg["hidden_size"]
+            hid = torch.zeros(len(order), T, H, dtype=self.slots.dtype, device=self.device)
+            inp = torch.zeros_like(hid)
+            for b, r in enumerate(order):
+                for j, (node, tok, parent, _) in enumerate(feeds.get(r, [])):
+                    hid[b, j] = f_of[r][parent]
+                    inp[b, j] = self.d.embed(torch.tensor(tok, device=self.device))
+            f = self._run(self.slots, hid, inp, **feeds_state.extend_args(feeds))
+            out = []
+            for r, nodes in zip(rows, feeds_per_row):
+                b = order.index(r)
+                for j, (node, *_rest) in enumerate(nodes):
+                    f_of[r][node] = f[b, j]
+                out.append(self.d.logits(f[b, : len(nodes)]) if nodes else None)
+            return out
+
+        first = self.d.logits(torch.stack([last[r] for r in rows]))
+        drafts = grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows), self.d.eos_ids)
+        return dict(zip(rows, drafts))
+
+    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
         out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
         # a row drafts once the target has given it hidden states (after its prefill's round)
         rows = [r for r, k in ks.items() if k > 0 and self.todo.get(r) is not None]
@@ -250,6 +281,9 @@ class EagleDraftBatch(DraftBatch):
             last.update(self._feed(self.slots, rest))
         for r in self.slots.rows:
             self.base[r] = self.slots.length(r)
+        if tree_nodes:
+            out.update(self._tree(rows, last, ks, tree_nodes))
+            return out
         order = self.slots.rows
         state = {"f": torch.stack([last[r] for r in rows])}       # [R, H] the latest predicted hidden state
         forwards = [1]
@@ -306,6 +340,7 @@ class EagleDraftBatch(DraftBatch):
             if r in self.base:
                 # the head's own guesses for this round's drafts leave; the true features replace them
                 self.slots.truncate(r, self.base.pop(r))
+                self.slots.tidy()
             h = hidden[r]                                   # [m, H]: the positions just committed
             m = h.shape[0]
             prompt = self.inputs[r]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.kv import CACHE_KW, SlotCache, chain
 from mmspec.targets.base import Request, TargetAdapter
@@ -100,12 +100,34 @@ class CausalLMDraftBatch(DraftBatch):
             self.fresh.discard(r)
         self.slots.remove(rows)
 
-    def _run(self, slots: SlotCache, embeds: torch.Tensor, parents: list[list[int]]) -> torch.Tensor:
-        """One forward of ``slots``' rows; every new token is kept. -> logits [B, T, vocab] (float32)."""
-        mask, pos = slots.extend(parents)
+    def _run(self, slots: SlotCache, embeds: torch.Tensor, parents: list[list[int]], **tree) -> torch.Tensor:
+        """One forward of ``slots``' rows; every new token is kept (tree nodes stay hidden until settled).
+        -> logits [B, T, vocab] (float32)."""
+        mask, pos = slots.extend(parents, **tree)
         hidden = self.forward_fn(self.model, embeds, mask, pos, slots.cache)
-        slots.commit([list(range(len(p))) for p in parents])
+        if not tree:
+            slots.commit([list(range(len(p))) for p in parents])
         return self.model.lm_head(hidden).float()
+
+    def _tree(self, rows: list, first: torch.Tensor, ks: dict, tree_nodes: dict) -> list[Draft]:
+        """EAGLE-2 dynamic trees, one depth per forward; the nodes are dropped after the round (the accepted
+        tokens are fed again with the next catch-up, in the same forward that feeds the target's token)."""
+        feeds_state = TreeFeeds(self.slots)
+
+        def expand(feeds_per_row):
+            feeds = {r: nodes for r, nodes in zip(rows, feeds_per_row) if nodes}
+            order = self.slots.rows
+            T = max(len(v) for v in feeds.values())
+            ids = torch.zeros(len(order), T, dtype=torch.long, device=self.device)
+            for b, r in enumerate(order):
+                for j, (_, tok, _, _) in enumerate(feeds.get(r, [])):
+                    ids[b, j] = tok
+            logits = self._run(self.slots, self.embed(ids), **feeds_state.extend_args(feeds))
+            return [logits[order.index(r), : len(nodes)].masked_fill(self.bad, float("-inf")) if nodes else None
+                    for r, nodes in zip(rows, feeds_per_row)]
+
+        return grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows),
+                         self.drafter.eos_ids)
 
     def _catch_up(self, rows: list) -> torch.Tensor:
         """Feed every row what its cache lacks; -> [len(rows), vocab] logits after each row's last token."""
@@ -150,9 +172,10 @@ class CausalLMDraftBatch(DraftBatch):
                         self.cached[r] = len(self.seq[r])
         return torch.stack([last[r].masked_fill(self.bad, float("-inf")) for r in rows])
 
-    def propose(self, ks: dict) -> dict:
+    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
         out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
         limit = self.drafter.context_length
+        # (a tree's nodes sit at depth < k, like a chain's)
         ks = {r: min(k, limit - self.offset[r] - len(self.seq[r])) for r, k in ks.items()}
         rows = [r for r, k in ks.items() if k > 0]
         if not rows:
@@ -161,6 +184,12 @@ class CausalLMDraftBatch(DraftBatch):
         first = self._catch_up(rows)
         for r in self.slots.rows:
             self.fed[r] = self.slots.length(r)
+        if tree_nodes:
+            for r, d in zip(rows, self._tree(rows, first, ks, tree_nodes)):
+                out[r] = d
+                self.fed.pop(r, None)      # nothing of the tree stays: the accepted tokens are fed again
+            self.slots.tidy()
+            return out
         order = self.slots.rows
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -197,6 +226,7 @@ class TextDrafter(Drafter):
     kind = "text"
     default_k = 4
     needs_weights = True
+    grows_trees = True
 
     @classmethod
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "TextDrafter":
