@@ -22,6 +22,7 @@ import logging
 import queue
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -270,14 +271,15 @@ class DemoBackend:
         renderer = TokenRenderer(pipe.processor.tokenizer if hasattr(pipe.processor, "tokenizer")
                                  else pipe.processor)
         event = None
-        for event, more_waiting in self._events(pipe, image, prompt, settings):
-            renderer.add_round(event.round)
-            if event.done:
-                break
-            if more_waiting:  # the page fell behind the engine: one update for all the rounds that came
-                continue
-            yield (renderer.html(), renderer.table, stats_html(event.stats, event.stats.wall_s, pipe.drafter_kind,
-                                                               False), event.text, "")
+        with closing(self._events(pipe, image, prompt, settings)) as events:  # closed with this handler: row freed
+            for event, more_waiting in events:
+                renderer.add_round(event.round)
+                if event.done:
+                    break
+                if more_waiting:  # the page fell behind the engine: one update for all the rounds that came
+                    continue
+                yield (renderer.html(), renderer.table, stats_html(event.stats, event.stats.wall_s,
+                                                                   pipe.drafter_kind, False), event.text, "")
         result = event.result
         cmp = None
         note = ""
@@ -287,8 +289,9 @@ class DemoBackend:
                               note="running plain decoding (drafter none) on the same request for comparison…"),
                    result.text, "")
             base = None
-            for base, _ in self._events(self.pipeline("none"), image, prompt, settings):
-                pass
+            with closing(self._events(self.pipeline("none"), image, prompt, settings)) as events:
+                for base, _ in events:
+                    pass
             base = base.result
             plain_s, spec_s = base.stats.wall_s, result.stats.wall_s
             if settings["temperature"] == 0:
@@ -299,7 +302,9 @@ class DemoBackend:
                        forwards=base.stats.target_forwards, speedup=plain_s / spec_s if spec_s > 0 else 0.0,
                        same=same)
             note = ("Plain decoding ran second and reused the cached image features, so the speedup shown is, "
-                    "if anything, an underestimate." if not result.stats.vision_cache_hit else "")
+                    "if anything, an underestimate. " if not result.stats.vision_cache_hit else "")
+            note += ("Both times are measured in the shared engine: other users' requests in the same batch "
+                     "slow both.")
         yield (renderer.html(), renderer.table, stats_html(result.stats, result.stats.wall_s, pipe.drafter_kind, True,
                                                            cmp, note), result.text, "")
 
