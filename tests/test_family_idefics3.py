@@ -13,7 +13,7 @@ import pytest
 
 from mmspec.targets.idefics3 import Idefics3Adapter
 from tests.tiny import build_tiny_text_drafter, sample_image
-from tests.tiny_families import (IDEFICS_ADDED, KINDS, build_tiny_idefics3, check_batch, check_cache_hit, check_greedy,
+from tests.tiny_families import (IDEFICS_ADDED, KINDS, build_tiny_idefics3, check_batch, check_cache_hit, check_trees, check_greedy,
                                  check_padded_vocabularies, check_self_drafting, check_session_logits,
                                  idefics_tokenizer, load_pipes)
 
@@ -84,3 +84,9 @@ def test_vlm_drafter_that_is_the_target_accepts_everything(family):
 def test_batched_rows_equal_their_own_generate(family, kind, k):
     _, pipes = family
     check_batch(pipes[kind], images(), k, MAX_NEW)
+
+
+@pytest.mark.parametrize("kind", ["text", "eagle"])
+def test_tree_drafts_equal_generate(family, kind):
+    _, pipes = family
+    check_trees(pipes[kind], images(), MAX_NEW)

@@ -12,7 +12,7 @@ import pytest
 
 from mmspec.targets.llava_next import LlavaNextAdapter
 from tests.tiny import build_tiny_text_drafter, make_tokenizer, sample_image
-from tests.tiny_families import (KINDS, build_tiny_llava_next, check_batch, check_cache_hit, check_greedy,
+from tests.tiny_families import (KINDS, build_tiny_llava_next, check_batch, check_cache_hit, check_trees, check_greedy,
                                  check_padded_vocabularies, check_self_drafting, check_session_logits, load_pipes)
 
 MAX_NEW = 20
@@ -99,3 +99,9 @@ def test_vlm_drafter_of_another_family_is_refused(family, tmp_path):
 def test_batched_rows_equal_their_own_generate(family, kind, k):
     _, pipes = family
     check_batch(pipes[kind], images(), k, MAX_NEW)
+
+
+@pytest.mark.parametrize("kind", ["text", "eagle"])
+def test_tree_drafts_equal_generate(family, kind):
+    _, pipes = family
+    check_trees(pipes[kind], images(), MAX_NEW)

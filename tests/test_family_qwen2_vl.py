@@ -15,7 +15,7 @@ import pytest
 from mmspec.targets.qwen2_vl import Qwen2VLAdapter
 from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
 from tests.tiny import sample_image
-from tests.tiny_families import (KINDS, build_tiny_qwen_text_drafter, build_tiny_qwen_vl, check_batch, check_cache_hit,
+from tests.tiny_families import (KINDS, build_tiny_qwen_text_drafter, build_tiny_qwen_vl, check_batch, check_cache_hit, check_trees,
                                  check_greedy, check_padded_vocabularies, check_self_drafting, check_session_logits,
                                  load_pipes, qwen_tokenizer)
 
@@ -111,3 +111,9 @@ def test_sampling_follows_the_target(family, kind):
 def test_batched_rows_equal_their_own_generate(family, kind, k):
     _, pipes = family
     check_batch(pipes[kind], images(), k, MAX_NEW)
+
+
+@pytest.mark.parametrize("kind", ["text", "eagle"])
+def test_tree_drafts_equal_generate(family, kind):
+    _, pipes = family
+    check_trees(pipes[kind], images(), MAX_NEW)

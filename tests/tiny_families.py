@@ -293,6 +293,19 @@ def check_batch(pipe, images, k, max_new: int, batch_size: int = 3) -> None:
     assert len(lengths) > 1 or max_new in lengths
 
 
+def check_trees(pipe, images, max_new: int) -> None:
+    """Trees of several sizes and depths, at batch 1 and batched: every output equals generate()."""
+    prompts = [PROMPTS[i % 2] for i in range(len(images))]
+    expected = [hf_greedy(pipe, im, p, max_new) for im, p in zip(images, prompts)]
+    for nodes, depth in ((4, 2), (12, 5)):
+        for im, p, exp in zip(images, prompts, expected):
+            res = pipe.generate(im, p, max_new_tokens=max_new, tree_nodes=nodes, num_draft_tokens=depth)
+            assert res.token_ids == exp, (nodes, res.rounds)
+        batched = pipe.generate_batch(images, prompts, batch_size=2, max_new_tokens=max_new, tree_nodes=nodes,
+                                      num_draft_tokens=depth)
+        assert [r.token_ids for r in batched] == expected
+
+
 def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:
     """Session logits over several new positions at once, and again after a rollback, equal HF's uncached forward."""
     adapter = pipe.adapter

@@ -305,6 +305,11 @@ class TargetAdapter(ABC):
         return float(getattr(self.model.generation_config, "repetition_penalty", None) or 1.0)
 
     def check_generation_config(self) -> None:
+        text = self.model.config.get_text_config()
+        if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+            # the engine hands every layer one explicit mask (holes, trees); a sliding window needs its own
+            raise MMSpecError("this target uses sliding-window attention layers, which mmspec's batched and tree "
+                              "masks do not model yet; its output could differ from generate()")
         cfg = self.model.generation_config
         for name, default in self.UNSUPPORTED_GENERATION_SETTINGS.items():
             value = getattr(cfg, name, default)

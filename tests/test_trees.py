@@ -1,0 +1,180 @@
+"""Tree drafting and verification: masks and positions, acceptance rules, the KV gather, and lossless output.
+
+Every family runs trees through tests/tiny_families.py (``check_trees``); here: hand-made trees and masks, the
+greedy rule where a deep branch wins over the first child, the sampling rule against a hand-made p (chi-square,
+as tests/test_sampling.py), the cache after committing a non-first branch against a fresh prefill, and greedy
+equality with trees of several sizes on the tiny LLaVA, at batch 1 and batched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmspec
+from mmspec.acceptance import accept_tree_greedy, accept_tree_sampling
+from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.kv import SlotCache, ancestor_matrix
+from mmspec.pipeline import Pipeline
+from tests.test_sampling import P_MIN, _chi2_p
+from tests.tiny import sample_image
+
+PROMPTS = ["what color is the circle ?", "describe the image ."]
+MAX_NEW = 20
+
+#        root (pending)
+#        ├── 0: a ── 2: c ── 4: e
+#        └── 1: b ── 3: d
+#                └── 5: f ── 6: g
+IDS = [10, 11, 12, 13, 14, 15, 16]
+PARENTS = [-1, -1, 0, 1, 2, 1, 5]
+
+
+def hf_greedy(pipe, image, prompt, max_new_tokens=MAX_NEW):
+    inputs = pipe.processor(images=image, text=pipe.adapter.format_prompt(prompt), return_tensors="pt")
+    out = pipe.target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_ancestor_matrix_and_tree_mask_and_positions():
+    verify_parents = [-1] + [p + 1 for p in PARENTS]           # node 0 = the pending token
+    anc = ancestor_matrix(verify_parents, "cpu")
+    assert anc[7].nonzero().flatten().tolist() == [0, 2, 6, 7]   # g: pending, b, f, g
+    assert anc[5].nonzero().flatten().tolist() == [0, 1, 3, 5]   # e: pending, a, c, e
+    cfg = mmspec.load(drafter=None, drafter_kind="none").target.config.get_text_config()
+    slots = SlotCache(cfg, "cpu", torch.float32)
+    slots.add_empty(0)
+    slots.extend([[-1, 0, 1]])                                    # three committed positions
+    slots.commit([[0, 1, 2]])
+    mask, pos = slots.extend([verify_parents])
+    allowed = mask[0, 0] == 0
+    assert allowed.shape == (8, 3 + 8)
+    assert allowed[:, :3].all()                                   # everyone sees the committed prefix
+    assert allowed[7, 3:].nonzero().flatten().tolist() == [0, 2, 6, 7]
+    assert not allowed[6, 3 + 4]                                  # d never sees its cousin c
+    assert pos[0].tolist() == [3, 4, 4, 5, 5, 6, 5, 6]            # positions by depth
+
+
+def test_greedy_rule_takes_a_deep_branch_over_the_first_child():
+    # the target says b, f, g, then 99: the path 1 -> 5 -> 6 (the second child, then the deep branch)
+    target = {0: 11, 2: 15, 6: 16, 7: 99}
+    target_ids = [target.get(i, 0) for i in range(len(IDS) + 1)]
+    path, token = accept_tree_greedy(IDS, PARENTS, target_ids)
+    assert path == [1, 5, 6] and token == 99
+    # the target disagrees at the root: nothing accepted, its own token
+    assert accept_tree_greedy(IDS, PARENTS, [42] * 8) == ([], 42)
+
+
+def test_sampling_rule_on_a_hand_made_p_follows_the_target():
+    """Children tried in order, each accepted with what is left of p: the first emitted token ~ p[root], the
+    second (after b was accepted) ~ p[b]."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 20
+    p = torch.softmax(torch.randn(len(IDS) + 1, vocab, generator=g) * 1.5, -1)
+    p[0, 10] += 0.3      # make the drafted root children likely enough to be accepted often
+    p[0] /= p[0].sum()
+    first, second = [], []
+    for _ in range(20000):
+        path, token = accept_tree_sampling(IDS, PARENTS, p, g)
+        emitted = [IDS[i] for i in path] + [token]
+        first.append(emitted[0])
+        if path and path[0] == 1:
+            second.append(emitted[1])
+    assert _chi2_p(np.bincount(first, minlength=vocab), p[0].numpy()) > P_MIN
+    assert _chi2_p(np.bincount(second, minlength=vocab), p[2].numpy()) > P_MIN
+    # a broken rule (always accepting the first child) is caught by the same check
+    broken = [IDS[0]] * 20000
+    assert _chi2_p(np.bincount(broken, minlength=vocab), p[0].numpy()) < 1e-10
+
+
+def test_committing_a_branch_gathers_its_entries(tmp_path):
+    """Verify a tree, keep the second branch, then the next logits equal a fresh prefill of the kept sequence."""
+    pipe = mmspec.load(drafter=None, drafter_kind="none")
+    adapter = pipe.adapter
+    image = sample_image(1)
+    req = adapter.prepare(image, adapter.format_prompt("Describe the image."))
+    adapter.image_features(req)
+    from mmspec.targets.base import TargetBatch
+
+    with torch.inference_mode():
+        batch = TargetBatch(adapter)
+        batch.add(0, req)
+        ids = torch.tensor([req.prompt_ids[-1]] + [5, 6, 7, 8, 9, 10, 11])
+        batch.verify({0: ids}, {0: [-1] + [p + 1 for p in PARENTS]})
+        batch.commit({0: [0, 2, 6, 7]})                           # pending, b, f, g
+        assert batch.length(0) == len(req.prompt_ids) + 3
+        after = batch.verify({0: torch.tensor([12, 13])})[0]
+        fresh = TargetBatch(adapter)
+        fresh.add(0, req)
+        ref = fresh.verify({0: torch.tensor([req.prompt_ids[-1], 6, 10, 11, 12, 13])})[0]
+    assert torch.allclose(after, ref[-2:], atol=1e-4)
+
+
+class TreeScript(DraftSession):
+    """A hand-made tree per round from the reference: the first child wrong, the second right, then a chain
+    under it whose third node is wrong -- so the accepted path is always the deep second branch."""
+
+    def __init__(self, reference, vocab, device):
+        self.reference, self.vocab, self.device = reference, vocab, device
+        self.n = 0
+        self.forwards = 0
+
+    def propose(self, k):
+        ref = lambda i: self.reference[self.n + i] if self.n + i < len(self.reference) else 5  # noqa: E731
+        wrong = lambda i: (ref(i) + 1) % self.vocab  # noqa: E731
+        ids = [wrong(0), ref(0), ref(1), ref(2), wrong(3)]
+        parents = [-1, -1, 1, 2, 3]
+        return Draft(torch.tensor(ids, dtype=torch.long, device=self.device), parents=parents)
+
+    def update(self, n_accepted, emitted):
+        self.n += len(emitted)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_target, tiny_drafter):
+    return {kind: mmspec.load(str(tiny_target), drafter=str(tiny_drafter) if kind == "text" else None,
+                              drafter_kind=kind) for kind in ("text", "none")}
+
+
+def test_a_scripted_tree_round_accepts_the_deep_second_branch(pipes):
+    base = pipes["none"]
+    image, prompt = sample_image(2), PROMPTS[1]
+    expected = hf_greedy(base, image, prompt)
+
+    class Scripted(Drafter):
+        kind, default_k, grows_trees = "tree-script", 4, True
+
+        def session(self, request, config, generator):
+            return TreeScript(expected, len(base.adapter.tokenizer), base.adapter.device)
+
+    pipe = Pipeline(base.adapter, Scripted(base.adapter))
+    res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, tree_nodes=5, num_draft_tokens=4)
+    assert res.token_ids == expected
+    full = [r for r in res.rounds if r.target_token is not None][:-1]
+    assert full and all(r.n_accepted == 3 for r in full)
+    # the trace: the accepted path first (b, then its chain), then the rejected nodes, with parents
+    r = full[0]
+    assert r.parents[:3] == (-1, 0, 1) and len(r.draft_ids) == 5
+
+
+@pytest.mark.parametrize("tree_nodes, depth", [(1, 1), (4, 3), (8, 4), (24, 6)])
+def test_text_drafter_trees_match_hf_greedy(pipes, tree_nodes, depth):
+    pipe, base = pipes["text"], pipes["none"]
+    images = [sample_image(s) for s in range(4)]
+    prompts = [PROMPTS[s % 2] for s in range(4)]
+    expected = [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
+    for im, p, exp in zip(images, prompts, expected):
+        res = pipe.generate(im, p, max_new_tokens=MAX_NEW, tree_nodes=tree_nodes, num_draft_tokens=depth)
+        assert res.token_ids == exp
+        assert all(len(r.draft_ids) <= tree_nodes for r in res.rounds)
+    batched = pipe.generate_batch(images, prompts, batch_size=3, max_new_tokens=MAX_NEW, tree_nodes=tree_nodes,
+                                  num_draft_tokens=depth)
+    assert [r.token_ids for r in batched] == expected
+
+
+def test_trees_are_refused_where_the_drafter_cannot_grow_them(pipes):
+    with pytest.raises(mmspec.MMSpecError, match="does not draft trees"):
+        pipes["none"].generate(sample_image(0), PROMPTS[0], tree_nodes=8)
+    with pytest.raises(mmspec.MMSpecError, match="tree_nodes must be"):
+        pipes["text"].generate(sample_image(0), PROMPTS[0], tree_nodes=0)
