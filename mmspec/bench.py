@@ -149,12 +149,18 @@ def machine_info(device: str) -> dict:
 
 class Bench:
     def __init__(self, pipe, modes: list[str], max_new_tokens: int, temperature: float, k: int | None,
-                 lookup_tokens: int, extra: dict | None = None):
+                 lookup_tokens: int, extra: dict | None = None, tree_nodes: int = 16):
         self.pipe, self.adapter = pipe, pipe.adapter
         self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
         self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
                           "mmspec-ngram": pipe.with_drafter_kind("ngram"),
                           "mmspec-none": pipe.with_drafter_kind("none"), **(extra or {})}
+        # a tree mode per drafter that grows trees: ``mmspec-<kind>-tree`` (tree_nodes per round)
+        self.tree_nodes = {}
+        for mode, p in list(self.pipelines.items()):
+            if p.strategy.grows_trees and tree_nodes:
+                self.pipelines[f"{mode}-tree"] = p
+                self.tree_nodes[f"{mode}-tree"] = tree_nodes
         available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
         available += list(self.pipelines)
         self.modes = [m for m in available if not modes or m in modes]
@@ -202,7 +208,8 @@ class Bench:
                     self.adapter.vision_cache.clear()  # every timed call encodes its image
                     out = self.pipelines[mode].generate(inp.image, inp.prompt, max_new_tokens=self.max_new_tokens,
                                                         temperature=self.temperature, num_draft_tokens=self.k,
-                                                        seed=0 if self.temperature > 0 else None)
+                                                        seed=0 if self.temperature > 0 else None,
+                                                        tree_nodes=self.tree_nodes.get(mode))
                     ids, wall = out.token_ids, out.stats.wall_s
         except Exception as e:  # a mode that breaks (e.g. HF assisted decoding on a padded vocab) is reported
             res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -263,6 +270,100 @@ class Bench:
                 "error": r.error,
             })
         return rows
+
+
+    # ----- throughput at batch size B: every input through each mode, B rows in flight ---------------------
+    def hf_batched(self, inputs: list[Input], B: int) -> list[list[int]]:
+        """transformers' own batched greedy ``generate`` (left padding), in chunks of B; rows cut at EOS."""
+        import torch
+
+        from vision.images import load_image
+
+        tok = self.pipe.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        eos = self.adapter.eos_token_ids
+        out = []
+        try:
+            for s in range(0, len(inputs), B):
+                chunk = inputs[s:s + B]
+                x = self.pipe.processor(images=[load_image(i.image) for i in chunk],
+                                        text=[self.adapter.format_prompt(i.prompt) for i in chunk],
+                                        padding=True, return_tensors="pt").to(self.adapter.device)
+                if "pixel_values" in x:
+                    x["pixel_values"] = x["pixel_values"].to(self.pipe.target.dtype)
+                with torch.inference_mode():
+                    ids = self.pipe.target.generate(**x, max_new_tokens=self.max_new_tokens, do_sample=False)
+                for row in ids[:, x["input_ids"].shape[1]:].tolist():
+                    cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                    out.append(row[:cut])
+        finally:
+            tok.padding_side = side
+        return out
+
+    def run_batched(self, mode: str, inputs: list[Input], B: int) -> dict:
+        """One timed pass of ``mode`` over ``inputs`` with B rows in flight: tokens, seconds, ids, forwards."""
+        try:
+            with PeakMemory(self.adapter.device.type) as mem:
+                start = time.perf_counter()
+                if mode == "hf-greedy":
+                    ids, forwards = self.hf_batched(inputs, B), 0
+                elif mode.startswith("hf-"):
+                    raise MMSpecError(f"{mode} runs one request at a time in transformers")
+                else:
+                    self.adapter.vision_cache.clear()  # every timed pass encodes its images
+                    res = self.pipelines[mode].generate_batch(
+                        [i.image for i in inputs], [i.prompt for i in inputs], batch_size=B,
+                        max_new_tokens=self.max_new_tokens, temperature=self.temperature, num_draft_tokens=self.k,
+                        seed=0 if self.temperature > 0 else None, tree_nodes=self.tree_nodes.get(mode))
+                    errors = [r.error for r in res if r.error]
+                    if errors:
+                        raise MMSpecError(errors[0])
+                    ids, forwards = [r.token_ids for r in res], sum(r.stats.target_forwards for r in res)
+                wall = time.perf_counter() - start
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+        return {"tokens": sum(len(i) for i in ids), "wall_s": wall, "ids": ids, "forwards": forwards,
+                "peak_mb": mem.mb}
+
+
+def batched_summary(runs: dict, reference: dict, inputs: list[Input], temperature: float) -> list[dict]:
+    """runs: mode -> [pass results] at one batch size -> one row per mode (median tokens/s over passes)."""
+    base = None
+    rows = []
+    for mode, passes in runs.items():
+        ok = [p for p in passes if "error" not in p]
+        if not ok:
+            rows.append({"mode": mode, "error": passes[0]["error"] if passes else "not run"})
+            continue
+        tps = statistics.median(p["tokens"] / p["wall_s"] for p in ok)
+        if mode == "hf-greedy":
+            base = tps
+        mismatched = sorted({inp.name for p in ok for inp, ids in zip(inputs, p["ids"])
+                             if ids != reference.get(inp.name)})
+        forwards = sum(p["forwards"] for p in ok)
+        rows.append({"mode": mode, "tokens_per_s": round(tps, 1), "runs": len(ok),
+                     "mean_accepted": round(sum(p["tokens"] for p in ok) / forwards, 3) if forwards else None,
+                     "peak_memory_mb": round(max(p["peak_mb"] for p in ok), 1),
+                     "lossless": (not mismatched) if temperature == 0 else None, "mismatched_inputs": mismatched,
+                     "error": None})
+    for r in rows:
+        r["speedup_vs_hf_greedy"] = round(r["tokens_per_s"] / base, 3) if base and r.get("tokens_per_s") else None
+    return rows
+
+
+def batched_table(by_batch: dict) -> str:
+    lines = ["| batch | mode | tokens/s | speedup vs hf-greedy (same batch) | tokens / target fwd | peak mem (MB) | "
+             "rows equal to batch-1 generate() |", "|" + "---|" * 7]
+    for B, rows in by_batch.items():
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"| {B} | {r['mode']} | – ({r['error'][:70]}) | | | | |")
+                continue
+            same = {True: "all", False: f"NO: {len(r['mismatched_inputs'])} differ", None: "–"}[r["lossless"]]
+            acc = "–" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
+            lines.append(f"| {B} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_greedy']:.2f}x | {acc} | "
+                         f"{r['peak_memory_mb']:.0f} | {same} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -327,6 +428,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also time this visual drafter folder (default: the bundled one with the bundled target; "
                         "'none' to skip)")
     g.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for hf-prompt-lookup")
+    g.add_argument("--eagle-drafter", default="default",
+                   help="also time this eagle head folder as mmspec-eagle (default: the bundled one with the bundled "
+                        "target; 'none' to skip)")
+    g.add_argument("--tree-nodes", type=int, default=16,
+                   help="nodes per round of the mmspec-<kind>-tree modes (0 = no tree modes; default 16)")
+    g.add_argument("--batch-size", default="1",
+                   help="comma list of batch sizes for the throughput table, e.g. 1,4,16: at each, hf-greedy's "
+                        "batched generate() and every mmspec mode (generate_batch) over all inputs (default 1)")
     g.add_argument("--modes", default="", help="comma list to restrict modes (hf-greedy is always run)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--json", default=None, help="write results as JSON to this file")
@@ -341,6 +450,14 @@ def run(args) -> int:
 
     if args.n < 1 or args.repeats < 1 or args.max_new_tokens < 1:
         raise MMSpecError("--n, --repeats and --max-new-tokens must be at least 1")
+    try:
+        batch_sizes = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
+    except ValueError:
+        raise MMSpecError(f"--batch-size takes a comma list of positive integers, got {args.batch_size!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise MMSpecError(f"--batch-size takes a comma list of positive integers, got {args.batch_size!r}")
+    if args.tree_nodes < 0:
+        raise MMSpecError("--tree-nodes must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_from_args(args)
@@ -369,8 +486,21 @@ def run(args) -> int:
 
         strategy = drafter_class("visual").from_pretrained(pipe.adapter, args.visual_drafter, pipe.target.dtype)
         extra["mmspec-visual"] = Pipeline(pipe.adapter, strategy)
+    if args.eagle_drafter == "default":
+        from mmspec.pipeline import BUNDLED_EAGLE_DRAFTER
+
+        bundled = args.target is None and pipe.drafter_kind != "eagle" and BUNDLED_EAGLE_DRAFTER.is_dir()
+        args.eagle_drafter = BUNDLED_EAGLE_DRAFTER if bundled else None
+    elif str(args.eagle_drafter).lower() == "none":
+        args.eagle_drafter = None
+    if args.eagle_drafter:
+        from mmspec.drafters import drafter_class
+        from mmspec.pipeline import Pipeline
+
+        strategy = drafter_class("eagle").from_pretrained(pipe.adapter, args.eagle_drafter, pipe.target.dtype)
+        extra["mmspec-eagle"] = Pipeline(pipe.adapter, strategy)
     bench = Bench(pipe, modes, args.max_new_tokens, args.temperature, args.num_draft_tokens, args.lookup_tokens,
-                  extra)
+                  extra, args.tree_nodes)
 
     by_type = {p: [i for i in inputs if i.prompt_type == p] for p in prompt_types}
     total = len(bench.modes) * (min(args.warmup, len(inputs)) + args.repeats * len(inputs))
@@ -388,19 +518,38 @@ def run(args) -> int:
                     bar.update()
     bench.time_to_first_token(inputs[:3])
 
+    # throughput at each batch size: the same inputs through every mode, B rows in flight, passes interleaved
+    reference = {c.input: c.ids for c in bench.results["hf-greedy"].calls}
+    by_batch = {}
+    batched_modes = [m for m in bench.modes if not m.startswith("hf-") or m == "hf-greedy"]
+    for B in batch_sizes:
+        runs = {m: [] for m in batched_modes}
+        with tqdm(total=len(batched_modes) * args.repeats, desc=f"batch {B}", unit="pass") as bar:
+            for rep in range(args.repeats):
+                order = batched_modes[rep % len(batched_modes):] + batched_modes[: rep % len(batched_modes)]
+                for mode in order:
+                    runs[mode].append(bench.run_batched(mode, inputs, B))
+                    bar.update()
+        by_batch[B] = batched_summary({m: runs[m] for m in batched_modes}, reference, inputs, args.temperature)
+
     report = {"machine": machine_info(str(pipe.adapter.device)),
               "config": {"target": str(args.target or "bundled"), "drafter_kind": pipe.drafter_kind,
                          "n_inputs": len(inputs), "prompt_types": prompt_types, "repeats": args.repeats,
                          "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                         "num_draft_tokens": args.num_draft_tokens, "lookup_tokens": args.lookup_tokens},
-              "modes": bench.summary(inputs), "by_prompt_type": {}}
+                         "num_draft_tokens": args.num_draft_tokens, "lookup_tokens": args.lookup_tokens,
+                         "batch_sizes": batch_sizes, "tree_nodes": args.tree_nodes},
+              "modes": bench.summary(inputs), "by_prompt_type": {},
+              "batched": {str(B): rows for B, rows in by_batch.items()}}
     for ptype, subset in by_type.items():
         report["by_prompt_type"][ptype] = bench.summary(subset)
 
     print(markdown_table(report["modes"]))
     for ptype, rows in report["by_prompt_type"].items():
         print(f"\n{ptype} prompts:\n" + markdown_table(rows))
+    print("\nthroughput by batch size (all inputs, tokens/s over the whole pass):\n" + batched_table(by_batch))
     bad = [r["mode"] for r in report["modes"] if r["lossless"] is False]
+    bad += [f"{r['mode']}@{B}" for B, rows in by_batch.items() for r in rows
+            if r.get("lossless") is False and not r["mode"].startswith("hf-")]
     if bad:
         print(f"\nNOT LOSSLESS: {bad}")
     if args.json:

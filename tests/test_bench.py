@@ -18,7 +18,7 @@ def test_bench_on_tiny_models(tiny_target, tiny_drafter, tmp_path, capsys):
     rc = main(["bench", "--target", str(tiny_target), "--drafter", str(tiny_drafter), "--images", str(images),
                "--n", "2", "--repeats", "1", "--warmup", "1", "--max-new-tokens", "12",
                "--caption-prompt", "describe the image .", "--question-prompt", "what color is the circle ?",
-               "--json", str(out), "--plot", str(png)])
+               "--batch-size", "1,3", "--json", str(out), "--plot", str(png)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert {"machine", "config", "modes", "by_prompt_type"} <= set(report)
@@ -35,6 +35,15 @@ def test_bench_on_tiny_models(tiny_target, tiny_drafter, tmp_path, capsys):
     assert set(report["by_prompt_type"]) == {"caption", "question"}
     assert "| mmspec-text |" in capsys.readouterr().out
     assert png.stat().st_size > 1000
+    # throughput at each batch size: hf-greedy's batched generate and every mmspec mode, rows checked per input
+    assert set(report["batched"]) == {"1", "3"}
+    for B, rows in report["batched"].items():
+        by_mode = {r["mode"]: r for r in rows}
+        assert {"hf-greedy", "mmspec-text", "mmspec-text-tree", "mmspec-ngram", "mmspec-none"} <= set(by_mode)
+        assert by_mode["hf-greedy"]["speedup_vs_hf_greedy"] == 1.0
+        for name, r in by_mode.items():
+            if name.startswith("mmspec-"):
+                assert r["error"] is None and r["lossless"] is True and r["mean_accepted"] >= 1.0, (B, r)
 
 
 def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypatch):
