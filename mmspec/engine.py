@@ -48,7 +48,15 @@ class Job:
     generator: torch.Generator | None = None
     pending: int = 0
     seen: torch.Tensor | None = None         # [vocab + 1] bool, for the target's repetition penalty
-    acceptance: float = 0.0                  # running per-draft-token acceptance (DraftPolicy)
+    accepted_run: float = 0.0                # running counts for the per-token acceptance (DraftPolicy)
+    rejected_run: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that the next draft token is accepted: accepted / (accepted + rejections), the
+        estimate of a geometric run cut at k (accepted / drafted would read long drafts as poor ones)."""
+        total = self.accepted_run + self.rejected_run
+        return self.accepted_run / total if total else 0.0
     result: GenerationResult | None = None
     cancelled: bool = False
     events: "queue.Queue | None" = None      # set for jobs submitted from other threads
@@ -99,34 +107,50 @@ class CostModel:
 
 class DraftPolicy:
     """Draft length per round: fixed when the request says so, else the k that maximises the expected tokens
-    per second of the whole batch, from each row's running acceptance and the measured forward costs.
+    per second of the whole batch, from the measured forward costs and the acceptance seen so far.
 
-    With a per-token acceptance a, k drafts give (1 - a^(k+1)) / (1 - a) tokens per round (Leviathan et al.),
-    for k drafting steps plus one verify of B*(k+1) tokens. k = 0 (no drafting) wins when drafts rarely pass,
-    e.g. on one-word answers; a row that stops drafting tries k = 1 again every few rounds.
+    Acceptance is kept two ways: per draft position over every row (the chance that position i is accepted
+    when position i-1 was: drafters are surer of near tokens than far ones) and per row (a one-word answer
+    accepts nothing); a row's chance at position i is the mean of the two. k drafts then give
+    1 + sum_i prod_{j<=i} p_j tokens per round for k drafting steps plus one verify of B*(k+1) tokens.
+    k = 0 (no drafting) wins when drafts rarely pass; after a few rounds without drafting k = 1 is tried again.
     """
 
     PRIOR = 0.6
     PROBE_EVERY = 8
+    DECAY = 0.98
 
     def __init__(self, drafter: Drafter):
         self.costs = CostModel()
         self.max_k = MAX_DRAFT_TOKENS if drafter.default_k else 0
         self.idle_rounds = 0
+        self.pos_accepted = [0.0] * (MAX_DRAFT_TOKENS + 1)
+        self.pos_tried = [0.0] * (MAX_DRAFT_TOKENS + 1)
 
-    @staticmethod
-    def expected_tokens(a: float, k: int) -> float:
-        a = min(max(a, 0.0), 0.999)
-        return (1 - a ** (k + 1)) / (1 - a)
+    def position_acceptance(self) -> list[float]:
+        out, prev = [], self.PRIOR
+        for acc, tried in zip(self.pos_accepted, self.pos_tried):
+            # unseen positions lean on the one before them
+            prev = (acc + 2 * prev) / (tried + 2)
+            out.append(prev)
+        return out
+
+    def expected_tokens(self, row: float, positions: list[float], k: int) -> float:
+        total, chain = 1.0, 1.0
+        for i in range(k):
+            chain *= min(max(0.5 * (positions[i] + row), 0.0), 0.999)
+            total += chain
+        return total
 
     def choose(self, jobs: list[Job]) -> int:
         adaptive = [j for j in jobs if j.config.num_draft_tokens is None]
         if not adaptive or not self.max_k:
             return 0
+        positions = self.position_acceptance()
         best_k, best = 0, -1.0
         for k in range(self.max_k + 1):
             seconds = k * self.costs.step_s + self.costs.verify_s(len(jobs) * (k + 1))
-            rate = sum(self.expected_tokens(j.acceptance, k) for j in adaptive) / seconds
+            rate = sum(self.expected_tokens(j.acceptance, positions, k) for j in adaptive) / seconds
             if rate > best * (1 + 1e-3):
                 best_k, best = k, rate
         if best_k == 0:
@@ -137,18 +161,24 @@ class DraftPolicy:
             self.idle_rounds = 0
         return best_k
 
-    @staticmethod
-    def observe(job: Job, drafted: int, accepted: int) -> None:
-        if drafted:
-            # per-token acceptance: accepted prefix out of drafted, as a running mean over recent rounds
-            rate = accepted / drafted if accepted < drafted else 1.0
-            job.acceptance = 0.7 * job.acceptance + 0.3 * rate
+    def observe(self, job: Job, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        # recent rounds weigh most: a row's counts fade by a fifth each round, the positions' more slowly
+        job.accepted_run = 0.8 * job.accepted_run + accepted
+        job.rejected_run = 0.8 * job.rejected_run + (accepted < drafted)
+        self.pos_accepted = [v * self.DECAY for v in self.pos_accepted]
+        self.pos_tried = [v * self.DECAY for v in self.pos_tried]
+        for i in range(min(accepted + 1, drafted, len(self.pos_tried))):
+            self.pos_tried[i] += 1
+            self.pos_accepted[i] += i < accepted
 
 
 class Engine:
     """Up to ``max_batch`` jobs in flight over one target and one drafter. ``step()`` runs one round."""
 
-    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int = 1):
+    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int = 1,
+                 policy: DraftPolicy | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.adapter = adapter
@@ -156,7 +186,8 @@ class Engine:
         self.max_batch = max_batch
         self.drafts = strategy.batch()
         self.target = TargetBatch(adapter, want_hidden=self.drafts.wants_hidden)
-        self.policy = DraftPolicy(strategy)
+        # what was learned of costs and acceptance carries over from earlier engines of the same pipeline
+        self.policy = policy or DraftPolicy(strategy)
         self.queue: deque[Job] = deque()
         self.active: dict[int, Job] = {}
         self._next_id = 0
@@ -210,7 +241,8 @@ class Engine:
             self.target.remove([row])
             raise
         job.pending = request.prompt_ids[-1]
-        job.acceptance = DraftPolicy.PRIOR
+        # the prior: worth two rounds of evidence at DraftPolicy.PRIOR
+        job.accepted_run, job.rejected_run = 2 * DraftPolicy.PRIOR, 2 * (1 - DraftPolicy.PRIOR)
         self.active[row] = job
 
     def _finish_error(self, job: Job, message: str) -> StreamEvent:
@@ -380,7 +412,8 @@ class Engine:
             emitted = self._results[r][1]
             if job.seen is not None:
                 job.seen[torch.tensor(emitted, device=job.seen.device).clamp_max(job.seen.shape[0] - 1)] = True
-            DraftPolicy.observe(job, len(draft_ids), n_acc)
+            if tree is None:
+                self.policy.observe(job, len(draft_ids), n_acc)
             stop = next((i for i, t in enumerate(emitted) if t in self.eos_ids), None)
             if stop is not None and stop < n_acc:
                 rnd = Round(tuple(draft_ids), stop + 1, None, tree)   # stopped inside the accepted drafts
@@ -430,8 +463,9 @@ class Scheduler:
     clients): ``submit`` queues a job and returns it; its events arrive on ``job.events``; a job that is
     cancelled (client gone) leaves the batch at the next round."""
 
-    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int):
-        self.engine = Engine(adapter, strategy, max_batch)
+    def __init__(self, adapter: TargetAdapter, strategy: Drafter, max_batch: int,
+                 policy: DraftPolicy | None = None):
+        self.engine = Engine(adapter, strategy, max_batch, policy)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mmspec-engine", daemon=True)

@@ -14,7 +14,7 @@ import torch
 from mmspec.config import DecodeConfig
 from mmspec.drafters import DRAFTER_KINDS, TREE_KINDS, Drafter, drafter_class
 from mmspec.errors import MMSpecError
-from mmspec.engine import Engine, Job, Scheduler
+from mmspec.engine import DraftPolicy, Engine, Job, Scheduler
 from mmspec.targets import TargetAdapter, adapter_for
 from mmspec.types import GenerationResult, StreamEvent
 from vision.cache import EmbeddingCache
@@ -38,6 +38,8 @@ class Pipeline:
         self.strategy = strategy
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
+        # forward costs and acceptance measured so far, shared by every engine this pipeline runs
+        self.policy = DraftPolicy(strategy)
 
     # the underlying HF objects, for users who need them
     @property
@@ -97,7 +99,7 @@ class Pipeline:
 
     @torch.inference_mode()  # on a generator function torch applies it to each step, not to the caller
     def _stream_one(self, job: Job) -> Iterator[StreamEvent]:
-        engine = Engine(self.adapter, self.strategy, max_batch=1)
+        engine = Engine(self.adapter, self.strategy, max_batch=1, policy=self.policy)
         engine.add(job)
         for _, event in engine.run():
             if job.error is not None:
@@ -155,7 +157,7 @@ class Pipeline:
             job.index = i
             jobs.append(job)
         with torch.inference_mode():
-            engine = Engine(self.adapter, self.strategy, max_batch=batch_size)
+            engine = Engine(self.adapter, self.strategy, max_batch=batch_size, policy=self.policy)
             for job in jobs:
                 engine.add(job)
             for job, event in engine.run():
@@ -173,7 +175,7 @@ class Pipeline:
         job = self._job(image, prompt, settings, raw_prompt)
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.adapter, self.strategy, self.default_batch_size)
+                self._scheduler = Scheduler(self.adapter, self.strategy, self.default_batch_size, self.policy)
         return self._scheduler.submit(job)
 
 
