@@ -650,7 +650,7 @@ def _fill(rec: dict, res) -> None:
 
 
 def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | None, baseline=None,
-                result=None, plain=None) -> dict:
+                result=None, plain=None, tree_nodes: int | None = None) -> dict:
     """The record of ``task``; never raises for a bad input (only for KeyboardInterrupt and the like).
 
     ``result`` is the ``GenerationResult`` of its row in the batched engine, ``plain`` (with ``baseline``) that of
@@ -666,7 +666,7 @@ def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | N
             res, elapsed = result, result.stats.wall_s
         else:
             res = pipe.generate(task.path, task.prompt, max_new_tokens=max_new_tokens,
-                                num_draft_tokens=num_draft_tokens)
+                                num_draft_tokens=num_draft_tokens, tree_nodes=tree_nodes)
             elapsed = time.perf_counter() - start
         _fill(rec, res)
         rec["time_s"] = round(elapsed, 4)
@@ -762,7 +762,7 @@ def run_local(args, pending: list[Task]) -> Callable[[Callable[[dict], None]], T
     from mmspec.cli import load_from_args
 
     pipe = load_from_args(args)
-    check_prompts(pipe, pending)
+    check_prompts(pipe, pending, args.tree_nodes)
     batch = _batch_size(args)
     pipe.default_batch_size = batch  # the rows in flight of the pipeline's shared engine (made at the first submit)
     baseline = baseline_pipeline(pipe) if args.compare else None
@@ -770,13 +770,15 @@ def run_local(args, pending: list[Task]) -> Callable[[Callable[[dict], None]], T
         baseline.default_batch_size = batch
         warm_up(pipe, baseline)
     window = batch + max(1, int(batch * LOOKAHEAD))
-    settings = dict(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
+    settings = dict(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
+                    tree_nodes=args.tree_nodes)
     timing = Timing()
 
     def record(task: Task, result=None, plain=None) -> dict:
         if result is not None and result.error is not None:
             timing.failed_in_batch += 1
-        return caption_one(pipe, task, args.max_new_tokens, args.num_draft_tokens, baseline, result, plain)
+        return caption_one(pipe, task, args.max_new_tokens, args.num_draft_tokens, baseline, result, plain,
+                           tree_nodes=args.tree_nodes)
 
     def work(emit: Callable[[dict], None]) -> Timing:
         if baseline is None:
@@ -822,7 +824,7 @@ class RayCaptioner:
     with ``generate_batch`` (``batch_size`` rows in flight)."""
 
     def __init__(self, model_kwargs: dict, max_new_tokens: int, num_draft_tokens: int | None, compare: bool,
-                 num_threads: int = 1, batch_size: int = DEFAULT_BATCH_SIZE):
+                 num_threads: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, tree_nodes: int | None = None):
         import argparse as _argparse
 
         import torch
@@ -836,12 +838,13 @@ class RayCaptioner:
             warm_up(self.pipe, self.baseline)
         self.max_new_tokens = max_new_tokens
         self.num_draft_tokens = num_draft_tokens
+        self.tree_nodes = tree_nodes
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
         tasks = [Task(str(path), str(prompt)) for path, prompt in zip(batch["path"], batch["prompt"])]
         results = _batch_results(self.pipe, tasks, self.batch_size, max_new_tokens=self.max_new_tokens,
-                                 num_draft_tokens=self.num_draft_tokens)
+                                 num_draft_tokens=self.num_draft_tokens, tree_nodes=self.tree_nodes)
         plains = [None] * len(tasks)
         if self.baseline is not None:  # the same inputs through plain decoding, at the same batch size
             ok = [i for i, r in enumerate(results) if r is not None and r.error is None]
@@ -851,7 +854,7 @@ class RayCaptioner:
                 plains[i] = res
         # Records travel back as JSON strings: no Arrow type inference over None/str/float columns.
         out = [json.dumps(caption_one(self.pipe, task, self.max_new_tokens, self.num_draft_tokens, self.baseline,
-                                      res, plain), ensure_ascii=False)
+                                      res, plain, tree_nodes=self.tree_nodes), ensure_ascii=False)
                for task, res, plain in zip(tasks, results, plains)]
         return {"record": out}
 
@@ -901,7 +904,8 @@ def _ray_records(ray, args, pending: list[Task]) -> Iterator[dict]:
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             fn_constructor_kwargs=dict(model_kwargs=model_kwargs, max_new_tokens=args.max_new_tokens,
                                                        num_draft_tokens=args.num_draft_tokens, compare=args.compare,
-                                                       num_threads=max(1, int(cpus)), batch_size=_batch_size(args)),
+                                                       num_threads=max(1, int(cpus)), batch_size=_batch_size(args),
+                                                       tree_nodes=args.tree_nodes),
                             num_cpus=cpus, num_gpus=gpus if gpus > 0 else None)
         rows = iter(ds.iter_rows())
         while True:
@@ -946,6 +950,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default: 64)")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="draft tokens per round (default: adaptive, from the drafter kind)")
+    parser.add_argument("--tree-nodes", type=int, default=None, metavar="N",
+                        help="draft a tree of at most N tokens per round instead of a chain (drafters that grow "
+                             "trees: eagle, text, visual; default: a chain)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                         help="inputs decoded together (continuous batching: a finished row is refilled at once; with "
                              "--backend ray, per worker); captions are the same at any N (default 16)")
@@ -1057,10 +1064,11 @@ def check_flags(args) -> None:
     from mmspec.config import DecodeConfig
 
     try:
-        DecodeConfig(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
+        DecodeConfig(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens,
+                     tree_nodes=args.tree_nodes)
     except MMSpecError as e:
         raise MMSpecError(str(e).replace("max_new_tokens", "--max-new-tokens")
-                          .replace("num_draft_tokens", "--num-draft-tokens")
+                          .replace("num_draft_tokens", "--num-draft-tokens").replace("tree_nodes", "--tree-nodes")
                           .replace(" or None (adaptive)", " (leave it out for adaptive)")) from None
     if not isinstance(args.prompt, str) or not args.prompt.strip():
         raise MMSpecError("--prompt is empty")
@@ -1091,10 +1099,15 @@ def check_flags(args) -> None:
         check_model_path("drafter", drafter)
 
 
-def check_prompts(pipe, tasks: list[Task]) -> None:
+def check_prompts(pipe, tasks: list[Task], tree_nodes: int | None = None) -> None:
     """Each distinct prompt through the target's chat template once, before the first caption: a prompt that
-    cannot work (two image tokens, no chat template) is refused instead of failing on every input."""
+    cannot work (two image tokens, no chat template) is refused instead of failing on every input; so is
+    ``--tree-nodes`` with a drafter that drafts chains only."""
     pipe.adapter.check_generation_config()
+    try:
+        pipe.decode_config(dict(tree_nodes=tree_nodes))
+    except MMSpecError as e:
+        raise MMSpecError(str(e).replace("tree_nodes", "--tree-nodes")) from None
     for prompt in dict.fromkeys(t.prompt for t in tasks):
         try:
             pipe.adapter.format_prompt(prompt)

@@ -108,7 +108,7 @@ class Pipeline:
 
     def _job(self, image, prompt, settings: dict, raw_prompt: bool = False) -> Job:
         """Validate one input and prepare its request (raises ``MMSpecError`` on bad input)."""
-        config = self._config(settings)
+        config = self.decode_config(settings)
         if not isinstance(prompt, str) or not prompt.strip():
             raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
         start = time.perf_counter()
@@ -119,7 +119,8 @@ class Pipeline:
         self.adapter.check_prompt_length(request)
         return Job(request=request, config=config, start=start)
 
-    def _config(self, settings: dict) -> DecodeConfig:
+    def decode_config(self, settings: dict) -> DecodeConfig:
+        """The validated settings of one request on this pipeline (``MMSpecError`` for bad values)."""
         config = DecodeConfig(**settings)
         if config.tree_nodes is not None and not self.strategy.grows_trees:
             raise MMSpecError(f"drafter kind {self.strategy.kind!r} does not draft trees; tree_nodes works with "
@@ -146,7 +147,7 @@ class Pipeline:
             raise MMSpecError(f"batch_size must be a positive integer, got {batch_size!r}")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         num_draft_tokens=num_draft_tokens, seed=seed, tree_nodes=tree_nodes)
-        self._config(settings)  # bad settings are the caller's error, not one row's
+        self.decode_config(settings)  # bad settings are the caller's error, not one row's
         jobs = []
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             row_settings = dict(settings, seed=None if seed is None else seed + i)

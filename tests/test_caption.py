@@ -532,3 +532,29 @@ def test_target_identity_records_a_non_float32_dtype(tiny_target):
     assert ident(preset="qwen2.5-vl-7b", device="cpu") == bare
     with pytest.raises(mmspec.MMSpecError, match="unknown dtype"):
         ident(dtype="float8")
+
+
+def test_tree_nodes_flag(tiny_target, tiny_drafter, tmp_path):
+    """--tree-nodes drafts trees (same captions as generate), and is refused up front where the drafter drafts
+    chains only, or out of range, with nothing written."""
+    import mmspec
+    from mmspec.cli import main
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for s in range(3):
+        sample_image(s).save(images / f"{s}.png")
+    out = tmp_path / "c.jsonl"
+    common = ["caption", str(images), "--target", str(tiny_target), "--prompt", "describe the image .",
+              "--max-new-tokens", "12", "--batch-size", "2"]
+    assert main(common + ["--drafter", str(tiny_drafter), "--drafter-kind", "text", "--tree-nodes", "6",
+                          "--out", str(out)]) == 0
+    pipe = mmspec.load(str(tiny_target), drafter=None, drafter_kind="none")
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    for rec in lines:
+        assert rec["caption"] == pipe.generate(rec["path"], "describe the image .", max_new_tokens=12).text
+    for bad, message in ((["--drafter", "none", "--drafter-kind", "ngram", "--tree-nodes", "6"], "does not draft"),
+                         (["--drafter", str(tiny_drafter), "--tree-nodes", "0"], "--tree-nodes must be")):
+        other = tmp_path / f"bad{len(bad)}.jsonl"
+        assert main(common + bad + ["--out", str(other)]) == 2
+        assert not other.exists()
