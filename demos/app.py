@@ -26,7 +26,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mmspec.config import MAX_DRAFT_TOKENS
+from mmspec.config import MAX_DRAFT_TOKENS, MAX_TREE_NODES
 from mmspec.errors import MMSpecError
 from mmspec.types import Round, Stats, StreamEvent
 
@@ -52,6 +52,7 @@ STYLE = {
 TITLE = {"accepted": "accepted draft token", "rejected": "rejected draft token (discarded)",
          "target": "token the VLM produced itself (correction or bonus)"}
 SPAN_BASE = "border-radius:3px;padding:0 1px;margin:0 1px 0 0;"
+BRANCH_STYLE = "font-size:80%;opacity:.8;border:1px dashed #9b1c1c;border-radius:4px;padding:0 2px;margin:0 2px;"
 
 CSS = """
 #tokens .tok-view { white-space: pre-wrap; line-height: 1.9; font-family: ui-monospace, monospace; font-size: 15px; }
@@ -120,14 +121,23 @@ class TokenRenderer:
             self.ids.append(tid)
             spans.append(self.span("accepted", added, tid, n))
             draft_pieces.append(added)
-        # rejected drafts: shown where they were rejected, i.e. right before the VLM's correction
+        # rejected drafts: shown where they were rejected, i.e. right before the VLM's correction; a tree's
+        # rejected branches are set apart in brackets (each token read after the accepted path)
         rej_ids, rej_text = list(self.ids), self.text
+        branch = []
         for tid in drafts[rnd.n_accepted:]:
-            added, full = self.piece(rej_ids, rej_text, tid)
-            rej_ids.append(tid)
-            rej_text = full
-            spans.append(self.span("rejected", added, tid, n))
+            if rnd.parents is not None:
+                added, _ = self.piece(self.ids, self.text, tid)
+            else:
+                added, rej_text = self.piece(rej_ids, rej_text, tid)
+                rej_ids.append(tid)
+            branch.append(self.span("rejected", added, tid, n))
             draft_pieces.append(added)
+        if rnd.parents is not None and branch:
+            spans.append(f'<span class="tok-branches" title="round {n}: rejected branches of the draft tree" '
+                         f'style="{BRANCH_STYLE}">[{" ".join(branch)}]</span>')
+        else:
+            spans.extend(branch)
         vlm = ""
         if rnd.target_token is not None:
             tid = int(rnd.target_token)
@@ -221,7 +231,7 @@ class DemoBackend:
             return self.pipelines[kind]
 
     @staticmethod
-    def _settings(num_draft_tokens, temperature, max_new_tokens, seed) -> dict:
+    def _settings(num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes=0) -> dict:
         def as_int(value, name):
             try:
                 f = float(value)
@@ -240,7 +250,9 @@ class DemoBackend:
         if n > MAX_NEW_TOKENS_LIMIT:
             raise MMSpecError(f"max new tokens is limited to {MAX_NEW_TOKENS_LIMIT} in the demo, got {n}")
         s = None if seed in (None, "") else as_int(seed, "seed")
-        return dict(num_draft_tokens=None if k == 0 else k, temperature=temp, max_new_tokens=n, seed=s)
+        t = as_int(tree_nodes if tree_nodes is not None else 0, "tree nodes")
+        return dict(num_draft_tokens=None if k == 0 else k, temperature=temp, max_new_tokens=n, seed=s,
+                    tree_nodes=None if t == 0 else t)
 
     @staticmethod
     def _image(image):
@@ -251,19 +263,21 @@ class DemoBackend:
         return image
 
     def generate(self, image, prompt, drafter_kind, num_draft_tokens=0, temperature=0.0, max_new_tokens=64,
-                 compare=False, seed=0) -> Iterator[tuple[str, list, str, str, str]]:
-        """Yields (tokens_html, rounds_table, stats_html, final_text, error_html) after every round."""
+                 compare=False, seed=0, tree_nodes=0) -> Iterator[tuple[str, list, str, str, str]]:
+        """Yields (tokens_html, rounds_table, stats_html, final_text, error_html) after every round.
+        ``tree_nodes`` > 0 drafts a tree per round (0 = a chain)."""
         try:
             yield from self._generate(image, prompt, drafter_kind, num_draft_tokens, temperature, max_new_tokens,
-                                      compare, seed)
+                                      compare, seed, tree_nodes)
         except MMSpecError as e:
             yield "", [], "", "", error_html(str(e))
         except Exception as e:  # never a stack trace in the page; the log keeps it
             log.exception("demo request failed")
             yield "", [], "", "", error_html(f"internal error ({type(e).__name__}: {e}); see the server log")
 
-    def _generate(self, image, prompt, drafter_kind, num_draft_tokens, temperature, max_new_tokens, compare, seed):
-        settings = self._settings(num_draft_tokens, temperature, max_new_tokens, seed)
+    def _generate(self, image, prompt, drafter_kind, num_draft_tokens, temperature, max_new_tokens, compare, seed,
+                  tree_nodes=0):
+        settings = self._settings(num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes)
         if settings["temperature"] == 0:
             settings["seed"] = None
         pipe = self.pipeline(drafter_kind or self.pipe.drafter_kind)
@@ -289,7 +303,8 @@ class DemoBackend:
                               note="running plain decoding (drafter none) on the same request for comparison…"),
                    result.text, "")
             base = None
-            with closing(self._events(self.pipeline("none"), image, prompt, settings)) as events:
+            plain = dict(settings, tree_nodes=None)
+            with closing(self._events(self.pipeline("none"), image, prompt, plain)) as events:
                 for base, _ in events:
                     pass
             base = base.result
@@ -396,6 +411,8 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                                        elem_id="drafter-kind")
                     k = gr.Slider(0, MAX_DRAFT_TOKENS, value=0, step=1, elem_id="num-draft",
                                   label="Draft tokens per round (0 = adaptive)")
+                    tree = gr.Slider(0, MAX_TREE_NODES, value=0, step=1, elem_id="tree-nodes",
+                                     label="Tree nodes per round (0 = a chain; eagle, text and visual drafters)")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
                                             label="Temperature (0 = greedy)")
                     max_new = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
@@ -417,7 +434,7 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                 stats = gr.HTML("", label="Stats", elem_id="stats")
                 table = gr.Dataframe(headers=["round", "draft", "accepted", "VLM token"], value=[],
                                      label="Rounds", elem_id="rounds", interactive=False, wrap=True, max_height=360)
-        button.click(backend.generate, inputs=[image, prompt, kind, k, temperature, max_new, compare, seed],
+        button.click(backend.generate, inputs=[image, prompt, kind, k, temperature, max_new, compare, seed, tree],
                      outputs=[tokens, table, stats, final, error], api_name="generate")
     # several requests at once, so they share the engine's batch (``launch`` sets the limit from --concurrency)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)

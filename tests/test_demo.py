@@ -292,3 +292,16 @@ def test_run_wires_the_cli_flags(monkeypatch, pipe):
     assert demo_app.run(args) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 7999 and seen["share"] is False
     assert seen["concurrency"] == 5 and isinstance(seen["demo"], gr.Blocks)
+
+
+def test_tree_rounds_show_the_path_and_the_rejected_branches_apart(app, pipe):
+    """With tree nodes, the accepted path reads as accepted tokens and the rejected branches sit in their own
+    bracket; the text is generate()'s."""
+    img = sample_image(2)
+    plain = pipe.generate(img, PROMPT, max_new_tokens=30)
+    outs = run_handler(app, img, PROMPT, "text", 3, 0.0, 30, False, 0, 8)
+    tokens_html, table, stats, final, error = outs[-1]
+    assert error == "" and final == plain.text
+    assert 'class="tok-branches"' in tokens_html
+    outs = run_handler(app, img, PROMPT, "ngram", 3, 0.0, 30, False, 0, 8)
+    assert "does not draft trees" in outs[-1][4]
