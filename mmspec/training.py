@@ -157,7 +157,7 @@ def make_drafter(args, pipe):
 
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from mmspec.pipeline import BUNDLED_TEXT_DRAFTER, from_pretrained
+    from mmspec.loading import BUNDLED_TEXT_DRAFTER, from_pretrained
 
     init = args.init_drafter or (BUNDLED_TEXT_DRAFTER if args.target is None else None)
     if init:

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill-eagle", help="the eagle head over the bundled target's hidden states: mmspec "
                                              "train-drafter --kind eagle")
-    _distill_args(p, kind="eagle", scenes=600, heldout=100, steps=600, batch=16, lr=2e-3)
+    _distill_args(p, kind="eagle", scenes=600, heldout=100, steps=2000, batch=16, lr=2e-3, max_new_tokens=64)
 
     p = sub.add_parser("look", help="where the noun pointer head looks on held-out position and yes/no "
                                     "questions (right object, same shape, same colour, BOS...)")

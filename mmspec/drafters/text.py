@@ -232,7 +232,7 @@ class TextDrafter(Drafter):
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "TextDrafter":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mmspec.pipeline import from_pretrained
+        from mmspec.loading import from_pretrained
 
         kw = dict(trust_remote_code=trust_remote_code)
         model = from_pretrained(AutoModelForCausalLM, "drafter", path, dtype=dtype, use_safetensors=True, **kw)

@@ -138,7 +138,7 @@ class VlmDrafter(Drafter):
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "VlmDrafter":
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from mmspec.pipeline import from_pretrained
+        from mmspec.loading import from_pretrained
 
         kw = dict(trust_remote_code=trust_remote_code)
         model = from_pretrained(AutoModelForImageTextToText, "drafter", path, dtype=dtype, use_safetensors=True,
