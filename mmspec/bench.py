@@ -149,7 +149,7 @@ def machine_info(device: str) -> dict:
 
 class Bench:
     def __init__(self, pipe, modes: list[str], max_new_tokens: int, temperature: float, k: int | None,
-                 lookup_tokens: int, extra: dict | None = None, tree_nodes: int = 16):
+                 lookup_tokens: int, extra: dict | None = None, tree_nodes: int | None = None):
         self.pipe, self.adapter = pipe, pipe.adapter
         self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
         self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
@@ -158,9 +158,9 @@ class Bench:
         # a tree mode per drafter that grows trees: ``mmspec-<kind>-tree`` (tree_nodes per round)
         self.tree_nodes = {}
         for mode, p in list(self.pipelines.items()):
-            if p.strategy.grows_trees and tree_nodes:
+            if p.strategy.grows_trees and tree_nodes != 0:
                 self.pipelines[f"{mode}-tree"] = p
-                self.tree_nodes[f"{mode}-tree"] = tree_nodes
+                self.tree_nodes[f"{mode}-tree"] = tree_nodes or p.strategy.default_tree_nodes
         available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
         available += list(self.pipelines)
         self.modes = [m for m in available if not modes or m in modes]
@@ -431,8 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eagle-drafter", default="default",
                    help="also time this eagle head folder as mmspec-eagle (default: the bundled one with the bundled "
                         "target; 'none' to skip)")
-    g.add_argument("--tree-nodes", type=int, default=16,
-                   help="nodes per round of the mmspec-<kind>-tree modes (0 = no tree modes; default 16)")
+    g.add_argument("--tree-nodes", type=int, default=None,
+                   help="nodes per round of the mmspec-<kind>-tree modes (0 = no tree modes; default: each "
+                        "drafter's own, 32 for eagle and 16 for text and visual)")
     g.add_argument("--batch-size", default="1",
                    help="comma list of batch sizes for the throughput table, e.g. 1,4,16: at each, hf-greedy's "
                         "batched generate() and every mmspec mode (generate_batch) over all inputs (default 1)")
@@ -456,7 +457,7 @@ def run(args) -> int:
         raise MMSpecError(f"--batch-size takes a comma list of positive integers, got {args.batch_size!r}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise MMSpecError(f"--batch-size takes a comma list of positive integers, got {args.batch_size!r}")
-    if args.tree_nodes < 0:
+    if args.tree_nodes is not None and args.tree_nodes < 0:
         raise MMSpecError("--tree-nodes must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)

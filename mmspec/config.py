@@ -9,7 +9,12 @@ from mmspec.errors import MMSpecError
 
 MAX_DRAFT_TOKENS = 16
 MAX_TREE_NODES = 64
-TREE_DEPTH = 6          # depth of a draft tree when num_draft_tokens does not say
+
+
+def tree_depth(tree_nodes: int) -> int:
+    """Depth of a draft tree when num_draft_tokens does not say: about nodes / 2.7 (16 nodes: 6, 32: 12),
+    which measured best for the bundled drafters (docs/BENCHMARKS.md)."""
+    return max(2, min(MAX_DRAFT_TOKENS, round(tree_nodes / 2.7)))
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 

@@ -28,7 +28,7 @@ import torch
 
 from mmspec.acceptance import (accept_sampling, accept_tree_greedy, accept_tree_sampling, repetition_penalty_rows,
                                warp_logits)
-from mmspec.config import MAX_DRAFT_TOKENS, TREE_DEPTH, DecodeConfig
+from mmspec.config import MAX_DRAFT_TOKENS, DecodeConfig, tree_depth
 from mmspec.drafters.base import Draft, Drafter, RowSpec
 from mmspec.targets.base import Request, TargetAdapter, TargetBatch
 from mmspec.types import GenerationResult, Round, Stats, StreamEvent
@@ -299,8 +299,8 @@ class Engine:
         ks, trees = {}, {}
         for r, job in zip(rows, jobs):
             cfg = job.config
-            if cfg.tree_nodes is not None:    # a tree: depth from num_draft_tokens, at most tree_nodes nodes
-                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else TREE_DEPTH
+            if cfg.tree_nodes is not None:    # a tree: at most tree_nodes nodes, depth num_draft_tokens or tree_depth()
+                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else tree_depth(cfg.tree_nodes)
                 trees[r] = cfg.tree_nodes
             else:
                 k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else k_batch

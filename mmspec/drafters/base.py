@@ -265,6 +265,7 @@ class Drafter(ABC):
     needs_weights: bool = False   # True: built by ``from_pretrained(target, path, ...)``
     gives_distribution: bool = True   # False: deterministic proposals only (prompt lookup, none)
     grows_trees: bool = False     # True: ``tree_nodes`` drafts a tree (EAGLE-2 dynamic)
+    default_tree_nodes: int = 16  # the tree size ``mmspec bench`` times (measured best for the bundled drafter)
     model = None                  # the underlying HF model, when there is one
 
     def __init__(self, target: TargetAdapter):

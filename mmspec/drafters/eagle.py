@@ -148,6 +148,7 @@ class EagleDrafter(Drafter):
     default_k = 4
     needs_weights = True
     grows_trees = True
+    default_tree_nodes = 32
 
     def __init__(self, target: TargetAdapter, head: EagleHead, where="the given head"):
         super().__init__(target)
