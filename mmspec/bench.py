@@ -161,7 +161,10 @@ class Bench:
             if p.strategy.grows_trees and tree_nodes != 0:
                 self.pipelines[f"{mode}-tree"] = p
                 self.tree_nodes[f"{mode}-tree"] = tree_nodes or p.strategy.default_tree_nodes
-        available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if pipe.drafter is not None else [])
+        # transformers' assisted generation takes a causal LM: the text (or visual) drafter's, when there is one
+        self.assistant = next((p.drafter for p in [pipe, *self.pipelines.values()]
+                               if p.strategy.kind in ("text", "visual")), None)
+        available = ["hf-greedy", "hf-prompt-lookup"] + (["hf-assisted"] if self.assistant is not None else [])
         available += list(self.pipelines)
         self.modes = [m for m in available if not modes or m in modes]
         unknown = set(modes or []) - set(available)
@@ -188,7 +191,7 @@ class Bench:
         else:
             kwargs.update(do_sample=False)
         if mode == "hf-assisted":
-            kwargs["assistant_model"] = self.pipe.drafter
+            kwargs["assistant_model"] = self.assistant
         elif mode == "hf-prompt-lookup":
             kwargs["prompt_lookup_num_tokens"] = self.lookup
         with torch.inference_mode():
@@ -459,6 +462,12 @@ def run(args) -> int:
         raise MMSpecError(f"--batch-size takes a comma list of positive integers, got {args.batch_size!r}")
     if args.tree_nodes is not None and args.tree_nodes < 0:
         raise MMSpecError("--tree-nodes must be >= 0")
+    from mmspec.outputs import check_own_file
+
+    if args.json:
+        check_own_file(args.json, "--json", "bench-json")
+    if args.plot:
+        check_own_file(args.plot, "--plot", "png")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_from_args(args)
@@ -480,6 +489,13 @@ def run(args) -> int:
         raise MMSpecError("with --target, give --images FOLDER to benchmark on")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     extra = {}
+    if args.target is None and pipe.drafter_kind != "text":
+        # the bundled text drafter is always timed with the bundled target (and gives hf-assisted its drafter)
+        from mmspec.drafters import drafter_class
+        from mmspec.pipeline import BUNDLED_TEXT_DRAFTER, Pipeline
+
+        strategy = drafter_class("text").from_pretrained(pipe.adapter, BUNDLED_TEXT_DRAFTER, pipe.target.dtype)
+        extra["mmspec-text"] = Pipeline(pipe.adapter, strategy)
     if args.visual_drafter:
         # another drafter on the same target weights and image cache, e.g. the bundled visual drafter
         from mmspec.drafters import drafter_class

@@ -17,6 +17,7 @@ Invariant between rounds: a row's target cache holds every committed position ex
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -468,8 +469,18 @@ class Scheduler:
         self.engine = Engine(adapter, strategy, max_batch, policy)
         self.lock = threading.Lock()
         self.wake = threading.Event()
+        self.closing = False
         self.thread = threading.Thread(target=self._loop, name="mmspec-engine", daemon=True)
         self.thread.start()
+        # stop between rounds before the interpreter goes down: a thread killed inside a forward aborts it
+        atexit.register(self.close)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the round in progress; jobs still queued or running get no more events."""
+        self.closing = True
+        self.wake.set()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     def submit(self, job: Job) -> Job:
         job.events = queue.Queue()
@@ -480,9 +491,9 @@ class Scheduler:
 
     @torch.inference_mode()
     def _loop(self) -> None:
-        while True:
+        while not self.closing:
             self.wake.wait()
-            while True:
+            while not self.closing:
                 with self.lock:
                     if not self.engine.busy:
                         self.wake.clear()

@@ -197,6 +197,8 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
     bundled = target is None
     if bundled:
         target = BUNDLED_TARGET
+        if drafter == "default" and drafter_kind is None:
+            drafter_kind = "eagle"   # the bundled pair's fastest drafter (docs/BENCHMARKS.md)
     if drafter == "default":
         if bundled:
             drafter = {"visual": BUNDLED_VISUAL_DRAFTER, "eagle": BUNDLED_EAGLE_DRAFTER}.get(drafter_kind,

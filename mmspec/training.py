@@ -502,7 +502,12 @@ def run(args) -> int:
         raise MMSpecError("--ttt-steps and --draft-vocab must be >= 0 and --stop-threshold in [0, 1)")
     args.prompt = args.prompt or ["Describe the image."]
     torch.manual_seed(args.seed)
+    from mmspec.outputs import check_own_folder
+
     out = Path(args.out)
+    # a folder train-drafter wrote (to resume or redo) or a new one; never a folder of the user's own files
+    check_own_folder(out, "--out", ("checkpoint.pt", "distill", "train_report.json", "config.json",
+                                    "eagle_config.json"))
     out.mkdir(parents=True, exist_ok=True)
     # The target answers through mmspec itself (lossless, so the answers are the target's greedy ones, only
     # sooner); --drafter/--drafter-kind pick the helper drafter, by default the bundled text drafter or ngram.

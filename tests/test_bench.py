@@ -69,3 +69,24 @@ def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypat
     assert rc == 1
     assert modes["mmspec-ngram"]["lossless"] is False and modes["mmspec-ngram"]["mismatched_inputs"]
     assert modes["mmspec-none"]["lossless"] is True
+
+
+def test_bench_never_overwrites_a_file_it_did_not_write(tiny_target, tmp_path):
+    """--json/--plot naming a file of the user's is refused before any work, and the file is left as it was."""
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}\n')
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"not a png at all")
+    for flag, path in (("--json", mine), ("--plot", png)):
+        before = path.read_bytes()
+        rc = main(["bench", "--target", str(tiny_target), "--images", str(tmp_path), "--n", "1", flag, str(path)])
+        assert rc == 2 and path.read_bytes() == before
+
+
+def test_train_drafter_refuses_a_folder_of_other_files(tiny_target, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("do not touch")
+    rc = main(["train-drafter", "--kind", "eagle", "--target", str(tiny_target), "--data", str(tmp_path),
+               "--out", str(folder)])
+    assert rc == 2 and sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]

@@ -14,9 +14,10 @@ SEEDS = list(HELDOUT_SEEDS)[900:906]
 
 @pytest.fixture(scope="module")
 def pipes():
-    text = mmspec.load()
+    text = mmspec.load(drafter_kind="text")
     out = {"text": text, "ngram": text.with_drafter_kind("ngram"), "none": text.with_drafter_kind("none")}
     out["visual"] = mmspec.load(drafter_kind="visual")
+    out["eagle"] = mmspec.load()
     return out
 
 
@@ -27,14 +28,15 @@ def hf_greedy(pipe, image, prompt, max_new_tokens):
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_default_load_is_the_bundled_text_pair(pipes):
-    pipe = pipes["text"]
-    assert pipe.drafter_kind == "text" and type(pipe.target).__name__ == "LlavaForConditionalGeneration"
+def test_default_load_is_the_bundled_eagle_pair(pipes):
+    pipe = pipes["eagle"]
+    assert pipe.drafter_kind == "eagle" and type(pipe.target).__name__ == "LlavaForConditionalGeneration"
+    assert pipes["text"].drafter_kind == "text"
     assert str(pipe.target.device) == "cpu"
     assert BUNDLED_VISUAL_DRAFTER.is_dir()
 
 
-@pytest.mark.parametrize("kind", ["text", "visual", "ngram", "none"])
+@pytest.mark.parametrize("kind", ["text", "visual", "eagle", "ngram", "none"])
 def test_bundled_greedy_equals_target_generate(pipes, kind):
     pipe = pipes[kind]
     for i, seed in enumerate(SEEDS):

@@ -108,7 +108,7 @@ def test_non_streamed_answer_equals_generate(client, urls, refs):
     assert usage.prompt_tokens == len(ref.prompt_ids)
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert stats["target_forwards"] >= 1 and 0 <= stats["accepted_tokens"] <= stats["drafted_tokens"]
-    assert stats["drafter_kind"] == "text"
+    assert stats["drafter_kind"] == "eagle"   # the bundled default
 
 
 def test_streamed_answer_equals_generate(client, urls, refs):
