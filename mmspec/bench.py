@@ -385,28 +385,47 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], path: str, title: str, batched: dict | None = None) -> None:
+    """Speedup per mode at batch 1, acceptance by draft position (chains), and throughput by batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["speedup_vs_hf_greedy"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    n = 3 if batched else 2
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5))
+    a, b = axes[0], axes[1]
     a.barh([r["mode"] for r in ok], [r["speedup_vs_hf_greedy"] for r in ok],
            color=["#888" if r["mode"].startswith("hf-") else "#2a7" for r in ok])
     a.axvline(1.0, color="k", lw=0.8)
-    a.set_xlabel("speedup vs hf-greedy (ratio of median tokens/s)")
-    a.set_title("speed")
+    a.set_xlabel("speedup vs hf-greedy at batch 1 (ratio of median tokens/s)")
+    a.set_title("speed, batch 1")
     for r in rows:
-        if r["acceptance_by_position"]:
+        # a tree's trace lists its accepted path first: its per-position figures are not a chain's
+        if r["acceptance_by_position"] and not r["mode"].endswith("-tree"):
             pos = list(range(1, len(r["acceptance_by_position"]) + 1))
             b.plot(pos, r["acceptance_by_position"], marker="o", label=r["mode"])
     b.set_xlabel("draft position")
     b.set_ylabel("acceptance rate")
     b.set_ylim(0, 1.05)
-    b.set_title("acceptance by draft position")
+    b.set_title("acceptance by draft position (chains)")
     b.legend()
+    if batched:
+        c = axes[2]
+        sizes = sorted(int(k) for k in batched)
+        modes = [r["mode"] for r in batched[str(sizes[0])] if not r.get("error")]
+        for mode in modes:
+            ys = [next((r["tokens_per_s"] for r in batched[str(B)] if r["mode"] == mode and not r.get("error")), None)
+                  for B in sizes]
+            c.plot(sizes, ys, marker="o", label=mode, color="#555" if mode.startswith("hf-") else None,
+                   lw=2.5 if mode.startswith("hf-") else 1.5)
+        c.set_xscale("log", base=2)
+        c.set_xticks(sizes, [str(x) for x in sizes])
+        c.set_xlabel("batch size (rows in flight)")
+        c.set_ylabel("tokens/s over all inputs")
+        c.set_title("throughput by batch size")
+        c.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -573,5 +592,6 @@ def run(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
-        plot(report["modes"], args.plot, f"mmspec bench: {report['config']['target']} on {report['machine']['cpu']}")
+        plot(report["modes"], args.plot, f"mmspec bench: {report['config']['target']} on {report['machine']['cpu']}",
+             report["batched"])
     return 1 if bad else 0

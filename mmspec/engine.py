@@ -295,7 +295,7 @@ class Engine:
 
     def _draft(self, rows: list[int]) -> dict[int, Draft]:
         jobs = [self.active[r] for r in rows]
-        chains = [j for j in jobs if j.config.tree_nodes is None]
+        chains = [j for j in jobs if j.config.tree_nodes is None and (j.config.greedy or j.config.seed is None)]
         k_batch = self.policy.choose(chains) if chains else 0
         ks, trees = {}, {}
         for r, job in zip(rows, jobs):
@@ -303,8 +303,14 @@ class Engine:
             if cfg.tree_nodes is not None:    # a tree: at most tree_nodes nodes, depth num_draft_tokens or tree_depth()
                 k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else tree_depth(cfg.tree_nodes)
                 trees[r] = cfg.tree_nodes
+            elif cfg.num_draft_tokens is not None:
+                k = cfg.num_draft_tokens
+            elif not cfg.greedy and cfg.seed is not None:
+                # a seeded sample must not depend on timing: the measured-cost policy would change how many
+                # draws each round takes, so seeded rows draft the drafter's default length
+                k = self.strategy.default_k
             else:
-                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else k_batch
+                k = k_batch
             # never more than the budget can take after the target's own token
             ks[r] = max(min(k, self._budget(job) - 1), 0)
         t0 = time.perf_counter()

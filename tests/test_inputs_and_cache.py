@@ -140,8 +140,11 @@ def test_unknown_drafter_kind(tiny_target):
 
 
 def test_missing_models_and_bad_dtype(tiny_target, tmp_path):
-    with pytest.raises(MMSpecError, match="cannot load the target"):
+    with pytest.raises(MMSpecError, match="target folder .* does not exist"):
         mmspec.load(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MMSpecError, match="cannot load the target"):
+        mmspec.load(str(tmp_path / "empty"))
     with pytest.raises(MMSpecError, match="unknown dtype"):
         mmspec.load(str(tiny_target), dtype="float8")
     with pytest.raises(MMSpecError, match="needs a drafter model"):

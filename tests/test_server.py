@@ -423,9 +423,9 @@ def test_serve_refuses_a_busy_port():
 def test_load_test_runs_tiny(pipe, capsys):
     rows = load_test(pipe, concurrency=(1, 2), drafting=(True, False), requests_per_level=2, max_tokens=4,
                      images=IMAGES[:2])
-    assert [(r["drafting"], r["clients"]) for r in rows] == [("text", 1), ("text", 2), ("none", 1), ("none", 2)]
+    assert [(r["drafting"], r["clients"]) for r in rows] == [("eagle", 1), ("eagle", 2), ("none", 1), ("none", 2)]
     assert all(r["requests"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     table = capsys.readouterr().out
-    assert "| drafting | clients |" in table and table.count("\n| text |") == 2
+    assert "| drafting | clients |" in table and table.count("\n| eagle |") == 2
     with pytest.raises(MMSpecError):
         load_test(pipe, requests_per_level=0)
