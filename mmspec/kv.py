@@ -88,7 +88,6 @@ class SlotCache:
         B = len(self.rows)
         assert len(parents) == B
         T = max((len(p) for p in parents), default=0)
-        S = self.slots
         new_valid = torch.zeros(B, T, dtype=torch.bool)
         own = torch.zeros(B, T, T, dtype=torch.bool)
         positions = torch.zeros(B, T, dtype=torch.long)

@@ -90,22 +90,32 @@ def source_features(pipe, request, args) -> torch.Tensor:
     return request.features
 
 
-def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
-    """The target's greedy answer and its top-K distributions along it (None if the image is unusable)."""
-    import torch
-
-    from vision.compress import pool_tokens
+def target_answer(pipe, ex: Example, args):
+    """(the target's greedy answer, its prepared request with image features), or None for an unusable image."""
     from vision.images import load_image
 
-    adapter = pipe.adapter
     try:
         res = pipe.generate(ex.image, ex.prompt, max_new_tokens=args.max_new_tokens)
         image = load_image(ex.image)
     except MMSpecError as e:
         print(f"skipping {ex.name}: {e}")
         return None
-    request = adapter.prepare(image, adapter.format_prompt(ex.prompt))
-    adapter.image_features(request)
+    request = pipe.adapter.prepare(image, pipe.adapter.format_prompt(ex.prompt))
+    pipe.adapter.image_features(request)
+    return res, request
+
+
+def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
+    """The target's greedy answer and its top-K distributions along it (None if the image is unusable)."""
+    import torch
+
+    from vision.compress import pool_tokens
+
+    adapter = pipe.adapter
+    got = target_answer(pipe, ex, args)
+    if got is None:
+        return None
+    res, request = got
     answer = res.token_ids
     with torch.inference_mode():
         session = adapter.session(request)
@@ -288,17 +298,12 @@ def eagle_example(pipe, ex: Example, args, pool_m=None) -> dict | None:
     import torch
 
     from mmspec.targets.base import TargetBatch
-    from vision.images import load_image
 
     adapter = pipe.adapter
-    try:
-        res = pipe.generate(ex.image, ex.prompt, max_new_tokens=args.max_new_tokens)
-        image = load_image(ex.image)
-    except MMSpecError as e:
-        print(f"skipping {ex.name}: {e}")
+    got = target_answer(pipe, ex, args)
+    if got is None:
         return None
-    request = adapter.prepare(image, adapter.format_prompt(ex.prompt))
-    adapter.image_features(request)
+    res, request = got
     with torch.inference_mode():
         batch = TargetBatch(adapter, want_hidden=True)
         batch.add(0, request)

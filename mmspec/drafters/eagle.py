@@ -23,7 +23,7 @@ from torch import nn
 from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
 from mmspec.errors import MMSpecError
 from mmspec.kv import CACHE_KW, SlotCache, chain
-from mmspec.targets.base import Request, TargetAdapter
+from mmspec.targets.base import TargetAdapter
 
 CONFIG_NAME = "eagle_config.json"
 WEIGHTS_NAME = "model.safetensors"
