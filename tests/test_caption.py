@@ -181,7 +181,9 @@ def test_all_good_exits_zero_and_limit(tmp_path, model_flags):
 def _slow_cmd(out: Path, folder: Path, model_flags: list[str], rounds_log: Path, *extra: str) -> list[str]:
     """``python -m demos.caption`` with every round of a batched engine made slower (so signals land while rows
     are in flight) and the number of rows of each round appended to ``rounds_log``."""
-    code = ("import sys, time\nimport mmspec.engine as e\nstep = e.Engine.step\n"
+    # (SIGINT back to Python's default: a runner started in the background may hand its children SIGINT ignored)
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import mmspec.engine as e\nstep = e.Engine.step\n"
             "def slow(self):\n    events = step(self)\n    if self.max_batch > 1 and events:\n"
             f"        with open({str(rounds_log)!r}, 'a') as f:\n            f.write(f'{{len(events)}}\\n')\n"
             "    time.sleep(0.05)\n    return events\n"

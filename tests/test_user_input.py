@@ -370,7 +370,8 @@ def test_closed_stdout_pipe_stops_cleanly_and_resumes(tmp_path, tiny_target, tin
     for i in range(6):
         sample_image(320 + i).save(folder / f"{i}.png")
     out = tmp_path / "c.jsonl"
-    code = ("import sys, time\nimport demos.caption as c\nf = c.caption_one\n"
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import demos.caption as c\nf = c.caption_one\n"
             "def slow(*a, **k):\n    r = f(*a, **k)\n    time.sleep(0.3)\n    return r\n"
             "c.caption_one = slow\nsys.exit(c.main(sys.argv[1:]))\n")
     cmd = [sys.executable, "-c", code, str(folder), "--out", str(out), "--compare", "--target", str(tiny_target),
@@ -411,7 +412,9 @@ def test_help_imports_nothing_heavy(command):
 
 def test_ctrl_c_during_start_up_exits_130_quietly():
     # argument parsing made slow, so that the SIGINT lands inside it
-    code = ("import sys, time\nimport mmspec.cli as c\nslow = c.build_parser\n"
+    # (SIGINT back to Python's default: a runner started in the background may hand its children SIGINT ignored)
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import mmspec.cli as c\nslow = c.build_parser\n"
             "def build(*a, **k):\n    print('ready', flush=True)\n    time.sleep(30)\n    return slow(*a, **k)\n"
             "c.build_parser = build\nsys.exit(c.main(['caption', '--help']))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -430,7 +433,8 @@ def test_ctrl_c_mid_batch_exits_130_quietly_and_resumes(tmp_path, tiny_target, t
     out = tmp_path / "c.jsonl"
     flags = ["--target", str(tiny_target), "--drafter", str(tiny_drafter), "--max-new-tokens", str(MAX_NEW),
              "--quiet"]
-    code = ("import sys, time\nimport demos.caption as c\nf = c.caption_one\n"
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import demos.caption as c\nf = c.caption_one\n"
             "def slow(*a, **k):\n    r = f(*a, **k)\n    time.sleep(0.3)\n    return r\n"
             "c.caption_one = slow\nsys.exit(c.main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder), "--out", str(out), *flags], cwd=ROOT,
