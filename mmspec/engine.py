@@ -335,7 +335,7 @@ class Engine:
             self.active[r].stats.target_forwards += 1
         if self.repetition_penalty != 1.0:
             logits = {r: self._penalize(self.active[r], l, drafts[r], parents.get(r)) for r, l in logits.items()}
-        # [n] argmax rows, kept on the device until the one host sync of the accept phase
+        # timed up to the accept phase's host sync, where the forward has surely finished (CostModel)
         self._last_verify = (t0, sum(int(v.shape[0]) for v in ids.values()), fresh)
         return logits
 
