@@ -117,21 +117,22 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
     depth = [[] for _ in range(R)]
     score = [[] for _ in range(R)]
 
-    def add_children(b, parent, logits, d):
-        logp = logits.float().log_softmax(-1)
-        top = logp.topk(min(branch, logp.shape[-1]))
-        base = score[b][parent] if parent >= 0 else 0.0
-        for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
-            if lp == float("-inf"):
-                continue
-            tokens[b].append(tok)
-            parents[b].append(parent)
-            depth[b].append(d)
-            score[b].append(base + lp)
+    def add_children(b, parents_fed: list[int], logits: torch.Tensor, d: int) -> None:
+        # logits [n, vocab] of the fed nodes: every node's top tokens in one op and one host sync
+        top = logits.float().log_softmax(-1).topk(min(branch, logits.shape[-1]), dim=-1)
+        for parent, lps, toks in zip(parents_fed, top.values.tolist(), top.indices.tolist()):
+            base = score[b][parent] if parent >= 0 else 0.0
+            for lp, tok in zip(lps, toks):
+                if lp == float("-inf"):
+                    continue
+                tokens[b].append(tok)
+                parents[b].append(parent)
+                depth[b].append(d)
+                score[b].append(base + lp)
 
     for b in range(R):
         if budgets[b] > 0:
-            add_children(b, -1, first[b], 0)
+            add_children(b, [-1], first[b][None], 0)
     frontier = [list(range(len(tokens[b]))) for b in range(R)]
     forwards = 1
     for d in range(1, max_depth):
@@ -146,9 +147,9 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
         forwards += 1
         frontier = [[] for _ in range(R)]
         for b in range(R):
-            for (i, *_), row in zip(feeds[b], logits[b]):
+            if feeds[b]:
                 start = len(tokens[b])
-                add_children(b, i, row, d)
+                add_children(b, [i for i, *_ in feeds[b]], logits[b], d)
                 frontier[b].extend(range(start, len(tokens[b])))
     out = []
     for b in range(R):

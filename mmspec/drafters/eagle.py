@@ -244,18 +244,21 @@ class EagleDraftBatch(DraftBatch):
             T = max(len(v) for v in feeds.values())
             H = self.head.cfg["hidden_size"]
             hid = torch.zeros(len(order), T, H, dtype=self.slots.dtype, device=self.device)
-            inp = torch.zeros_like(hid)
+            tokens = torch.zeros(len(order), T, dtype=torch.long)
             for b, r in enumerate(order):
-                for j, (node, tok, parent, _) in enumerate(feeds.get(r, [])):
-                    hid[b, j] = f_of[r][parent]
-                    inp[b, j] = self.d.embed(torch.tensor(tok, device=self.device))
+                nodes = feeds.get(r, [])
+                if nodes:
+                    hid[b, : len(nodes)] = torch.stack([f_of[r][parent] for _, _, parent, _ in nodes])
+                    tokens[b, : len(nodes)] = torch.tensor([tok for _, tok, _, _ in nodes])
+            inp = self.d.embed(tokens.to(self.device)).to(hid.dtype)   # one embedding lookup for every node
             f = self._run(self.slots, hid, inp, **feeds_state.extend_args(feeds))
+            logits = self.d.logits(f)                                    # [B, T, vocab] in one go
             out = []
             for r, nodes in zip(rows, feeds_per_row):
                 b = order.index(r)
                 for j, (node, *_rest) in enumerate(nodes):
                     f_of[r][node] = f[b, j]
-                out.append(self.d.logits(f[b, : len(nodes)]) if nodes else None)
+                out.append(logits[b, : len(nodes)] if nodes else None)
             return out
 
         first = self.d.logits(torch.stack([last[r] for r in rows]))
