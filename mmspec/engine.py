@@ -68,6 +68,30 @@ class Job:
         return self.result is not None
 
 
+@dataclass
+class Accepted:
+    """One row's verdict on its draft."""
+
+    n: int                       # drafts kept
+    token: int                   # the target's own token after them
+    drafts: list[int]            # the row's draft ids (draft order)
+    keep: list[int]              # verify positions that stay in the target's cache (0 = the pending token)
+    path: list[int] | None = None   # a tree's accepted nodes, root first (None for a chain)
+
+    @property
+    def emitted(self) -> list[int]:
+        kept = [self.drafts[i] for i in self.path] if self.path is not None else self.drafts[:self.n]
+        return kept + [self.token]
+
+    @classmethod
+    def chain(cls, drafts: list[int], n: int, token: int) -> "Accepted":
+        return cls(n, token, drafts, list(range(1 + n)))
+
+    @classmethod
+    def tree(cls, drafts: list[int], path: list[int], token: int) -> "Accepted":
+        return cls(len(path), token, drafts, [0] + [i + 1 for i in path], path)
+
+
 class CostModel:
     """Running estimate of a verify forward's time for B rows of T tokens, t = a + b * B * T (least squares
     over what was measured, with a prior from the costs measured on the bundled target), and of one drafting
@@ -246,14 +270,24 @@ class Engine:
         job.accepted_run, job.rejected_run = 2 * DraftPolicy.PRIOR, 2 * (1 - DraftPolicy.PRIOR)
         self.active[row] = job
 
+    @staticmethod
+    def _result(job: Job, text: str) -> GenerationResult:
+        job.result = GenerationResult(text=text, token_ids=list(job.token_ids), rounds=list(job.rounds),
+                                      stats=job.stats, prompt_ids=list(job.request.prompt_ids) if job.request else [],
+                                      error=job.error)
+        return job.result
+
+    def _last_event(self, job: Job, stop_reason: str) -> StreamEvent:
+        """A job that ends outside a round (an error before it ran, a cancellation): its done event."""
+        job.stats.stop_reason = stop_reason
+        job.stats.wall_s = time.perf_counter() - job.start
+        text = self.adapter.decode(job.token_ids) if job.token_ids else ""
+        return StreamEvent(round=Round((), 0, None), token_ids=list(job.token_ids), text=text, stats=job.stats,
+                           done=True, result=self._result(job, text))
+
     def _finish_error(self, job: Job, message: str) -> StreamEvent:
         job.error = message
-        job.stats.stop_reason = "error"
-        job.stats.wall_s = time.perf_counter() - job.start
-        job.result = GenerationResult(text="", token_ids=[], rounds=[], stats=job.stats,
-                                      prompt_ids=list(job.request.prompt_ids) if job.request else [], error=message)
-        return StreamEvent(round=Round((), 0, None), token_ids=[], text="", stats=job.stats, done=True,
-                           result=job.result)
+        return self._last_event(job, "error")
 
     def cancel_finished(self) -> list[tuple[Job, StreamEvent]]:
         """Cancelled rows leave the batch; each gets a last event (``done``, stop reason "cancelled")."""
@@ -262,13 +296,7 @@ class Engine:
         if gone:
             for r in gone:
                 job = self.active.pop(r)
-                job.stats.stop_reason = "cancelled"
-                job.stats.wall_s = time.perf_counter() - job.start
-                text = self.adapter.decode(job.token_ids)
-                job.result = GenerationResult(text=text, token_ids=list(job.token_ids), rounds=list(job.rounds),
-                                              stats=job.stats, prompt_ids=list(job.request.prompt_ids))
-                events.append((job, StreamEvent(round=Round((), 0, None), token_ids=list(job.token_ids), text=text,
-                                                stats=job.stats, done=True, result=job.result)))
+                events.append((job, self._last_event(job, "cancelled")))
             self.target.remove(gone)
             self.drafts.remove(gone)
         return events
@@ -282,9 +310,14 @@ class Engine:
             return events
         rows = list(self.active)
         drafts = self._draft(rows)
+        # a prefill's cost says nothing about a round's, so rounds with a joining row are not timed
+        timed = all(self.active[r].stats.target_forwards for r in rows)
+        t0 = time.perf_counter()
         logits = self._verify(rows, drafts)
         accepted = self._accept(rows, drafts, logits)
-        self._commit(rows, drafts, accepted)
+        if timed:  # up to the accept phase's host sync, where the forward has surely finished
+            self.policy.costs.observe_verify(sum(1 + len(drafts[r]) for r in rows), time.perf_counter() - t0)
+        self._commit(accepted)
         events += self._emit(rows, drafts, accepted)
         return events
 
@@ -328,15 +361,11 @@ class Engine:
         # a tree's nodes hang under the pending token (verify index 0), node j at index j + 1
         parents = {r: [-1] + [p + 1 if p >= 0 else 0 for p in drafts[r].parents]
                    for r in rows if drafts[r].parents is not None}
-        t0 = time.perf_counter()
         logits = self.target.verify(ids, parents)
-        fresh = any(self.active[r].stats.target_forwards == 0 for r in rows)
         for r in rows:
             self.active[r].stats.target_forwards += 1
         if self.repetition_penalty != 1.0:
             logits = {r: self._penalize(self.active[r], l, drafts[r], parents.get(r)) for r, l in logits.items()}
-        # timed up to the accept phase's host sync, where the forward has surely finished (CostModel)
-        self._last_verify = (t0, sum(int(v.shape[0]) for v in ids.values()), fresh)
         return logits
 
     def _penalize(self, job: Job, logits: torch.Tensor, draft: Draft, parents=None) -> torch.Tensor:
@@ -346,25 +375,13 @@ class Engine:
         return repetition_penalty_rows(logits, job.seen, draft.ids.to(logits.device), self.repetition_penalty,
                                        parents)
 
-    def _accept(self, rows, drafts, logits) -> dict[int, tuple[int, int]]:
-        """row -> (n_accepted, token); for a tree, ``self._paths[row]`` is the accepted path's node indices."""
+    def _accept(self, rows, drafts, logits) -> dict[int, Accepted]:
         out = {}
-        self._paths = {}
-        for r in [r for r in rows if drafts[r].parents is not None]:
-            job, d = self.active[r], drafts[r]
-            ids = d.ids.tolist()
-            if job.config.greedy:
-                path, token = accept_tree_greedy(ids, d.parents, logits[r].argmax(-1).tolist())
-            else:
-                p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
-                path, token = accept_tree_sampling(ids, d.parents, p, job.generator)
-            self._paths[r] = path
-            out[r] = (len(path), token)
-        greedy = [r for r in rows if self.active[r].config.greedy and r not in out]
+        greedy = [r for r in rows if self.active[r].config.greedy and drafts[r].parents is None]
         if greedy:
-            # one host sync for every greedy row: the target's argmax at each verified position
+            # one host sync for every greedy chain row: the target's argmax at each verified position
             argmax = torch.cat([logits[r].argmax(-1) for r in greedy]).tolist()
-            drafted = torch.cat([drafts[r].ids for r in greedy]).tolist() if greedy else []
+            drafted = torch.cat([drafts[r].ids for r in greedy]).tolist()
             i = j = 0
             for r in greedy:
                 k = len(drafts[r])
@@ -372,51 +389,46 @@ class Engine:
                 n = 0
                 while n < k and mine[n] == target[n]:
                     n += 1
-                out[r] = (n, target[n])
+                out[r] = Accepted.chain(mine, n, target[n])
                 i, j = i + k + 1, j + k
         for r in rows:
             if r in out:
                 continue
-            job = self.active[r]
-            p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
-            q = drafts[r].probs(p.shape[-1]).to(p.device)
-            out[r] = accept_sampling(drafts[r].ids.to(p.device), q, p, job.generator)
-        t0, tokens, fresh = self._last_verify
-        if not fresh:  # a prefill's cost says nothing about a round's
-            self.policy.costs.observe_verify(tokens, time.perf_counter() - t0)
+            job, d = self.active[r], drafts[r]
+            ids = d.ids.tolist()
+            if d.parents is not None:   # a tree: the accepted root path
+                if job.config.greedy:
+                    path, token = accept_tree_greedy(ids, d.parents, logits[r].argmax(-1).tolist())
+                else:
+                    p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
+                    path, token = accept_tree_sampling(ids, d.parents, p, job.generator)
+                out[r] = Accepted.tree(ids, path, token)
+            else:
+                p = warp_logits(logits[r], job.config.temperature, job.config.top_p)
+                q = d.probs(p.shape[-1]).to(p.device)
+                n, token = accept_sampling(d.ids.to(p.device), q, p, job.generator)
+                out[r] = Accepted.chain(ids, n, token)
         return out
 
-    def _commit(self, rows, drafts, accepted) -> None:
-        keep, results = {}, {}
-        for r in rows:
-            n, token = accepted[r]
-            ids = drafts[r].ids.tolist()
-            if r in self._paths:   # the accepted root path of a tree: its nodes' entries are gathered
-                path = self._paths[r]
-                keep[r] = [0] + [i + 1 for i in path]
-                results[r] = (n, [ids[i] for i in path] + [token])
-            else:
-                keep[r] = range(1 + n)
-                results[r] = (n, ids[:n] + [token])
-        self.target.commit(keep)
+    def _commit(self, accepted: dict[int, Accepted]) -> None:
+        self.target.commit({r: a.keep for r, a in accepted.items()})
         # the target's hidden states of the positions just committed, for drafters that read them
-        self.drafts.update(results, self.target.committed_hidden if self.drafts.wants_hidden else None)
-        self._results = results
+        self.drafts.update({r: (a.n, a.emitted) for r, a in accepted.items()},
+                           self.target.committed_hidden if self.drafts.wants_hidden else None)
 
     def _emit(self, rows, drafts, accepted) -> list[tuple[Job, StreamEvent]]:
         events, finished = [], []
         for r in rows:
             job = self.active[r]
-            n_acc, token = accepted[r]
-            draft_ids = drafts[r].ids.tolist()
+            acc = accepted[r]
+            n_acc, token, emitted, draft_ids = acc.n, acc.token, acc.emitted, acc.drafts
             tree = None
-            if r in self._paths:
+            if acc.path is not None:
                 # the trace lists the accepted path first, then the rejected nodes, with their parents
-                order = self._paths[r] + [i for i in range(len(draft_ids)) if i not in self._paths[r]]
+                order = acc.path + [i for i in range(len(draft_ids)) if i not in acc.path]
                 where = {i: j for j, i in enumerate(order)}
                 tree = tuple(where.get(drafts[r].parents[i], -1) for i in order)
                 draft_ids = [draft_ids[i] for i in order]
-            emitted = self._results[r][1]
             if job.seen is not None:
                 job.seen[torch.tensor(emitted, device=job.seen.device).clamp_max(job.seen.shape[0] - 1)] = True
             if tree is None:
@@ -447,8 +459,7 @@ class Engine:
             text = self.adapter.decode(job.token_ids)
             done = bool(stats.stop_reason)
             if done:
-                job.result = GenerationResult(text=text, token_ids=list(job.token_ids), rounds=list(job.rounds),
-                                              stats=stats, prompt_ids=list(job.request.prompt_ids))
+                self._result(job, text)
                 finished.append(r)
             events.append((job, StreamEvent(round=rnd, token_ids=list(job.token_ids), text=text, stats=stats,
                                             done=done, result=job.result)))

@@ -61,7 +61,6 @@ class SlotCache:
         self.lengths: list[int] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)   # [B, S]
         self._new = 0          # slots appended by the last ``extend``
-        self._n_new: list[int] = []
 
     @property
     def slots(self) -> int:
@@ -83,7 +82,7 @@ class SlotCache:
         A drafter growing a tree over several forwards passes ``past[b]`` ([n_b, S] bool: the existing slots each
         token sees, e.g. committed ones plus its ancestors from earlier forwards), ``depth0[b]`` (each token's
         depth under the committed sequence) and ``hidden=True`` (the new slots stay invisible to later tokens
-        unless ``past`` names them; ``truncate`` or ``reveal`` settles them).
+        unless ``past`` names them; the next ``tidy`` crops them).
         """
         B = len(self.rows)
         assert len(parents) == B
@@ -113,7 +112,7 @@ class SlotCache:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         self.valid = torch.cat([self.valid, torch.zeros_like(new_valid) if hidden else new_valid], dim=1)
-        self._new, self._n_new = T, [len(p) for p in parents]
+        self._new = T
         return mask[:, None], positions.to(self.device)
 
     def commit(self, keep: list[list[int]]) -> None:
@@ -232,9 +231,3 @@ class SlotCache:
                                                                 layer.values.shape[-1]))
         self.valid = new_valid
 
-
-def rollback(cache, length: int) -> None:
-    """Shrink a one-row ``DynamicCache`` to its first ``length`` positions (no-op when it is not longer)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)  # negative = number of positions to drop, in every transformers 5.x

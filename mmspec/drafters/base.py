@@ -67,6 +67,7 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
     done = [k <= 0 for k in ks]
     lengths = list(ks)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device) if eos_ids else None
+    forwards = 1
     for i in range(K):
         token = logits.argmax(-1)                           # [B], stays on the device for greedy rows
         for b, spec in enumerate(specs):
@@ -90,6 +91,7 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
             done[b] = done[b] or i + 1 >= lengths[b]
         if i < K - 1 and not all(done):
             logits = step(token)
+            forwards += 1
         else:
             break
     ids = torch.stack(toks, dim=1) if toks else torch.empty(B, 0, dtype=torch.long, device=logits.device)
@@ -97,7 +99,7 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
     for b in range(B):
         n = max(min(lengths[b], ids.shape[1]), 0)
         q = to_target_vocab(torch.stack(qs[b][:n]), target_vocab) if qs[b] and n else None
-        out.append(Draft(ids[b, :n], q))
+        out.append(Draft(ids[b, :n], q, forwards))
     return out
 
 

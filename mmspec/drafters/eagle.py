@@ -290,10 +290,8 @@ class EagleDraftBatch(DraftBatch):
             return out
         order = self.slots.rows
         state = {"f": torch.stack([last[r] for r in rows])}       # [R, H] the latest predicted hidden state
-        forwards = [1]
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
-            forwards[0] += 1
             H = state["f"].shape[-1]
             hid = torch.zeros(len(order), 1, H, dtype=state["f"].dtype, device=self.device)
             inp = torch.zeros_like(hid)
@@ -309,9 +307,7 @@ class EagleDraftBatch(DraftBatch):
         first = self.d.logits(state["f"])
         drafts = draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
                              self.d.target.vocab_size, self.d.eos_ids, self.d.stop_threshold)
-        for r, dr in zip(rows, drafts):
-            dr.forwards = forwards[0]
-            out[r] = dr
+        out.update(zip(rows, drafts))
         return out
 
     def _feed(self, slots: SlotCache, rows: list) -> dict:

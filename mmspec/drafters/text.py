@@ -180,7 +180,6 @@ class CausalLMDraftBatch(DraftBatch):
         rows = [r for r, k in ks.items() if k > 0]
         if not rows:
             return out
-        forwards = [1]
         first = self._catch_up(rows)
         for r in self.slots.rows:
             self.fed[r] = self.slots.length(r)
@@ -194,7 +193,6 @@ class CausalLMDraftBatch(DraftBatch):
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             # tokens [len(rows)]: every row of the cache feeds one token (rows not drafting feed padding)
-            forwards[0] += 1
             feed = torch.zeros(len(order), 1, dtype=torch.long, device=self.device)
             for i, r in enumerate(rows):
                 feed[order.index(r), 0] = tokens[i]
@@ -205,9 +203,7 @@ class CausalLMDraftBatch(DraftBatch):
 
         drafts = draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
                              self.target_vocab, self.drafter.eos_ids)
-        for r, d in zip(rows, drafts):
-            d.forwards = forwards[0]
-            out[r] = d
+        out.update(zip(rows, drafts))
         return out
 
     def update(self, results: dict, hidden: dict | None = None) -> None:

@@ -101,10 +101,8 @@ class VlmDraftBatch(DraftBatch):
         for r in rows:
             self.pending[r] = []
             self.base[r] = self.sess.length(r)      # after the pending ids, before the drafts
-        forwards = [1]
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
-            forwards[0] += 1
             feed = {r: [] for r in self.sess.main.rows}
             feed.update({r: tokens[i:i + 1] for i, r in enumerate(rows)})
             got = self._step(feed)
@@ -112,9 +110,7 @@ class VlmDraftBatch(DraftBatch):
 
         drafts = draft_block(torch.stack([first[r] for r in rows]), step, [ks[r] for r in rows],
                              [self.specs[r] for r in rows], self.target_vocab, self.drafter.eos_ids)
-        for r, d in zip(rows, drafts):
-            d.forwards = forwards[0]
-            out[r] = d
+        out.update(zip(rows, drafts))
         return out
 
     def update(self, results: dict, hidden: dict | None = None) -> None:

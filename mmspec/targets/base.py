@@ -44,8 +44,6 @@ class Request:
 class Positions:
     """Maps a row's logical positions [n] to what the model takes: [1, n] (1-D families) or [4, n] (M-RoPE)."""
 
-    rows = 1
-
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         return p[None]
 
@@ -79,10 +77,6 @@ class TargetBatch:
 
     def _slots(self):
         return SlotCache(self.config, self.device, self.dtype)
-
-    @property
-    def rows(self) -> list:
-        return list(self.main.rows) + [r for r in self.fresh if r not in self.main.rows]
 
     def length(self, row) -> int:
         """Positions in the row's cache, the pending one excluded (before the prefill: the prompt but its last)."""

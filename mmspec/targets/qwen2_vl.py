@@ -24,8 +24,6 @@ class MRopePositions(Positions):
     """The prompt's 3-D positions from ``get_rope_index``; after the prompt, position p sits at p + rope_delta on
     all three axes. Row 0 holds the plain 1-D positions, as ``generate()`` passes them."""
 
-    rows = 4
-
     def __init__(self, prompt_positions: torch.Tensor, rope_delta: int):
         self.prompt = prompt_positions[:, 0]     # [3, L]
         self.delta = int(rope_delta)
