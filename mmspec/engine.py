@@ -151,6 +151,15 @@ class DraftPolicy:
         self.idle_rounds = 0
         self.pos_accepted = [0.0] * (MAX_DRAFT_TOKENS + 1)
         self.pos_tried = [0.0] * (MAX_DRAFT_TOKENS + 1)
+        # every row's rounds pooled: a new row starts from what rows before it got, not from a fixed guess
+        self.pool_accepted = 2 * self.PRIOR
+        self.pool_rejected = 2 * (1 - self.PRIOR)
+
+    def row_prior(self) -> tuple[float, float]:
+        """A new row's running counts: the pooled per-token acceptance, worth two rounds of evidence (so the
+        second round of a request drafts as long as rows before it earned, and its own record soon rules)."""
+        p = self.pool_accepted / (self.pool_accepted + self.pool_rejected)
+        return 2 * p, 2 * (1 - p)
 
     def position_acceptance(self) -> list[float]:
         out, prev = [], self.PRIOR
@@ -192,6 +201,8 @@ class DraftPolicy:
         # recent rounds weigh most: a row's counts fade by a fifth each round, the positions' more slowly
         job.accepted_run = 0.8 * job.accepted_run + accepted
         job.rejected_run = 0.8 * job.rejected_run + (accepted < drafted)
+        self.pool_accepted = self.DECAY * self.pool_accepted + accepted
+        self.pool_rejected = self.DECAY * self.pool_rejected + (accepted < drafted)
         self.pos_accepted = [v * self.DECAY for v in self.pos_accepted]
         self.pos_tried = [v * self.DECAY for v in self.pos_tried]
         for i in range(min(accepted + 1, drafted, len(self.pos_tried))):
@@ -266,8 +277,7 @@ class Engine:
             self.target.remove([row])
             raise
         job.pending = request.prompt_ids[-1]
-        # the prior: worth two rounds of evidence at DraftPolicy.PRIOR
-        job.accepted_run, job.rejected_run = 2 * DraftPolicy.PRIOR, 2 * (1 - DraftPolicy.PRIOR)
+        job.accepted_run, job.rejected_run = self.policy.row_prior()
         self.active[row] = job
 
     @staticmethod

@@ -145,6 +145,47 @@ def test_training_resumes_from_its_checkpoint(tiny_target, scene_data, tmp_path,
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
+    """EagleHead.forward spells out LlamaDecoderLayer (sdpa) without its plumbing: same numbers, with a cache, a
+    4-D mask, no mask, and grouped key/value heads."""
+    from transformers import DynamicCache
+
+    from mmspec.kv import CACHE_KW, SlotCache, chain
+
+    torch.manual_seed(0)
+    cfg = head_config_for(base.adapter)
+    if kv_heads:
+        cfg["num_key_value_heads"] = kv_heads
+    head = EagleHead(cfg).eval()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    H = cfg["hidden_size"]
+
+    def reference(hidden, inputs, mask, positions, cache):
+        x = head.fc(torch.cat([inputs, hidden], dim=-1))
+        out = head.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=head.rotary(x, positions),
+                         use_cache=True, **{CACHE_KW: cache})
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.inference_mode():
+        slots = {name: SlotCache(head.layer_cfg, "cpu", torch.float32) for name in ("lean", "hf")}
+        caches = {name: DynamicCache(config=head.layer_cfg) for name in slots}
+        for name, s in slots.items():
+            s.cache = caches[name]
+            s.add_empty(0)
+        for T in (5, 3, 1):   # a prefill, a block of three, one token on a dense cache (mask None)
+            hidden, inputs = torch.randn(1, T, H), torch.randn(1, T, H)
+            outs = {}
+            for name, fn in (("lean", head.forward), ("hf", reference)):
+                mask, pos = slots[name].extend([chain(T)])
+                if T == 1 and name == "lean":
+                    mask = None
+                outs[name] = fn(hidden, inputs, mask, pos, caches[name])
+                slots[name].commit([list(range(T))])
+            torch.testing.assert_close(outs["lean"], outs["hf"], rtol=1e-5, atol=1e-5)
+
+
 def test_save_load_round_trip(base, tmp_path):
     torch.manual_seed(0)
     head = EagleHead(head_config_for(base.adapter))

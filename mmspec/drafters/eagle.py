@@ -22,8 +22,13 @@ from torch import nn
 
 from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
 from mmspec.errors import MMSpecError
-from mmspec.kv import CACHE_KW, SlotCache, chain
+from mmspec.kv import CACHE_KW, SlotCache, chain  # noqa: F401 (CACHE_KW: the reference path in tests)
 from mmspec.targets.base import TargetAdapter
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 CONFIG_NAME = "eagle_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,15 +87,32 @@ class EagleHead(nn.Module):
             return token_embeds
         return torch.where(is_image[..., None], self.image_proj(image_feats.to(token_embeds.dtype)), token_embeds)
 
-    def forward(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache=None) -> torch.Tensor:
-        # hidden, inputs: [B, T, H] -> [B, T, H]
+    def forward(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None,
+                positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """hidden, inputs [B, T, H] -> predicted next hidden states [B, T, H]. ``mask``: 4-D additive, or None
+        when every new token may see every cached slot (one token on a dense cache).
+
+        The decoder layer's own computation (same modules, same order of operations as ``LlamaDecoderLayer``
+        with sdpa; checked against it in the tests) without its keyword plumbing: a drafting step runs this
+        once per drafted token, and on a small head the plumbing cost as much as the arithmetic."""
         x = self.fc(torch.cat([inputs.to(self.fc.weight.dtype), hidden.to(self.fc.weight.dtype)], dim=-1))
-        rotary = self.rotary(x, positions)
-        kw = {CACHE_KW: cache} if cache is not None else {}
-        out = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
-                         use_cache=cache is not None, **kw)
-        return out[0] if isinstance(out, tuple) else out
+        cos, sin = self.rotary(x, positions)
+        layer = self.layer
+        attn = layer.self_attn
+        B, T, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, 0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                                             enable_gqa=k.shape[1] != q.shape[1])
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     # ----- files ----------------------------------------------------------------------------------
     def save_pretrained(self, folder, dtype: torch.dtype = torch.float32) -> None:
