@@ -12,9 +12,10 @@ MAX_TREE_NODES = 64
 
 
 def tree_depth(tree_nodes: int) -> int:
-    """Depth of a draft tree when num_draft_tokens does not say: about nodes / 2.7 (16 nodes: 6, 32: 12),
-    which measured best for the bundled drafters (docs/BENCHMARKS.md)."""
-    return max(2, min(MAX_DRAFT_TOKENS, round(tree_nodes / 2.7)))
+    """Depth of a draft tree when num_draft_tokens does not say: half the nodes (16 nodes: 8, 32: 16). Trees
+    stop growing where the drafter's path probabilities fall below its floor (``grow_tree``), so a deep limit
+    costs an unsure drafter nothing and lets a sure one run long (measured: docs/BENCHMARKS.md)."""
+    return max(2, min(MAX_DRAFT_TOKENS, round(tree_nodes / 2)))
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 

@@ -61,6 +61,9 @@ class SlotCache:
         self.lengths: list[int] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)   # [B, S]
         self._new = 0          # slots appended by the last ``extend``
+        # a model that takes ``attention_mask=None`` as "see every slot" (sdpa) may be handed None for one
+        # token on dense rows; the target's own decoder is always given the explicit mask
+        self.allow_no_mask = False
 
     @property
     def slots(self) -> int:
@@ -87,6 +90,9 @@ class SlotCache:
         B = len(self.rows)
         assert len(parents) == B
         T = max((len(p) for p in parents), default=0)
+        if past is None and depth0 is None and not hidden and T and all(
+                len(p) == T and p == list(range(-1, T - 1)) for p in parents):
+            return self._extend_chains(T)
         new_valid = torch.zeros(B, T, dtype=torch.bool)
         own = torch.zeros(B, T, T, dtype=torch.bool)
         positions = torch.zeros(B, T, dtype=torch.long)
@@ -115,11 +121,29 @@ class SlotCache:
         self._new = T
         return mask[:, None], positions.to(self.device)
 
+    def _extend_chains(self, T: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``extend`` when every row adds a chain of T tokens (every round of plain drafting and verifying):
+        the same mask and positions without the per-row loop. One token per row on dense rows (no holes:
+        every row at batch 1) needs no mask at all; ``None`` is returned then and sdpa attends to everything."""
+        B, S = len(self.rows), self.slots
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        positions = (lengths[:, None] + torch.arange(T)).to(self.device)
+        self._new = T
+        if T == 1 and self.allow_no_mask and all(n == S for n in self.lengths):
+            self.valid = torch.ones(B, S + 1, dtype=torch.bool, device=self.device)
+            return None, positions
+        own = torch.ones(T, T, dtype=torch.bool, device=self.device).tril().expand(B, T, T)
+        allowed = torch.cat([self.valid[:, None, :].expand(B, T, S), own], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        self.valid = torch.cat([self.valid, torch.ones(B, T, dtype=torch.bool, device=self.device)], dim=1)
+        return mask[:, None], positions
+
     def commit(self, keep: list[list[int]]) -> None:
         """After acceptance: row b keeps ``keep[b]`` (indices into its last new tokens, in order), the rest of
         them become holes."""
         T, S = self._new, self.slots
-        if T:
+        if T and not all(len(k) == T and list(k) == list(range(T)) for k in keep):
             tail = torch.zeros(len(self.rows), T, dtype=torch.bool)
             for b, idx in enumerate(keep):
                 tail[b, list(idx)] = True
@@ -201,8 +225,8 @@ class SlotCache:
     def tidy(self) -> None:
         """Crop slots no row uses at either end; gather rows into consecutive slots when holes pile up (at
         batch 1 at once, so a single request's cache is always dense, as a plain ``generate()``'s)."""
-        if not self.rows or not self.slots:
-            return
+        if not self.rows or not self.slots or (len(self.rows) == 1 and self.lengths[0] == self.slots):
+            return   # nothing to crop or gather (one dense row)
         used = self.valid.any(0).nonzero()
         if used.numel() == 0:
             self._slice(0, 0)

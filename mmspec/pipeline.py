@@ -73,7 +73,7 @@ class Pipeline:
                  tree_nodes: int | None = None) -> GenerationResult:
         """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes); the text the target alone would give.
         ``tree_nodes=N`` drafts a tree of at most N nodes per round (depth ``num_draft_tokens``, default about
-        N / 2.7)."""
+        N / 2)."""
         event = None
         for event in self.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, num_draft_tokens=num_draft_tokens, seed=seed, raw_prompt=raw_prompt,

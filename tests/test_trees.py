@@ -14,7 +14,7 @@ import torch
 
 import mmspec
 from mmspec.acceptance import accept_tree_greedy, accept_tree_sampling
-from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.base import Draft, Drafter, DraftSession, grow_tree
 from mmspec.kv import SlotCache, ancestor_matrix
 from mmspec.pipeline import Pipeline
 from tests.test_sampling import P_MIN, _chi2_p
@@ -158,9 +158,10 @@ def test_a_scripted_tree_round_accepts_the_deep_second_branch(pipes):
     assert r.parents[:3] == (-1, 0, 1) and len(r.draft_ids) == 5
 
 
-@pytest.mark.parametrize("tree_nodes, depth", [(1, 1), (4, 3), (8, 4), (24, 6)])
-def test_text_drafter_trees_match_hf_greedy(pipes, tree_nodes, depth):
+@pytest.mark.parametrize("tree_nodes, depth, floor", [(1, 1, 0.02), (4, 3, 0.0), (8, 4, 0.02), (24, 6, 0.0)])
+def test_text_drafter_trees_match_hf_greedy(pipes, tree_nodes, depth, floor, monkeypatch):
     pipe, base = pipes["text"], pipes["none"]
+    monkeypatch.setattr(pipe.strategy, "tree_floor", floor)
     images = [sample_image(s) for s in range(4)]
     prompts = [PROMPTS[s % 2] for s in range(4)]
     expected = [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
@@ -171,6 +172,30 @@ def test_text_drafter_trees_match_hf_greedy(pipes, tree_nodes, depth):
     batched = pipe.generate_batch(images, prompts, batch_size=3, max_new_tokens=MAX_NEW, tree_nodes=tree_nodes,
                                   num_draft_tokens=depth)
     assert [r.token_ids for r in batched] == expected
+
+
+def test_the_floor_keeps_sure_paths_and_stops_growth():
+    """grow_tree with a floor: nodes under it are neither fed nor kept (the best first token always is), and
+    growth stops when no frontier node clears it. Here every node's children get probabilities 0.9 / 0.1."""
+    vocab = 6
+    lp = torch.log(torch.tensor([0.9, 0.1, 1e-9, 1e-9, 1e-9, 1e-9]))
+    fed = []
+
+    def expand(feeds):
+        fed.append([len(f) for f in feeds])
+        return [lp.expand(len(f), vocab) if f else None for f in feeds]
+
+    first = lp[None].clone()
+    [bushy] = grow_tree(first, expand, [30], 6, frozenset(), branch=2)
+    [thin] = grow_tree(first, expand, [30], 6, frozenset(), branch=2, floor=0.3)
+    # with the floor: the 0.9 chain down to the depth limit (0.9^6 > 0.3), no 0.1 sibling (under the floor)
+    assert thin.ids.tolist() == [0] * 6 and thin.parents == [-1, 0, 1, 2, 3, 4]
+    assert len(bushy) > len(thin) and 1 in bushy.ids.tolist()
+    [short] = grow_tree(first, expand, [30], 16, frozenset(), branch=2, floor=0.5)
+    assert short.ids.tolist() == [0] * 6          # 0.9^7 = 0.478 < 0.5: six nodes, growth stopped there
+    assert short.forwards == 7                      # the first logits, then the six nodes fed (not 16 depths)
+    [one] = grow_tree(torch.log(torch.full((1, vocab), 1 / vocab)), expand, [30], 6, frozenset(), floor=0.5)
+    assert len(one) == 1                            # an unsure first step still drafts its best token
 
 
 def test_trees_are_refused_where_the_drafter_cannot_grow_them(pipes):

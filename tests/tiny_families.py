@@ -294,16 +294,19 @@ def check_batch(pipe, images, k, max_new: int, batch_size: int = 3) -> None:
 
 
 def check_trees(pipe, images, max_new: int) -> None:
-    """Trees of several sizes and depths, at batch 1 and batched: every output equals generate()."""
+    """Trees of several sizes and depths, at batch 1 and batched: every output equals generate(). The larger
+    tree has no probability floor, so a random drafter's tree stays bushy (branches everywhere)."""
     prompts = [PROMPTS[i % 2] for i in range(len(images))]
     expected = [hf_greedy(pipe, im, p, max_new) for im, p in zip(images, prompts)]
-    for nodes, depth in ((4, 2), (12, 5)):
+    floor = pipe.strategy.tree_floor
+    for nodes, depth, pipe.strategy.tree_floor in ((4, 2, floor), (12, 5, 0.0)):
         for im, p, exp in zip(images, prompts, expected):
             res = pipe.generate(im, p, max_new_tokens=max_new, tree_nodes=nodes, num_draft_tokens=depth)
             assert res.token_ids == exp, (nodes, res.rounds)
         batched = pipe.generate_batch(images, prompts, batch_size=2, max_new_tokens=max_new, tree_nodes=nodes,
                                       num_draft_tokens=depth)
         assert [r.token_ids for r in batched] == expected
+    pipe.strategy.tree_floor = floor
 
 
 def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:

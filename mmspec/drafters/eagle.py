@@ -221,12 +221,17 @@ class EagleDraftBatch(DraftBatch):
         self.d = drafter
         self.head = drafter.head
         self.device = drafter.target.device
-        self.slots = SlotCache(drafter.head.layer_cfg, self.device, drafter.target.model.dtype)
+        self.slots = self._slots()
         self.specs: dict = {}
         self.inputs: dict = {}       # row -> [L, H] the prompt's inputs (embeddings / projected image features)
         self.todo: dict = {}         # row -> (hidden [m, H], inputs [m, H]) not fed yet
         self.base: dict = {}         # row -> head cache length before this round's drafts
         self.fresh: set = set()
+
+    def _slots(self) -> SlotCache:
+        slots = SlotCache(self.d.head.layer_cfg, self.device, self.d.target.model.dtype)
+        slots.allow_no_mask = True   # the head's sdpa takes None as "every slot"
+        return slots
 
     def add(self, row, spec: RowSpec) -> None:
         request = spec.request
@@ -284,7 +289,8 @@ class EagleDraftBatch(DraftBatch):
             return out
 
         first = self.d.logits(torch.stack([last[r] for r in rows]))
-        drafts = grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows), self.d.eos_ids)
+        drafts = grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows), self.d.eos_ids,
+                           floor=self.d.tree_floor)
         return dict(zip(rows, drafts))
 
     def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
@@ -296,7 +302,7 @@ class EagleDraftBatch(DraftBatch):
         joining = [r for r in rows if r in self.fresh]
         last = {}
         if joining:
-            slots = SlotCache(self.d.head.layer_cfg, self.device, self.slots.dtype)
+            slots = self._slots()
             for r in joining:
                 slots.add_empty(r)
             last.update(self._feed(slots, joining))

@@ -127,7 +127,7 @@ class CausalLMDraftBatch(DraftBatch):
                     for r, nodes in zip(rows, feeds_per_row)]
 
         return grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows),
-                         self.drafter.eos_ids)
+                         self.drafter.eos_ids, floor=self.drafter.tree_floor)
 
     def _catch_up(self, rows: list) -> torch.Tensor:
         """Feed every row what its cache lacks; -> [len(rows), vocab] logits after each row's last token."""
