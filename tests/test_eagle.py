@@ -8,6 +8,7 @@ Every other family runs the eagle kind through tests/tiny_families.py (KINDS).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_training_resumes_from_its_checkpoint(tiny_target, scene_data, tmp_path,
 @pytest.mark.parametrize("kv_heads", [None, 2])
 def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
     """EagleHead.forward spells out LlamaDecoderLayer (sdpa) without its plumbing: same numbers, with a cache, a
-    4-D mask, no mask, and grouped key/value heads."""
+    4-D mask, no mask, and grouped key/value heads; so does a head frozen for drafting (fused projections)."""
     from transformers import DynamicCache
 
     from mmspec.kv import CACHE_KW, SlotCache, chain
@@ -161,6 +162,7 @@ def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.2)
     H = cfg["hidden_size"]
+    frozen = copy.deepcopy(head).freeze_for_drafting()
 
     def reference(hidden, inputs, mask, positions, cache):
         x = head.fc(torch.cat([inputs, hidden], dim=-1))
@@ -169,7 +171,7 @@ def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
         return out[0] if isinstance(out, tuple) else out
 
     with torch.inference_mode():
-        slots = {name: SlotCache(head.layer_cfg, "cpu", torch.float32) for name in ("lean", "hf")}
+        slots = {name: SlotCache(head.layer_cfg, "cpu", torch.float32) for name in ("lean", "fused", "hf")}
         caches = {name: DynamicCache(config=head.layer_cfg) for name in slots}
         for name, s in slots.items():
             s.cache = caches[name]
@@ -177,13 +179,14 @@ def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
         for T in (5, 3, 1):   # a prefill, a block of three, one token on a dense cache (mask None)
             hidden, inputs = torch.randn(1, T, H), torch.randn(1, T, H)
             outs = {}
-            for name, fn in (("lean", head.forward), ("hf", reference)):
+            for name, fn in (("lean", head.forward), ("fused", frozen.forward), ("hf", reference)):
                 mask, pos = slots[name].extend([chain(T)])
-                if T == 1 and name == "lean":
+                if T == 1 and name != "hf":
                     mask = None
                 outs[name] = fn(hidden, inputs, mask, pos, caches[name])
                 slots[name].commit([list(range(T))])
             torch.testing.assert_close(outs["lean"], outs["hf"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["fused"], outs["hf"], rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_round_trip(base, tmp_path):

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
@@ -68,6 +69,7 @@ class EagleHead(nn.Module):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         self.cfg = dict(cfg)
+        self.drafting = None     # fused weights, set by ``freeze_for_drafting``
         H = cfg["hidden_size"]
         self.layer_cfg = layer_config(cfg)
         self.fc = nn.Linear(2 * H, H, bias=False)
@@ -97,22 +99,40 @@ class EagleHead(nn.Module):
         once per drafted token, and on a small head the plumbing cost as much as the arithmetic."""
         x = self.fc(torch.cat([inputs.to(self.fc.weight.dtype), hidden.to(self.fc.weight.dtype)], dim=-1))
         cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
         layer = self.layer
         attn = layer.self_attn
         B, T, _ = x.shape
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
+        if self.drafting is not None:   # fused projections (frozen weights): fewer ops per drafted token
+            qkv, gate_up = self.drafting
+            q, k, v = F.linear(h, qkv).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, 0)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                                             enable_gqa=k.shape[1] != q.shape[1])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if self.drafting is not None:
+            gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+            return x + layer.mlp.down_proj(F.silu(gate) * up)
+        return x + layer.mlp(h)
+
+    def freeze_for_drafting(self) -> "EagleHead":
+        """Inference only from here on: q/k/v and gate/up projections fused into one matmul each (same
+        numbers, fewer ops per drafted token). Training heads never call this."""
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        with torch.no_grad():
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self._qkv_sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
+        self.drafting = (qkv, gate_up)
+        return self
 
     # ----- files ----------------------------------------------------------------------------------
     def save_pretrained(self, folder, dtype: torch.dtype = torch.float32) -> None:
@@ -175,7 +195,7 @@ class EagleDrafter(Drafter):
     def __init__(self, target: TargetAdapter, head: EagleHead, where="the given head"):
         super().__init__(target)
         check_head_fits(head.cfg, target, where)
-        self.head = head.to(target.device, target.model.dtype).eval()
+        self.head = head.to(target.device, target.model.dtype).eval().freeze_for_drafting()
         self.model = self.head
         self.lm_head = target.model.get_output_embeddings()
         self.embed = target.model.get_input_embeddings()
