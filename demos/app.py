@@ -412,7 +412,7 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                     k = gr.Slider(0, MAX_DRAFT_TOKENS, value=0, step=1, elem_id="num-draft",
                                   label="Draft tokens per round (0 = adaptive)")
                     tree = gr.Slider(0, MAX_TREE_NODES, value=0, step=1, elem_id="tree-nodes",
-                                     label="Tree nodes per round (0 = a chain; eagle, text and visual drafters)")
+                                     label="Tree nodes per round (0 = a chain; eagle, text, visual and vlm drafters)")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
                                             label="Temperature (0 = greedy)")
                     max_new = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,

@@ -15,7 +15,7 @@ from mmspec.targets.idefics3 import Idefics3Adapter
 from tests.tiny import build_tiny_text_drafter, sample_image
 from tests.tiny_families import (IDEFICS_ADDED, KINDS, build_tiny_idefics3, check_batch, check_cache_hit, check_trees, check_greedy,
                                  check_padded_vocabularies, check_self_drafting, check_session_logits,
-                                 idefics_tokenizer, load_pipes)
+                                 check_vlm_tree_node_logits, idefics_tokenizer, load_pipes)
 
 MAX_NEW = 20
 
@@ -86,7 +86,12 @@ def test_batched_rows_equal_their_own_generate(family, kind, k):
     check_batch(pipes[kind], images(), k, MAX_NEW)
 
 
-@pytest.mark.parametrize("kind", ["text", "eagle"])
+@pytest.mark.parametrize("kind", ["text", "eagle", "vlm", "vlm-own"])
 def test_tree_drafts_equal_generate(family, kind):
     _, pipes = family
     check_trees(pipes[kind], images(), MAX_NEW)
+
+
+def test_vlm_tree_nodes_see_their_own_path(family):
+    _, pipes = family
+    check_vlm_tree_node_logits(pipes["none"], images())

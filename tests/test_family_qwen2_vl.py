@@ -17,7 +17,7 @@ from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
 from tests.tiny import sample_image
 from tests.tiny_families import (KINDS, build_tiny_qwen_text_drafter, build_tiny_qwen_vl, check_batch, check_cache_hit, check_trees,
                                  check_greedy, check_padded_vocabularies, check_self_drafting, check_session_logits,
-                                 load_pipes, qwen_tokenizer)
+                                 check_vlm_tree_node_logits, load_pipes, qwen_tokenizer)
 
 MAX_NEW = 20          # > 2 (k + 1) for every k used here
 
@@ -113,7 +113,12 @@ def test_batched_rows_equal_their_own_generate(family, kind, k):
     check_batch(pipes[kind], images(), k, MAX_NEW)
 
 
-@pytest.mark.parametrize("kind", ["text", "eagle"])
+@pytest.mark.parametrize("kind", ["text", "eagle", "vlm", "vlm-own"])
 def test_tree_drafts_equal_generate(family, kind):
     _, pipes = family
     check_trees(pipes[kind], images(), MAX_NEW)
+
+
+def test_vlm_tree_nodes_see_their_own_path(family):
+    _, pipes = family
+    check_vlm_tree_node_logits(pipes["none"], images())

@@ -3,7 +3,8 @@
 Every family runs trees through tests/tiny_families.py (``check_trees``); here: hand-made trees and masks, the
 greedy rule where a deep branch wins over the first child, the sampling rule against a hand-made p (chi-square,
 as tests/test_sampling.py), the cache after committing a non-first branch against a fresh prefill, and greedy
-equality with trees of several sizes on the tiny LLaVA, at batch 1 and batched.
+equality with trees of several sizes on the tiny LLaVA, at batch 1 and batched, for the text drafter and for vlm
+drafters (a smaller LLaVA sharing the target's vision tower, and one with its own).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from mmspec.drafters.base import Draft, Drafter, DraftSession, grow_tree
 from mmspec.kv import SlotCache, ancestor_matrix
 from mmspec.pipeline import Pipeline
 from tests.test_sampling import P_MIN, _chi2_p
-from tests.tiny import sample_image
+from tests.tiny import build_tiny_llava, sample_image
+from tests.tiny_families import check_trees, check_vlm_tree_node_logits
 
 PROMPTS = ["what color is the circle ?", "describe the image ."]
 MAX_NEW = 20
@@ -198,9 +200,31 @@ def test_the_floor_keeps_sure_paths_and_stops_growth():
     assert len(one) == 1                            # an unsure first step still drafts its best token
 
 
-def test_trees_are_refused_where_the_drafter_cannot_grow_them(pipes):
-    with pytest.raises(mmspec.MMSpecError, match="does not draft trees"):
-        pipes["none"].generate(sample_image(0), PROMPTS[0], tree_nodes=8)
+@pytest.fixture(scope="module")
+def vlm_pipes(tiny_target, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree-vlm")
+    shared = build_tiny_llava(root / "vlm", vocab_pad=2, seed=3, layers=1, vision_from=tiny_target)
+    own = build_tiny_llava(root / "vlm-own", vocab_pad=9, seed=4, layers=1)
+    return {kind: mmspec.load(str(tiny_target), drafter=str(folder), drafter_kind="vlm")
+            for kind, folder in (("vlm", shared), ("vlm-own", own))}
+
+
+@pytest.mark.parametrize("kind", ["vlm", "vlm-own"])
+def test_vlm_drafter_trees_match_hf_greedy(vlm_pipes, kind):
+    pipe = vlm_pipes[kind]
+    assert pipe.strategy.grows_trees and pipe.strategy.shared_vision == (kind == "vlm")
+    check_trees(pipe, [sample_image(s) for s in range(3)], MAX_NEW)
+
+
+def test_vlm_tree_nodes_see_their_own_path(pipes):
+    check_vlm_tree_node_logits(pipes["none"], [sample_image(1), sample_image(2)])
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram"])
+def test_trees_are_refused_where_the_drafter_cannot_grow_them(pipes, kind):
+    pipe = pipes["none"] if kind == "none" else pipes["none"].with_drafter_kind(kind)
+    with pytest.raises(mmspec.MMSpecError, match="does not draft trees.*'vlm'"):
+        pipe.generate(sample_image(0), PROMPTS[0], tree_nodes=8)
     with pytest.raises(mmspec.MMSpecError, match="tree_nodes must be"):
         pipes["text"].generate(sample_image(0), PROMPTS[0], tree_nodes=0)
 

@@ -34,14 +34,15 @@ def make_tokenizer(words=WORDS, extra_image_token: bool = True) -> PreTrainedTok
 
 
 def build_tiny_llava(folder: Path, vocab_pad: int = 5, seed: int = 0, image_size: int = 32, patch: int = 8,
-                     max_positions: int = 256) -> Path:
-    """A LLaVA with a padded vocabulary (embedding rows > tokenizer size, like llava-1.5's 32064)."""
+                     max_positions: int = 256, layers: int = 2, vision_from=None) -> Path:
+    """A LLaVA with a padded vocabulary (embedding rows > tokenizer size, like llava-1.5's 32064).
+    ``vision_from``: a LLaVA (model or folder) whose vision tower and projector this one copies."""
     torch.manual_seed(seed)
     tok = make_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
@@ -52,6 +53,10 @@ def build_tiny_llava(folder: Path, vocab_pad: int = 5, seed: int = 0, image_size
         for p in list(model.model.language_model.parameters()) + [model.lm_head.weight]:
             if p.dim() == 2:
                 p.normal_(0, 0.3)
+    if vision_from is not None:
+        from tests.tiny_families import copy_vision
+
+        copy_vision(vision_from, model, ("model.vision_tower.", "model.multi_modal_projector."))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     processor = LlavaProcessor(

@@ -295,18 +295,99 @@ def check_batch(pipe, images, k, max_new: int, batch_size: int = 3) -> None:
 
 def check_trees(pipe, images, max_new: int) -> None:
     """Trees of several sizes and depths, at batch 1 and batched: every output equals generate(). The larger
-    tree has no probability floor, so a random drafter's tree stays bushy (branches everywhere)."""
+    tree has no probability floor, so a random drafter's tree stays bushy (branches everywhere). Then a row
+    drafting trees in the same batch as one that never drafts (``num_draft_tokens=0``: it feeds nothing)."""
+    from mmspec.engine import Engine
+
     prompts = [PROMPTS[i % 2] for i in range(len(images))]
     expected = [hf_greedy(pipe, im, p, max_new) for im, p in zip(images, prompts)]
     floor = pipe.strategy.tree_floor
-    for nodes, depth, pipe.strategy.tree_floor in ((4, 2, floor), (12, 5, 0.0)):
-        for im, p, exp in zip(images, prompts, expected):
-            res = pipe.generate(im, p, max_new_tokens=max_new, tree_nodes=nodes, num_draft_tokens=depth)
-            assert res.token_ids == exp, (nodes, res.rounds)
-        batched = pipe.generate_batch(images, prompts, batch_size=2, max_new_tokens=max_new, tree_nodes=nodes,
-                                      num_draft_tokens=depth)
-        assert [r.token_ids for r in batched] == expected
-    pipe.strategy.tree_floor = floor
+    try:
+        for nodes, depth, pipe.strategy.tree_floor in ((4, 2, floor), (12, 5, 0.0)):
+            for im, p, exp in zip(images, prompts, expected):
+                res = pipe.generate(im, p, max_new_tokens=max_new, tree_nodes=nodes, num_draft_tokens=depth)
+                assert res.token_ids == exp, (nodes, res.rounds)
+            batched = pipe.generate_batch(images, prompts, batch_size=2, max_new_tokens=max_new, tree_nodes=nodes,
+                                          num_draft_tokens=depth)
+            assert [r.token_ids for r in batched] == expected
+        jobs = [pipe._job(im, p, dict(max_new_tokens=max_new, tree_nodes=12, num_draft_tokens=k))
+                for im, p, k in zip(images[:2], prompts[:2], (4, 0))]
+        with torch.inference_mode():
+            engine = Engine(pipe.adapter, pipe.strategy, max_batch=2, policy=pipe.policy)
+            for job in jobs:
+                engine.add(job)
+            for _ in engine.run():
+                pass
+        assert [j.result.token_ids for j in jobs] == expected[:2], [j.result.error for j in jobs]
+        assert any(len(r.draft_ids) > 1 for r in jobs[0].result.rounds)
+        assert not any(len(r.draft_ids) for r in jobs[1].result.rounds)
+    finally:
+        pipe.strategy.tree_floor = floor
+
+
+def check_vlm_tree_node_logits(base, images) -> None:
+    """The target drafting trees for itself through the vlm kind: every fed tree node's drafter logits equal
+    the target's own uncached forward over the prompt, what was emitted, and that node's path -- so each node
+    sees the row's committed sequence and its own ancestors only, at the position of its depth (M-RoPE
+    included). Two rows: both drafting, then one drafting while the other drafts nothing (and feeds nothing),
+    then the other way round; between rounds an accepted path is committed (the nodes' slots are dropped)."""
+    from unittest import mock
+
+    import mmspec
+    import mmspec.drafters.vlm as vlm_module
+    from mmspec.config import DecodeConfig
+    from mmspec.drafters.base import RowSpec
+
+    folder = base.target.config._name_or_path
+    pipe = mmspec.load(folder, drafter=folder, drafter_kind="vlm", vision_cache=base.vision_cache)
+    pipe.strategy.tree_floor = 0.0     # bushy trees: many branches whose nodes must not see each other
+    adapter, ok = pipe.adapter, ~pipe.strategy.bad_ids
+    extra = adapter.tokenizer.convert_tokens_to_ids("red")    # the "target token" after an accepted path
+    inputs = [(images[0], PROMPTS[0]), (images[1], PROMPTS[1])]
+    emitted = {0: [], 1: []}
+    batch = pipe.strategy.batch()
+    for r, (image, prompt) in enumerate(inputs):
+        req = adapter.prepare(image, adapter.format_prompt(prompt))
+        adapter.image_features(req)
+        batch.add(r, RowSpec(req, DecodeConfig(tree_nodes=10)))
+    grow = vlm_module.grow_tree
+
+    def same(got, r, path):
+        ref = hf_logits(pipe, inputs[r][0], inputs[r][1], emitted[r] + path)[-1]
+        assert torch.allclose(got[ok], ref[ok], atol=1e-4, rtol=1e-4), (r, path)
+
+    checked = 0
+    for ks in ({0: 3, 1: 3}, {0: 3, 1: 0}, {0: 0, 1: 4}):
+        calls = []
+
+        def recording(first, expand, *args, **kw):
+            def recorded(feeds):
+                out = expand(feeds)
+                calls.append((feeds, out))
+                return out
+            calls.append(first)
+            return grow(first, recorded, *args, **kw)
+
+        with torch.inference_mode(), mock.patch.object(vlm_module, "grow_tree", recording):
+            drafts = batch.propose(ks, {0: 10, 1: 10})
+            drafting = [r for r, k in ks.items() if k]
+            first, *fed = calls
+            assert fed, "the tree grew past its first depth"
+            for i, r in enumerate(drafting):
+                same(first[i], r, [])
+                paths = {}
+                for feeds, out in fed:
+                    for j, (node, tok, parent, _) in enumerate(feeds[i]):
+                        paths[node] = (paths[parent] if parent >= 0 else []) + [tok]
+                        same(out[i][j], r, paths[node])
+                        checked += 1
+        results = {}
+        for r in ks:
+            path = drafts[r].ids[:1].tolist()       # the first node accepted, then the target's token
+            results[r] = (len(path), path + [extra])
+            emitted[r] += path + [extra]
+        batch.update(results)
+    assert checked > 6
 
 
 def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:

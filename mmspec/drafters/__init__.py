@@ -23,7 +23,7 @@ DRAFTER_KINDS: dict[str, str] = {
 }
 
 # kinds whose drafter grows trees (``tree_nodes=N``)
-TREE_KINDS = ("eagle", "text", "visual")
+TREE_KINDS = ("eagle", "text", "visual", "vlm")
 
 
 def drafter_class(kind: str) -> type[Drafter]:

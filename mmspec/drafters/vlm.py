@@ -8,13 +8,17 @@ otherwise its own features are cached under its own key, so a second request wit
 
 The tokenizer must be the target's (``check_same_tokenizer``); padded vocabularies on either side work: ids the
 drafter has no row for get draft probability 0 and are fed to it as unknown.
+
+Trees (``tree_nodes``) grow as the text drafter's do: nodes fed depth by depth over several forwards of the drafter
+VLM (``TargetBatch.forward_nodes``), each seeing the row's committed slots and its own fed ancestors, at positions by
+depth through the drafter's own ``Positions`` (M-RoPE for Qwen-VL); the nodes are dropped after the round.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, draft_block
+from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.targets.base import Request, TargetAdapter, TargetBatch
 
@@ -89,7 +93,29 @@ class VlmDraftBatch(DraftBatch):
         self.sess.commit({r: range(len(v)) for r, v in ids.items()})
         return {r: l[-1].masked_fill(self.bad, float("-inf")) for r, l in logits.items() if l.shape[0]}
 
-    def propose(self, ks: dict) -> dict:
+    def _tree(self, rows: list, first: torch.Tensor, ks: dict, tree_nodes: dict) -> list[Draft]:
+        """EAGLE-2 dynamic trees, one depth per forward of the drafter VLM; the nodes are dropped after the round
+        (the accepted tokens are fed again with the next round's pending ids)."""
+        main = self.sess.main
+        feeds_state = TreeFeeds(main)
+
+        def expand(feeds_per_row):
+            feeds = {r: nodes for r, nodes in zip(rows, feeds_per_row) if nodes}
+            order = main.rows
+            T = max(len(v) for v in feeds.values())
+            # [B, T]: every row of the drafter's cache takes part (rows not drafting feed nothing)
+            ids = torch.zeros(len(order), T, dtype=torch.long, device=self.device)
+            for b, r in enumerate(order):
+                for j, (_, tok, _, _) in enumerate(feeds.get(r, [])):
+                    ids[b, j] = tok
+            logits = self.sess.forward_nodes(ids, **feeds_state.extend_args(feeds))
+            return [logits[order.index(r), : len(nodes)].masked_fill(self.bad, float("-inf")) if nodes else None
+                    for r, nodes in zip(rows, feeds_per_row)]
+
+        return grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows),
+                         self.drafter.eos_ids, floor=self.drafter.tree_floor)
+
+    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
         out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
         ks = {r: min(k, self.context_length - (self.sess.length(r) + len(self.pending[r]))) for r, k in ks.items()}
         rows = [r for r, k in ks.items() if k > 0]
@@ -101,6 +127,12 @@ class VlmDraftBatch(DraftBatch):
         for r in rows:
             self.pending[r] = []
             self.base[r] = self.sess.length(r)      # after the pending ids, before the drafts
+        if tree_nodes:
+            for r, d in zip(rows, self._tree(rows, torch.stack([first[r] for r in rows]), ks, tree_nodes)):
+                out[r] = d
+                self.base.pop(r)       # nothing of the tree stays: the emitted tokens are the next pending ids
+            self.sess.tidy()
+            return out
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             feed = {r: [] for r in self.sess.main.rows}
@@ -129,6 +161,7 @@ class VlmDrafter(Drafter):
     kind = "vlm"
     default_k = 4
     needs_weights = True
+    grows_trees = True
 
     @classmethod
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "VlmDrafter":

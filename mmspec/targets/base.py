@@ -96,9 +96,10 @@ class TargetBatch:
             self.hidden.pop(r, None)
         self.main.remove(rows)
 
-    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list) -> tuple:
-        """embeds [B, T, hidden] of ``rows`` (the order of ``slots.rows``) -> logits [B, T, vocab], hidden."""
-        mask, logical = slots.extend(parents)
+    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list, **tree) -> tuple:
+        """embeds [B, T, hidden] of ``rows`` (the order of ``slots.rows``) -> logits [B, T, vocab], hidden.
+        ``tree``: ``SlotCache.extend``'s keywords for nodes grown over several forwards (``forward_nodes``)."""
+        mask, logical = slots.extend(parents, **tree)
         pos = torch.stack([self.positions[r](logical[b]) for b, r in enumerate(rows)], dim=1)  # [P, B, T]
         pos = pos[0] if pos.shape[0] == 1 else pos
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -164,6 +165,18 @@ class TargetBatch:
                 if r in ids:
                     out[r] = torch.empty(0, self.head.weight.shape[0], device=self.device)
         return out
+
+    def forward_nodes(self, ids: torch.Tensor, parents: list[list[int]], **tree) -> torch.Tensor:
+        """One forward of the running rows' tokens that commits nothing: a drafter VLM growing a tree feeds its
+        nodes depth by depth this way. ids [B, T] in the order of ``main.rows`` (rows feeding nothing pad);
+        ``parents`` and ``tree`` are ``SlotCache.extend``'s arguments (``TreeFeeds.extend_args``: each node sees
+        the row's committed slots and its own fed ancestors, at position length + depth, mapped by the row's
+        ``Positions``; its slot stays hidden and the next ``tidy`` crops it). -> logits [B, T, vocab] (float32)."""
+        return self._forward(self.main, self.embed(ids), parents, self.main.rows, **tree)[0]
+
+    def tidy(self) -> None:
+        """Crop slots no row uses (a tree's hidden nodes after ``forward_nodes``)."""
+        self.main.tidy()
 
     def commit(self, keep: dict) -> None:
         """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache.
