@@ -227,6 +227,7 @@ class Engine:
         self.queue: deque[Job] = deque()
         self.active: dict[int, Job] = {}
         self._next_id = 0
+        self._tree_turn = False
         self.eos_ids = adapter.eos_token_ids
         self.context_length = adapter.context_length
         self.repetition_penalty = adapter.repetition_penalty
@@ -356,6 +357,15 @@ class Engine:
                 k = k_batch
             # never more than the budget can take after the target's own token
             ks[r] = max(min(k, self._budget(job) - 1), 0)
+        if trees and any(ks[r] for r in rows if r not in trees):
+            # a drafter grows either trees or chains in one call: a batch that mixes them (clients with
+            # different settings) takes turns, one kind drafting per round (the other drafts nothing: lossless)
+            self._tree_turn = not self._tree_turn
+            if self._tree_turn:
+                ks.update({r: 0 for r in rows if r not in trees})
+            else:
+                ks.update({r: 0 for r in trees})
+                trees = {}
         t0 = time.perf_counter()
         drafts = self.drafts.propose(ks, trees) if trees else self.drafts.propose(ks)
         self.policy.costs.observe_draft(max((d.forwards for d in drafts.values()), default=0),
