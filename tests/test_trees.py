@@ -223,19 +223,14 @@ def test_vlm_tree_nodes_see_their_own_path(pipes):
 def test_a_batch_mixing_tree_and_chain_rows_matches_hf_greedy(pipes):
     """Rows with and without tree_nodes in one engine (server clients with different settings): both kinds
     take turns drafting, every row equals generate()."""
-    from mmspec.engine import Engine
+    from tests.tiny_families import run_engine
 
     pipe, base = pipes["text"], pipes["none"]
     images = [sample_image(s) for s in range(4)]
     prompts = [PROMPTS[s % 2] for s in range(4)]
     settings = [dict(tree_nodes=8, num_draft_tokens=4), dict(num_draft_tokens=3), dict(tree_nodes=4), {}]
     jobs = [pipe._job(im, p, dict(max_new_tokens=MAX_NEW, **s)) for im, p, s in zip(images, prompts, settings)]
-    with torch.inference_mode():
-        engine = Engine(pipe.adapter, pipe.strategy, max_batch=4, policy=pipe.policy)
-        for job in jobs:
-            engine.add(job)
-        for _ in engine.run():
-            pass
+    run_engine(pipe, jobs, max_batch=4)
     assert [j.result.token_ids for j in jobs] == [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
     assert all(j.result.error is None for j in jobs)
     assert any(r.parents for r in jobs[0].result.rounds) and any(r.draft_ids and r.parents is None

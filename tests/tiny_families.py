@@ -293,12 +293,22 @@ def check_batch(pipe, images, k, max_new: int, batch_size: int = 3) -> None:
     assert len(lengths) > 1 or max_new in lengths
 
 
+def run_engine(pipe, jobs, max_batch: int) -> None:
+    """Run prepared jobs (``pipe._job``) through one engine of the pipeline until all are done."""
+    from mmspec.engine import Engine
+
+    with torch.inference_mode():
+        engine = Engine(pipe.adapter, pipe.strategy, max_batch=max_batch, policy=pipe.policy)
+        for job in jobs:
+            engine.add(job)
+        for _ in engine.run():
+            pass
+
+
 def check_trees(pipe, images, max_new: int) -> None:
     """Trees of several sizes and depths, at batch 1 and batched: every output equals generate(). The larger
     tree has no probability floor, so a random drafter's tree stays bushy (branches everywhere). Then a row
     drafting trees in the same batch as one that never drafts (``num_draft_tokens=0``: it feeds nothing)."""
-    from mmspec.engine import Engine
-
     prompts = [PROMPTS[i % 2] for i in range(len(images))]
     expected = [hf_greedy(pipe, im, p, max_new) for im, p in zip(images, prompts)]
     floor = pipe.strategy.tree_floor
@@ -312,12 +322,7 @@ def check_trees(pipe, images, max_new: int) -> None:
             assert [r.token_ids for r in batched] == expected
         jobs = [pipe._job(im, p, dict(max_new_tokens=max_new, tree_nodes=12, num_draft_tokens=k))
                 for im, p, k in zip(images[:2], prompts[:2], (4, 0))]
-        with torch.inference_mode():
-            engine = Engine(pipe.adapter, pipe.strategy, max_batch=2, policy=pipe.policy)
-            for job in jobs:
-                engine.add(job)
-            for _ in engine.run():
-                pass
+        run_engine(pipe, jobs, max_batch=2)
         assert [j.result.token_ids for j in jobs] == expected[:2], [j.result.error for j in jobs]
         assert any(len(r.draft_ids) > 1 for r in jobs[0].result.rounds)
         assert not any(len(r.draft_ids) for r in jobs[1].result.rounds)
