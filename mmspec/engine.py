@@ -141,7 +141,6 @@ class DraftPolicy:
     k = 0 (no drafting) wins when drafts rarely pass; after a few rounds without drafting k = 1 is tried again.
     """
 
-    PRIOR = 0.6
     PROBE_EVERY = 8
     DECAY = 0.98
 
@@ -151,9 +150,11 @@ class DraftPolicy:
         self.idle_rounds = 0
         self.pos_accepted = [0.0] * (MAX_DRAFT_TOKENS + 1)
         self.pos_tried = [0.0] * (MAX_DRAFT_TOKENS + 1)
+        # before anything is measured: the drafter's own guess (a trained head knows its held-out acceptance)
+        self.prior = drafter.prior_acceptance
         # every row's rounds pooled: a new row starts from what rows before it got, not from a fixed guess
-        self.pool_accepted = 2 * self.PRIOR
-        self.pool_rejected = 2 * (1 - self.PRIOR)
+        self.pool_accepted = 2 * self.prior
+        self.pool_rejected = 2 * (1 - self.prior)
 
     def row_prior(self) -> tuple[float, float]:
         """A new row's running counts: the pooled per-token acceptance, worth two rounds of evidence (so the
@@ -162,7 +163,7 @@ class DraftPolicy:
         return 2 * p, 2 * (1 - p)
 
     def position_acceptance(self) -> list[float]:
-        out, prev = [], self.PRIOR
+        out, prev = [], self.prior
         for acc, tried in zip(self.pos_accepted, self.pos_tried):
             # unseen positions lean on the one before them
             prev = (acc + 2 * prev) / (tried + 2)

@@ -535,6 +535,10 @@ def run(args) -> int:
         drafter, projector = train_causal_lm(args, pipe, rows, out)
     export(drafter, projector, pipe, out, args.save_dtype)
     report = evaluate(pipe, out, args.kind, held_ex, args.max_new_tokens)
+    if args.kind == "eagle" and report["examples"] and report["acceptance_rate"] > 0:
+        from mmspec.drafters.eagle import record_acceptance
+
+        record_acceptance(out, report["acceptance_rate"])   # the head's own prior for the draft-length policy
     report.update(kind=args.kind, train_examples=len(rows), steps=args.steps, minutes=round((time.time() - t0) / 60, 1))
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

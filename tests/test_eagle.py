@@ -134,6 +134,38 @@ def test_trained_head_accepts_and_stays_lossless(base, trained):
     assert [r.token_ids for r in batched] == [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
     report = json.loads((trained / "train_report.json").read_text())
     assert report["kind"] == "eagle" and report["outputs_differing_from_target"] == 0
+    # a measured held-out acceptance becomes the head's prior for the draft-length policy (none measured: none)
+    recorded = json.loads((trained / "eagle_config.json").read_text())["acceptance"]
+    assert recorded == (report["acceptance_rate"] if report["acceptance_rate"] > 0 else None)
+
+
+def test_a_recorded_acceptance_is_the_policys_prior(base, tmp_path):
+    from mmspec.drafters.eagle import record_acceptance
+
+    torch.manual_seed(0)
+    EagleHead(head_config_for(base.adapter)).save_pretrained(tmp_path / "h")
+    fresh = Pipeline(base.adapter, EagleDrafter.from_pretrained(base.adapter, tmp_path / "h", torch.float32))
+    assert fresh.strategy.prior_acceptance == fresh.policy.prior == 0.6
+    record_acceptance(tmp_path / "h", 0.8123)
+    again = Pipeline(base.adapter, EagleDrafter.from_pretrained(base.adapter, tmp_path / "h", torch.float32))
+    assert again.strategy.prior_acceptance == again.policy.prior == 0.812
+
+
+def test_the_bundled_head_starts_from_its_measured_acceptance():
+    """A head's recorded acceptance sets the policy's prior: the bundled one (92 % on held-out prompts) drafts
+    long from a request's first drafting round, where a generic prior (0.6) drafted 4-5 tokens."""
+    from mmspec.engine import DraftPolicy, Job
+
+    pipe = mmspec.load()
+    assert pipe.strategy.prior_acceptance == pytest.approx(0.921)
+    job = Job(request=None, config=pipe.decode_config({}))
+    for prior, shortest in ((0.921, 8), (0.6, 0)):
+        policy = DraftPolicy(pipe.strategy)
+        policy.prior = prior
+        policy.pool_accepted, policy.pool_rejected = 2 * prior, 2 * (1 - prior)
+        job.accepted_run, job.rejected_run = policy.row_prior()
+        k = policy.choose([job])
+        assert k >= shortest and (prior > 0.9 or k < 8), (prior, k)
 
 
 def test_training_resumes_from_its_checkpoint(tiny_target, scene_data, tmp_path, capsys):

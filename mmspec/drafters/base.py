@@ -275,6 +275,7 @@ class Drafter(ABC):
     needs_weights: bool = False   # True: built by ``from_pretrained(target, path, ...)``
     gives_distribution: bool = True   # False: deterministic proposals only (prompt lookup, none)
     grows_trees: bool = False     # True: ``tree_nodes`` drafts a tree (EAGLE-2 dynamic)
+    prior_acceptance: float = 0.6  # the draft-length policy's guess of a draft token's chance before it measures
     default_tree_nodes: int = 16  # the tree size ``mmspec bench`` times (measured best for the bundled drafter)
     # trees neither grow nor keep nodes whose path probability is below this (``grow_tree``); 0.02 measured
     # as fast as no floor or faster, with the same tokens per forward, for the bundled drafters

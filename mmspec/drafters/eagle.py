@@ -58,7 +58,8 @@ def head_config_for(adapter: TargetAdapter, intermediate_size: int | None = None
             "num_key_value_heads": int(getattr(text, "num_key_value_heads", heads) or heads),
             "rms_norm_eps": float(getattr(text, "rms_norm_eps", 1e-6)),
             "max_position_embeddings": int(adapter.context_length if adapter.context_length < 1 << 20 else 32768),
-            "vocab_size": int(adapter.vocab_size), "draft_vocab": None, "stop_threshold": 0.0}
+            "vocab_size": int(adapter.vocab_size), "draft_vocab": None, "stop_threshold": 0.0,
+            "acceptance": None}
 
 
 class EagleHead(nn.Module):
@@ -170,6 +171,14 @@ class EagleHead(nn.Module):
         return head
 
 
+def record_acceptance(folder, rate: float) -> None:
+    """Write a head's measured held-out acceptance into its config (the draft-length policy's prior)."""
+    path = Path(str(folder)) / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    cfg["acceptance"] = round(float(rate), 3)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def check_head_fits(cfg: dict, adapter: TargetAdapter, where) -> None:
     """A head trained for another target is refused: hidden size, vocabulary and family must be the target's."""
     text = adapter.model.config.get_text_config()
@@ -204,6 +213,9 @@ class EagleDrafter(Drafter):
         # VocabTrim: the rows of the tokens drafting may propose (a drafting-only slice; verification is unchanged)
         self.trimmed_weight = None if vocab is None else self.lm_head.weight.detach()[self.draft_vocab]
         self.stop_threshold = float(head.cfg.get("stop_threshold") or 0.0)
+        # the held-out acceptance train-drafter measured for this head: the first requests draft as long as
+        # it earned instead of starting from a generic guess
+        self.prior_acceptance = float(head.cfg.get("acceptance") or Drafter.prior_acceptance)
         bad = torch.zeros(target.vocab_size, dtype=torch.bool)
         bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
         tok_len = len(target.tokenizer)
@@ -406,4 +418,4 @@ class EagleDraftBatch(DraftBatch):
             self.todo[r] = (h, new_inputs)
 
 
-__all__ = ["EagleDrafter", "EagleHead", "check_head_fits", "head_config_for"]
+__all__ = ["EagleDrafter", "EagleHead", "check_head_fits", "head_config_for", "record_acceptance"]
