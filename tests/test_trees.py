@@ -196,8 +196,11 @@ def test_the_floor_keeps_sure_paths_and_stops_growth():
     [short] = grow_tree(first, expand, [30], 16, frozenset(), branch=2, floor=0.5)
     assert short.ids.tolist() == [0] * 6          # 0.9^7 = 0.478 < 0.5: six nodes, growth stopped there
     assert short.forwards == 7                      # the first logits, then the six nodes fed (not 16 depths)
-    [one] = grow_tree(torch.log(torch.full((1, vocab), 1 / vocab)), expand, [30], 6, frozenset(), floor=0.5)
-    assert len(one) == 1                            # an unsure first step still drafts its best token
+    [none] = grow_tree(torch.log(torch.full((1, vocab), 1 / vocab)), expand, [30], 6, frozenset(), floor=0.5)
+    assert len(none) == 0 and none.parents == []    # nothing clears the floor: nothing drafted
+    # end-of-sequence tokens are never nodes (the target's own token after an accepted node gives them)
+    [no_eos] = grow_tree(first, expand, [30], 6, frozenset({0}), branch=2)
+    assert 0 not in no_eos.ids.tolist() and len(no_eos) and set(no_eos.ids.tolist()) == {1}
 
 
 @pytest.fixture(scope="module")

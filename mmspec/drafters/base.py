@@ -58,8 +58,10 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
                 eos_ids: frozenset[int], stop_threshold: float = 0.0) -> list[Draft]:
     """Draft autoregressively for B rows at once: ``logits`` [B, drafter_vocab] predict each row's first token,
     ``step(tokens [B])`` feeds one token per row and returns the next logits (not called after the last step).
-    Row b drafts ``ks[b]`` tokens, fewer when it drafts an end-of-sequence token (nothing after it can be
-    accepted); drafting stops once every row is done. Greedy rows take the argmax; sampling rows draw from
+    Row b drafts ``ks[b]`` tokens, fewer when it reaches an end-of-sequence token: the draft ends before it
+    (when the tokens before it pass, the target's own token after them is that end of sequence anyway, so
+    drafting it would only lengthen the verify: a 1-word answer then verifies 1 token, not 2); drafting stops
+    once every row is done. Greedy rows take the argmax; sampling rows draw from
     q = the warped distribution with their own generator, returned over the target's vocabulary."""
     B = logits.shape[0]
     K = max(ks, default=0)
@@ -83,11 +85,11 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
                 if not done[b]:
                     lengths[b] = min(lengths[b], i)
         if eos is not None:
-            # one host sync per drafting step: which rows just drafted their end of sequence
+            # one host sync per drafting step: which rows just reached their end of sequence (it is not drafted)
             hit = torch.isin(token, eos).tolist()
             for b in range(B):
                 if hit[b] and not done[b]:
-                    lengths[b] = min(lengths[b], i + 1)
+                    lengths[b] = min(lengths[b], i)
         for b in range(B):
             done[b] = done[b] or i + 1 >= lengths[b]
         if i < K - 1 and not all(done):
@@ -111,14 +113,15 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
     the path) are fed and each gets its top ``branch`` children; finally the ``budgets[b]`` nodes with the
     highest path probability are kept (ancestors before descendants, so the set is a tree).
 
-    ``floor`` > 0: a node whose path probability is below it is neither fed nor kept (the root's best child
-    always is). A node's path probability is roughly its chance to be accepted, so a sure drafter then grows
+    ``floor`` > 0: a node whose path probability is below it is neither fed nor kept (a row whose every first
+    token is under the floor drafts nothing this round). A node's path probability is roughly its chance to be accepted, so a sure drafter then grows
     a long thin tree (a chain with the few branches worth verifying) and an unsure one a short bushy tree,
     and growth stops once no frontier node clears the floor: fewer drafting forwards and verified tokens.
 
     ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
     feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
-    drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None)."""
+    drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None). End-of-sequence
+    tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them."""
     R = first.shape[0]
     low = math.log(floor) if floor > 0 else float("-inf")
     tokens = [[] for _ in range(R)]
@@ -132,7 +135,7 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
         for parent, lps, toks in zip(parents_fed, top.values.tolist(), top.indices.tolist()):
             base = score[b][parent] if parent >= 0 else 0.0
             for lp, tok in zip(lps, toks):
-                if lp == float("-inf"):
+                if lp == float("-inf") or tok in eos_ids:
                     continue
                 tokens[b].append(tok)
                 parents[b].append(parent)
@@ -147,7 +150,7 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
     for d in range(1, max_depth):
         feeds = []
         for b in range(R):
-            live = [i for i in frontier[b] if tokens[b][i] not in eos_ids and score[b][i] >= low]
+            live = [i for i in frontier[b] if score[b][i] >= low]
             live.sort(key=lambda i: -score[b][i])
             feeds.append([(i, tokens[b][i], parents[b][i], depth[b][i]) for i in live[:branch]])
         if not any(feeds):
@@ -166,7 +169,7 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
         chosen: list[int] = []
         picked = set()
         for i in order:
-            if len(chosen) >= budgets[b] or (chosen and score[b][i] < low):
+            if len(chosen) >= budgets[b] or score[b][i] < low:
                 break
             if parents[b][i] < 0 or parents[b][i] in picked:
                 chosen.append(i)
