@@ -90,9 +90,10 @@ class SlotCache:
         B = len(self.rows)
         assert len(parents) == B
         T = max((len(p) for p in parents), default=0)
-        if past is None and depth0 is None and not hidden and T and all(
-                len(p) == T and p == list(range(-1, T - 1)) for p in parents):
-            return self._extend_chains(T)
+        if past is None and depth0 is None and not hidden and T:
+            full = chain(T)
+            if all(p == full for p in parents):
+                return self._extend_chains(T)
         new_valid = torch.zeros(B, T, dtype=torch.bool)
         own = torch.zeros(B, T, T, dtype=torch.bool)
         positions = torch.zeros(B, T, dtype=torch.long)
@@ -143,7 +144,8 @@ class SlotCache:
         """After acceptance: row b keeps ``keep[b]`` (indices into its last new tokens, in order), the rest of
         them become holes."""
         T, S = self._new, self.slots
-        if T and not all(len(k) == T and list(k) == list(range(T)) for k in keep):
+        every = list(range(T))
+        if T and not all(list(k) == every for k in keep):
             tail = torch.zeros(len(self.rows), T, dtype=torch.bool)
             for b, idx in enumerate(keep):
                 tail[b, list(idx)] = True

@@ -151,7 +151,7 @@ def test_a_recorded_acceptance_is_the_policys_prior(base, tmp_path):
     assert again.strategy.prior_acceptance == again.policy.prior == 0.812
 
 
-def test_the_bundled_head_starts_from_its_measured_acceptance():
+def test_the_bundled_head_starts_from_its_measured_acceptance(monkeypatch):
     """A head's recorded acceptance sets the policy's prior: the bundled one (92 % on held-out prompts) drafts
     long from a request's first drafting round, where a generic prior (0.6) drafted 4-5 tokens."""
     from mmspec.engine import DraftPolicy, Job
@@ -160,9 +160,8 @@ def test_the_bundled_head_starts_from_its_measured_acceptance():
     assert pipe.strategy.prior_acceptance == pytest.approx(0.921)
     job = Job(request=None, config=pipe.decode_config({}))
     for prior, shortest in ((0.921, 8), (0.6, 0)):
+        monkeypatch.setattr(pipe.strategy, "prior_acceptance", prior)
         policy = DraftPolicy(pipe.strategy)
-        policy.prior = prior
-        policy.pool_accepted, policy.pool_rejected = 2 * prior, 2 * (1 - prior)
         job.accepted_run, job.rejected_run = policy.row_prior()
         k = policy.choose([job])
         assert k >= shortest and (prior > 0.9 or k < 8), (prior, k)

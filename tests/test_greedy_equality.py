@@ -224,9 +224,11 @@ def test_lean_drafter_forward_matches_the_full_forward(pipes):
             assert torch.allclose(model.lm_head(hidden)[0, -1], ref[i], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["text", "ngram", "none"])
-def test_repetition_penalty_from_generation_config(pipes, kind):
-    """Targets like Qwen2.5-VL ship repetition_penalty in generation_config; greedy generate() applies it."""
+@pytest.mark.parametrize("kind, settings", [("text", {}), ("ngram", {}), ("none", {}),
+                                            ("text", dict(tree_nodes=8, num_draft_tokens=4))])
+def test_repetition_penalty_from_generation_config(pipes, kind, settings):
+    """Targets like Qwen2.5-VL ship repetition_penalty in generation_config; greedy generate() applies it. In a
+    tree each node is scored with the tokens of its own path only, so trees still equal generate()."""
     pipe = pipes[kind]
     cfg = pipe.target.generation_config
     plain = [hf_greedy(pipe, sample_image(seed), PROMPTS[1]) for seed in range(3)]
@@ -237,7 +239,7 @@ def test_repetition_penalty_from_generation_config(pipes, kind):
             image = sample_image(seed)
             expected = hf_greedy(pipe, image, PROMPTS[1])
             changed += expected != plain[seed]
-            assert pipe.generate(image, PROMPTS[1], max_new_tokens=MAX_NEW).token_ids == expected
+            assert pipe.generate(image, PROMPTS[1], max_new_tokens=MAX_NEW, **settings).token_ids == expected
         assert changed, "the penalty must change some outputs, or this test checks nothing"
     finally:
         cfg.repetition_penalty = 1.0
