@@ -55,8 +55,8 @@ def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypat
     sample_image(0).save(images / "0.png")
     real = bench.Bench.run_one
 
-    def corrupt(self, mode, inp, record):
-        real(self, mode, inp, record)
+    def corrupt(self, mode, inp, record, rep=0):
+        real(self, mode, inp, record, rep)
         if mode == "mmspec-ngram" and self.results[mode].calls:
             self.results[mode].calls[-1].ids = self.results[mode].calls[-1].ids + [0]
 
@@ -69,6 +69,34 @@ def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypat
     assert rc == 1
     assert modes["mmspec-ngram"]["lossless"] is False and modes["mmspec-ngram"]["mismatched_inputs"]
     assert modes["mmspec-none"]["lossless"] is True
+
+
+def test_bench_speed_is_tokens_over_seconds_of_each_pass():
+    """A mode's tokens/s over a set is each pass's tokens over its seconds, median over passes; the median of the
+    per-call rates is reported beside it (on a half-short, half-long set it sits between the clusters)."""
+    from mmspec.bench import Bench, Call, Input, ModeResult
+
+    inputs = [Input(None, "q", "question", "a:q"), Input(None, "c", "caption", "a:c")]
+    b = Bench.__new__(Bench)
+    b.modes, b.temperature = ["hf-greedy", "mmspec-x"], 0.0
+    b.results = {m: ModeResult(m) for m in b.modes}
+    # (mode, pass) -> (question seconds, caption seconds); 2 tokens per answer, 20 per caption
+    walls = {("hf-greedy", 0): (0.04, 0.25), ("hf-greedy", 1): (0.05, 0.30),
+             ("mmspec-x", 0): (0.04, 0.10), ("mmspec-x", 1): (0.06, 0.10)}
+    for (mode, rep), (wq, wc) in walls.items():
+        b.results[mode].calls += [Call("a:q", "question", wq, [1, 2], rep=rep, forwards=2),
+                                  Call("a:c", "caption", wc, list(range(20)), rep=rep, forwards=3)]
+    rows = {r["mode"]: r for r in b.summary(inputs)}
+    hf = (22 / 0.29 + 22 / 0.35) / 2
+    ours = (22 / 0.14 + 22 / 0.16) / 2
+    assert abs(rows["hf-greedy"]["tokens_per_s"] - hf) < 0.01 and abs(rows["mmspec-x"]["tokens_per_s"] - ours) < 0.01
+    assert abs(rows["mmspec-x"]["speedup_vs_hf_greedy"] - ours / hf) < 1e-3
+    # per-call rates: hf 50, 40, 80, 66.7 -> median 58.3; ours 50, 33.3, 200, 200 -> median 125
+    assert abs(rows["mmspec-x"]["median_call_tokens_per_s"] - 125.0) < 0.01
+    assert abs(rows["mmspec-x"]["median_call_speedup"] - 125.0 / ((50 + 200 / 3) / 2)) < 1e-3
+    assert rows["mmspec-x"]["lossless"] is True and rows["mmspec-x"]["mean_accepted"] == round(44 / 10, 3)
+    only_q = {r["mode"]: r for r in b.summary(inputs[:1])}
+    assert abs(only_q["mmspec-x"]["tokens_per_s"] - (2 / 0.04 + 2 / 0.06) / 2) < 0.01
 
 
 def test_bench_never_overwrites_a_file_it_did_not_write(tiny_target, tmp_path):
