@@ -514,11 +514,24 @@ class Scheduler:
         atexit.register(self.close)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after the round in progress; jobs still queued or running get no more events."""
+        """Stop the thread after the round in progress. Jobs still queued or running then get a last event
+        (``done``, stop reason "error": the engine was closed), so no caller waits on them forever."""
         self.closing = True
         self.wake.set()
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
+        if threading.current_thread() is self.thread:
+            return
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return   # still inside a forward: its jobs are not ours to touch
+        atexit.unregister(self.close)   # the exit hook held the engine, and with it the model, alive
+        engine = self.engine
+        with self.lock:
+            left = list(engine.queue) + list(engine.active.values())
+            engine.queue.clear()
+            engine.active.clear()
+        for job in left:
+            if job.events is not None and not job.done:
+                job.events.put(engine._finish_error(job, "the pipeline was closed before this request finished"))
 
     def submit(self, job: Job) -> Job:
         job.events = queue.Queue()

@@ -36,6 +36,22 @@ class Pipeline:
         # forward costs and acceptance measured so far, shared by every engine this pipeline runs
         self.policy = DraftPolicy(strategy)
 
+    def close(self) -> None:
+        """Stop the background engine thread that the first ``submit`` started (after its current round;
+        requests still waiting get a last event with an error), so the pipeline and its model can be freed.
+        The pipeline stays usable: ``generate`` needs no thread, and a later ``submit`` starts a new one.
+        ``with mmspec.load(...) as pipe:`` closes it on leaving the block."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # the underlying HF objects, for users who need them
     @property
     def target(self):

@@ -308,6 +308,36 @@ def test_batched_rows_equal_their_own_generate(pipes, kind, k, batch_size):
         assert drafted and all(r.n_accepted >= 2 or r.target_token is None for r in drafted)
 
 
+def test_close_stops_the_engine_thread_and_frees_the_pipeline(tiny_target):
+    """``close`` (or leaving ``with``) stops the thread the first ``submit`` started: requests it had not
+    finished end with an error event (no caller waits forever), the pipeline still works, and once dropped it
+    can be freed (the exit hook no longer holds the model)."""
+    import gc
+    import weakref
+
+    from mmspec.engine import iter_job_events
+
+    with mmspec.load(str(tiny_target), drafter=None, drafter_kind="none") as pipe:
+        first = pipe.submit(sample_image(0), PROMPTS[1], max_new_tokens=MAX_NEW)
+        assert list(iter_job_events(first, timeout=120))[-1].done
+        thread = pipe._scheduler.thread
+        many = [pipe.submit(sample_image(s), PROMPTS[1], max_new_tokens=200) for s in range(6)]
+    assert not thread.is_alive() and pipe._scheduler is None
+    for job in many:   # each one ends: finished before the close, or told why it was not
+        last = list(iter_job_events(job, timeout=60))[-1]
+        assert last.done and (last.result.error is None or "closed" in last.result.error)
+    assert any(job.result.error for job in many)   # six 200-token requests cannot all finish in one round
+    # still usable: generate needs no thread; a new submit starts one
+    expected = pipe.generate(sample_image(1), PROMPTS[0], max_new_tokens=MAX_NEW).token_ids
+    again = pipe.submit(sample_image(1), PROMPTS[0], max_new_tokens=MAX_NEW)
+    assert list(iter_job_events(again, timeout=120))[-1].result.token_ids == expected
+    pipe.close()
+    ref = weakref.ref(pipe)
+    del pipe, first, many, again, job, last
+    gc.collect()
+    assert ref() is None
+
+
 def test_generate_batch_refuses_bad_arguments(pipes):
     pipe = pipes["none"]
     with pytest.raises(mmspec.MMSpecError, match="batch_size"):
