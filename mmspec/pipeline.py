@@ -147,7 +147,8 @@ class Pipeline:
         (continuous batching: a finished row leaves and the next input joins at once). ``prompts`` may be one
         string for every image. A bad input (unreadable image, empty or too long prompt) gets a result whose
         ``error`` says why; the others finish. Each row's output is the one ``generate`` gives for it.
-        ``seed`` seeds row i with ``seed + i``. ``progress(result)`` is called as each input finishes."""
+        ``seed`` seeds row i with ``seed + i``. ``progress(i, result)`` is called as each input finishes (in the
+        order they finish, so ``i`` says which input it was), e.g. to write results out as they come."""
         images = list(images)
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
@@ -175,7 +176,7 @@ class Pipeline:
                 engine.add(job)
             for job, event in engine.run():
                 if event.done and progress is not None:
-                    progress(job.result)
+                    progress(job.index, job.result)
         return [job.result for job in jobs]
 
     # rows in flight when the caller does not say: what measured fastest on the bundled pair (docs/BENCHMARKS.md)

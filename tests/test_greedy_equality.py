@@ -338,6 +338,19 @@ def test_close_stops_the_engine_thread_and_frees_the_pipeline(tiny_target):
     assert ref() is None
 
 
+def test_generate_batch_progress_names_each_input_as_it_finishes(pipes):
+    """``progress(i, result)``: once per input, bad ones included, with the same result the call returns."""
+    pipe = pipes["ngram"]
+    images = [sample_image(s) for s in range(4)]
+    prompts = [PROMPTS[1], "   ", PROMPTS[0], PROMPTS[1]]
+    seen = []
+    results = pipe.generate_batch(images, prompts, batch_size=2, max_new_tokens=MAX_NEW,
+                                  progress=lambda i, r: seen.append((i, r)))
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert all(results[i] is r for i, r in seen)
+    assert results[1].error and "empty" in results[1].error and not results[0].error
+
+
 def test_generate_batch_refuses_bad_arguments(pipes):
     pipe = pipes["none"]
     with pytest.raises(mmspec.MMSpecError, match="batch_size"):
