@@ -62,8 +62,12 @@ class SlotCache:
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)   # [B, S]
         self._new = 0          # slots appended by the last ``extend``
         # a model that takes ``attention_mask=None`` as "see every slot" (sdpa) may be handed None for one
-        # token on dense rows; the target's own decoder is always given the explicit mask
+        # token on dense rows (the eagle head)
         self.allow_no_mask = False
+        # a transformers decoder reads None as "causal over the cache" and builds its own mask: one dense row
+        # adding a chain is then handed None, the path transformers' generate takes at batch 1 (a prefill
+        # runs sdpa's causal kernel instead of a [L, L] float mask)
+        self.none_is_causal = False
 
     @property
     def slots(self) -> int:
@@ -130,6 +134,9 @@ class SlotCache:
         lengths = torch.tensor(self.lengths, dtype=torch.long)
         positions = (lengths[:, None] + torch.arange(T)).to(self.device)
         self._new = T
+        if self.none_is_causal and B == 1 and self.lengths[0] == S:
+            self.valid = torch.ones(1, S + T, dtype=torch.bool, device=self.device)
+            return None, positions
         if T == 1 and self.allow_no_mask and all(n == S for n in self.lengths):
             self.valid = torch.ones(B, S + 1, dtype=torch.bool, device=self.device)
             return None, positions

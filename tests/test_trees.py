@@ -58,6 +58,60 @@ def test_ancestor_matrix_and_tree_mask_and_positions():
     assert pos[0].tolist() == [3, 4, 4, 5, 5, 6, 5, 6]            # positions by depth
 
 
+def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
+    """The target's slots give transformers' decoder ``attention_mask=None`` (its own causal mask, the path of
+    its batch-1 generate) only for one row (always dense: a lone row is gathered) adding a chain; the logits
+    are those of the explicit mask, and trees and batches still get the explicit one."""
+    from mmspec.targets.base import TargetBatch
+
+    cfg = mmspec.load(drafter=None, drafter_kind="none").target.config.get_text_config()
+    slots = SlotCache(cfg, "cpu", torch.float32)
+    slots.none_is_causal = True
+    slots.add_empty(0)
+    mask, pos = slots.extend([[-1, 0, 1]])
+    assert mask is None and pos[0].tolist() == [0, 1, 2]
+    slots.commit([[0, 1]])                                        # the third was a rejected draft: cropped
+    mask, pos = slots.extend([[-1]])
+    assert mask is None and pos[0].tolist() == [2]
+    slots.commit([[0]])
+    assert slots.extend([[-1, 0, 0]])[0] is not None              # a tree
+    slots.commit([[0, 2]])                                        # its kept path is gathered: dense again
+    assert slots.extend([[-1]])[0] is None
+    two = SlotCache(cfg, "cpu", torch.float32)
+    two.none_is_causal = True
+    two.add_empty(0)
+    two.add_empty(1)
+    assert two.extend([[-1, 0, 1], [-1]])[0] is not None          # a batch
+    two.commit([[0, 1, 2], [0]])                                  # row 1 took part as padding: holes
+    two.extend([[-1], [-1]])
+    two.commit([[0], [0]])
+    two.remove([0])                                               # a lone row is gathered at once
+    assert two.length(1) == two.slots and two.extend([[-1]])[0] is None
+    pipe = mmspec.load(drafter=None, drafter_kind="none")
+    adapter = pipe.adapter
+    req = adapter.prepare(sample_image(2), adapter.format_prompt("Describe the image."))
+    adapter.image_features(req)
+    out = {}
+    with torch.inference_mode():
+        for causal in (True, False):
+            batch = TargetBatch(adapter)
+            batch.main.none_is_causal = causal
+            batch._slots = lambda causal=causal: _slots_with(batch, causal)
+            batch.add(0, req)
+            first = batch.verify({0: torch.tensor([req.prompt_ids[-1], 5, 6])})[0]
+            batch.commit({0: [0, 1]})
+            second = batch.verify({0: torch.tensor([7, 8, 9, 10])})[0]
+            out[causal] = (first, second)
+    for a, b in zip(out[True], out[False]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def _slots_with(batch, causal):
+    slots = SlotCache(batch.config, batch.device, batch.dtype)
+    slots.none_is_causal = causal
+    return slots
+
+
 def test_greedy_rule_takes_a_deep_branch_over_the_first_child():
     # the target says b, f, g, then 99: the path 1 -> 5 -> 6 (the second child, then the deep branch)
     target = {0: 11, 2: 15, 6: 16, 7: 99}

@@ -76,7 +76,9 @@ class TargetBatch:
         self.committed_hidden: dict = {}
 
     def _slots(self):
-        return SlotCache(self.config, self.device, self.dtype)
+        slots = SlotCache(self.config, self.device, self.dtype)
+        slots.none_is_causal = True
+        return slots
 
     def length(self, row) -> int:
         """Positions in the row's cache, the pending one excluded (before the prefill: the prompt but its last)."""
