@@ -167,6 +167,38 @@ def test_the_bundled_head_starts_from_its_measured_acceptance(monkeypatch):
         assert k >= shortest and (prior > 0.9 or k < 8), (prior, k)
 
 
+def test_a_rounds_fixed_drafting_cost_is_charged_once():
+    """The cost model fits drafting as c + d * k: when most of a round's drafting cost is fixed (feeding what
+    the last round accepted), a sure row drafts the longest draft; when every step is dear, it drafts short."""
+    from mmspec.engine import CostModel, DraftPolicy, Job, LinearFit
+
+    fit = LinearFit(((1, 5.0), (3, 9.0)))              # y = 3 + 2 x
+    assert fit(10) == pytest.approx(23.0)
+    for _ in range(300):                               # observations take over from the prior
+        fit.observe(2, 1.5)
+        fit.observe(6, 3.5)                            # y = 0.5 + 0.5 x
+    assert fit(4) == pytest.approx(2.5, rel=1e-3)
+
+    pipe = mmspec.load()
+    job = Job(request=None, config=pipe.decode_config({}))
+    job.accepted_run, job.rejected_run = 9.5, 0.5      # 95 % per token
+
+    def chosen(fixed_s, per_step_s):
+        policy = DraftPolicy(pipe.strategy)
+        policy.costs = CostModel()
+        for _ in range(300):
+            policy.costs.observe_verify(1, 0.008)
+            policy.costs.observe_verify(17, 0.014)
+            policy.costs.observe_draft(1, fixed_s + per_step_s)
+            policy.costs.observe_draft(16, fixed_s + 16 * per_step_s)
+        assert policy.costs.draft_s(0) == 0.0 and policy.costs.draft_s(8) == pytest.approx(fixed_s + 8 * per_step_s,
+                                                                                           rel=1e-2)
+        return policy.choose([job])
+
+    assert chosen(0.004, 0.0003) == 16
+    assert chosen(0.0, 0.004) < 8
+
+
 def test_training_resumes_from_its_checkpoint(tiny_target, scene_data, tmp_path, capsys):
     out = tmp_path / "eagle"
     assert _train(tiny_target, scene_data, out, 20) == 0
