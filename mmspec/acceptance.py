@@ -32,19 +32,6 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch
     return logits.softmax(-1)
 
 
-def accept_greedy(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Longest prefix of ``draft_ids`` equal to the target's argmax, and the target's next token after it.
-
-    draft_ids: [k]; target_logits: [k+1, vocab] (row i predicts the token after i accepted drafts).
-    """
-    target_ids = target_logits.argmax(-1)
-    k = draft_ids.shape[0]
-    match = draft_ids == target_ids[:k]
-    # One deliberate host sync per round: the count of leading matches.
-    n = int(((~match).cumsum(-1) == 0).sum().item())
-    return n, int(target_ids[n].item())
-
-
 def accept_sampling(draft_ids: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                     generator: torch.Generator | None = None) -> tuple[int, int]:
     """Speculative sampling. draft_ids: [k]; q: [k, vocab] draft probs; p: [k+1, vocab] target probs.

@@ -136,15 +136,9 @@ class CostModel:
         self.verify = LinearFit(((1, 0.0175), (144, 0.074)))
         self.draft = LinearFit(((1, 0.0014), (16, 0.0066)))
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        self.verify.observe(tokens, seconds)
-
     def observe_draft(self, forwards: int, seconds: float) -> None:
         if forwards:
             self.draft.observe(forwards, seconds)
-
-    def verify_s(self, tokens: int) -> float:
-        return self.verify(tokens)
 
     def draft_s(self, k: int) -> float:
         """A round drafting k tokens (k drafter forwards; nothing when k = 0)."""
@@ -205,7 +199,7 @@ class DraftPolicy:
         positions = self.position_acceptance()
         best_k, best = 0, -1.0
         for k in range(self.max_k + 1):
-            seconds = self.costs.draft_s(k) + self.costs.verify_s(len(jobs) * (k + 1))
+            seconds = self.costs.draft_s(k) + self.costs.verify(len(jobs) * (k + 1))
             rate = sum(self.expected_tokens(j.acceptance, positions, k) for j in adaptive) / seconds
             if rate > best * (1 + 1e-3):
                 best_k, best = k, rate
@@ -349,7 +343,7 @@ class Engine:
         logits = self._verify(rows, drafts)
         accepted = self._accept(rows, drafts, logits)
         if timed:  # up to the accept phase's host sync, where the forward has surely finished
-            self.policy.costs.observe_verify(sum(1 + len(drafts[r]) for r in rows), time.perf_counter() - t0)
+            self.policy.costs.verify.observe(sum(1 + len(drafts[r]) for r in rows), time.perf_counter() - t0)
         self._commit(accepted)
         events += self._emit(rows, drafts, accepted)
         return events

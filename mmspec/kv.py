@@ -61,13 +61,11 @@ class SlotCache:
         self.lengths: list[int] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)   # [B, S]
         self._new = 0          # slots appended by the last ``extend``
-        # a model that takes ``attention_mask=None`` as "see every slot" (sdpa) may be handed None for one
-        # token on dense rows (the eagle head)
-        self.allow_no_mask = False
-        # a transformers decoder reads None as "causal over the cache" and builds its own mask: one dense row
-        # adding a chain is then handed None, the path transformers' generate takes at batch 1 (a prefill
-        # runs sdpa's causal kernel instead of a [L, L] float mask)
-        self.none_is_causal = False
+        # what the model makes of ``attention_mask=None``, so ``extend`` can skip the mask where None says the same:
+        # "every slot" (plain sdpa, the eagle head): one token on dense rows; "causal" (a transformers decoder
+        # builds its own causal mask): one row (always dense) adding a chain, the path of generate() at batch 1
+        # (a prefill then runs sdpa's causal kernel instead of a [L, L] float mask); None: always a mask
+        self.none_means: str | None = None
 
     @property
     def slots(self) -> int:
@@ -128,17 +126,15 @@ class SlotCache:
 
     def _extend_chains(self, T: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``extend`` when every row adds a chain of T tokens (every round of plain drafting and verifying):
-        the same mask and positions without the per-row loop. One token per row on dense rows (no holes:
-        every row at batch 1) needs no mask at all; ``None`` is returned then and sdpa attends to everything."""
+        the same mask and positions without the per-row loop, or ``None`` where ``none_means`` says None is
+        the same mask (dense rows: no holes, as every row at batch 1)."""
         B, S = len(self.rows), self.slots
         lengths = torch.tensor(self.lengths, dtype=torch.long)
         positions = (lengths[:, None] + torch.arange(T)).to(self.device)
         self._new = T
-        if self.none_is_causal and B == 1 and self.lengths[0] == S:
-            self.valid = torch.ones(1, S + T, dtype=torch.bool, device=self.device)
-            return None, positions
-        if T == 1 and self.allow_no_mask and all(n == S for n in self.lengths):
-            self.valid = torch.ones(B, S + 1, dtype=torch.bool, device=self.device)
+        if (self.none_means == "causal" and B == 1 or self.none_means == "every slot" and T == 1) \
+                and all(n == S for n in self.lengths):
+            self.valid = torch.ones(B, S + T, dtype=torch.bool, device=self.device)
             return None, positions
         own = torch.ones(T, T, dtype=torch.bool, device=self.device).tril().expand(B, T, T)
         allowed = torch.cat([self.valid[:, None, :].expand(B, T, S), own], dim=-1)

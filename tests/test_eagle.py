@@ -187,8 +187,8 @@ def test_a_rounds_fixed_drafting_cost_is_charged_once():
         policy = DraftPolicy(pipe.strategy)
         policy.costs = CostModel()
         for _ in range(300):
-            policy.costs.observe_verify(1, 0.008)
-            policy.costs.observe_verify(17, 0.014)
+            policy.costs.verify.observe(1, 0.008)
+            policy.costs.verify.observe(17, 0.014)
             policy.costs.observe_draft(1, fixed_s + per_step_s)
             policy.costs.observe_draft(16, fixed_s + 16 * per_step_s)
         assert policy.costs.draft_s(0) == 0.0 and policy.costs.draft_s(8) == pytest.approx(fixed_s + 8 * per_step_s,

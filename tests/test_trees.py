@@ -66,7 +66,7 @@ def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
 
     cfg = mmspec.load(drafter=None, drafter_kind="none").target.config.get_text_config()
     slots = SlotCache(cfg, "cpu", torch.float32)
-    slots.none_is_causal = True
+    slots.none_means = "causal"
     slots.add_empty(0)
     mask, pos = slots.extend([[-1, 0, 1]])
     assert mask is None and pos[0].tolist() == [0, 1, 2]
@@ -78,7 +78,7 @@ def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
     slots.commit([[0, 2]])                                        # its kept path is gathered: dense again
     assert slots.extend([[-1]])[0] is None
     two = SlotCache(cfg, "cpu", torch.float32)
-    two.none_is_causal = True
+    two.none_means = "causal"
     two.add_empty(0)
     two.add_empty(1)
     assert two.extend([[-1, 0, 1], [-1]])[0] is not None          # a batch
@@ -95,7 +95,7 @@ def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
     with torch.inference_mode():
         for causal in (True, False):
             batch = TargetBatch(adapter)
-            batch.main.none_is_causal = causal
+            batch.main.none_means = "causal" if causal else None
             batch._slots = lambda causal=causal: _slots_with(batch, causal)
             batch.add(0, req)
             first = batch.verify({0: torch.tensor([req.prompt_ids[-1], 5, 6])})[0]
@@ -108,7 +108,7 @@ def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
 
 def _slots_with(batch, causal):
     slots = SlotCache(batch.config, batch.device, batch.dtype)
-    slots.none_is_causal = causal
+    slots.none_means = "causal" if causal else None
     return slots
 
 

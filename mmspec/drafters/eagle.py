@@ -262,7 +262,7 @@ class EagleDraftBatch(DraftBatch):
 
     def _slots(self) -> SlotCache:
         slots = SlotCache(self.d.head.layer_cfg, self.device, self.d.target.model.dtype)
-        slots.allow_no_mask = True   # the head's sdpa takes None as "every slot"
+        slots.none_means = "every slot"   # the head's sdpa
         return slots
 
     def add(self, row, spec: RowSpec) -> None:

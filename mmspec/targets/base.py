@@ -77,7 +77,7 @@ class TargetBatch:
 
     def _slots(self):
         slots = SlotCache(self.config, self.device, self.dtype)
-        slots.none_is_causal = True
+        slots.none_means = "causal"   # transformers' decoder
         return slots
 
     def length(self, row) -> int:
