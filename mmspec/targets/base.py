@@ -401,4 +401,5 @@ class TargetAdapter(ABC):
         n = len(request.prompt_ids)
         if n + 1 > self.context_length:
             raise MMSpecError(f"the prompt is {n} tokens (image placeholders included) but the target's context "
-                              f"is {self.context_length}; shorten the prompt or use a smaller image")
+                              f"is {self.context_length}; shorten the prompt or use a smaller image",
+                              code="context_length_exceeded", param="messages")
