@@ -1,4 +1,4 @@
-"""``mmspec serve`` (mmspec/server.py): a real uvicorn server on a free loopback port, spoken to with the real
+"""``mmspec serve`` (mmspec/server/): a real uvicorn server on a free loopback port, spoken to with the real
 ``openai`` client (httpx for what a client library would not send). Answers equal ``pipe.generate``'s text,
 streamed or not, for one client or 16 at once; every bad input gets an OpenAI-style 4xx and the server keeps
 answering; the API key is enforced; a client that goes away frees its row. Bundled pair, CPU, offline."""
