@@ -1,4 +1,6 @@
-"""Acceptance rules: greedy exact match, and lossless speculative sampling.
+"""The accept phase: every row's verdict on its draft (``accept``), by one rule per case -- greedy chains
+(exact match, all rows with one host sync), sampling chains (speculative sampling), greedy trees and sampling
+trees (recursive rejection) -- and the ``Accepted`` verdict the caches then commit.
 
 Names follow Leviathan et al. 2023 / Chen et al. 2023: ``p`` = target probabilities, ``q`` = draft
 probabilities. A draft token x is accepted with probability min(1, p(x)/q(x)); at the first rejection the
@@ -8,7 +10,89 @@ sampled from the target's next distribution. The emitted sequence is distributed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from mmspec.trees import Draft, ancestor_matrix, children, trace_order, verify_indices
+
+
+@dataclass
+class Accepted:
+    """One row's verdict on its draft."""
+
+    n: int                       # drafts kept
+    token: int                   # the target's own token after them
+    drafts: list[int]            # the row's draft ids (draft order)
+    keep: list[int]              # verify positions that stay in the target's cache (0 = the pending token)
+    path: list[int] | None = None      # a tree's accepted nodes, root first (None for a chain)
+    parents: list[int] | None = None   # a tree's parents (draft order)
+
+    @property
+    def emitted(self) -> list[int]:
+        kept = [self.drafts[i] for i in self.path] if self.path is not None else self.drafts[:self.n]
+        return kept + [self.token]
+
+    def trace(self) -> tuple[list[int], tuple[int, ...] | None]:
+        """The draft ids as the round's trace lists them, and a tree's parents in that order (None: a chain)."""
+        if self.path is None:
+            return self.drafts, None
+        order, parents = trace_order(self.path, self.parents)
+        return [self.drafts[i] for i in order], parents
+
+    @classmethod
+    def chain(cls, drafts: list[int], n: int, token: int) -> "Accepted":
+        return cls(n, token, drafts, verify_indices(range(n)))
+
+    @classmethod
+    def tree(cls, drafts: list[int], parents: list[int], path: list[int], token: int) -> "Accepted":
+        return cls(len(path), token, drafts, verify_indices(path), path, parents)
+
+
+def accept(drafts: dict, logits: dict, configs: dict, generators: dict) -> dict[int, Accepted]:
+    """row -> ``Accepted``, for rows given as row -> ``Draft``, verify logits [n+1, vocab] (after any logits
+    processing), ``DecodeConfig`` (in the engine's row order) and random generator (None for greedy rows)."""
+    chains = [r for r in configs if configs[r].greedy and drafts[r].parents is None]
+    out = accept_greedy_chains({r: drafts[r] for r in chains}, logits)
+    for r, config in configs.items():
+        if r in out:
+            continue
+        d, generator = drafts[r], generators[r]
+        ids = d.ids.tolist()
+        if d.parents is not None:   # a tree: the accepted root path
+            if config.greedy:
+                path, token = accept_tree_greedy(ids, d.parents, logits[r].argmax(-1).tolist())
+            else:
+                p = warp_logits(logits[r], config.temperature, config.top_p)
+                path, token = accept_tree_sampling(ids, d.parents, p, generator)
+            out[r] = Accepted.tree(ids, d.parents, path, token)
+        else:
+            p = warp_logits(logits[r], config.temperature, config.top_p)
+            q = d.probs(p.shape[-1]).to(p.device)
+            n, token = accept_sampling(d.ids.to(p.device), q, p, generator)
+            out[r] = Accepted.chain(ids, n, token)
+    return out
+
+
+def accept_greedy_chains(drafts: dict[int, Draft], logits: dict) -> dict[int, Accepted]:
+    """Greedy chains: each row keeps the longest prefix of its drafts that equals the target's argmax, then the
+    argmax after it."""
+    if not drafts:
+        return {}
+    # one host sync for every greedy chain row: the target's argmax at each verified position
+    argmax = torch.cat([logits[r].argmax(-1) for r in drafts]).tolist()
+    drafted = torch.cat([d.ids for d in drafts.values()]).tolist()
+    out = {}
+    i = j = 0
+    for r, d in drafts.items():
+        k = len(d)
+        target, mine = argmax[i:i + k + 1], drafted[j:j + k]
+        n = 0
+        while n < k and mine[n] == target[n]:
+            n += 1
+        out[r] = Accepted.chain(mine, n, target[n])
+        i, j = i + k + 1, j + k
+    return out
 
 
 def warp_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -75,8 +159,6 @@ def repetition_penalty_rows(logits: torch.Tensor, seen: torch.Tensor, draft_ids:
         drafted = onehot.cumsum(0) > 0
     else:
         # a tree (parents in verify indexing, node 0 = the pending token): the drafts on each node's path
-        from mmspec.kv import ancestor_matrix
-
         anc = ancestor_matrix(parents, logits.device)[1:, 1:].to(onehot.dtype)
         drafted = (anc @ onehot) > 0
     rows = seen[None, :vocab] | torch.cat([torch.zeros(1, vocab, dtype=torch.bool, device=logits.device),
@@ -85,19 +167,11 @@ def repetition_penalty_rows(logits: torch.Tensor, seen: torch.Tensor, draft_ids:
     return torch.where(rows, penalized, logits)
 
 
-def _children(parents: list[int]) -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {-1: []}
-    for i, p in enumerate(parents):
-        kids.setdefault(p, []).append(i)
-        kids.setdefault(i, [])
-    return kids
-
-
 def accept_tree_greedy(ids: list[int], parents: list[int], target_ids: list[int]) -> tuple[list[int], int]:
     """The longest root path of a draft tree whose tokens equal the target's argmax, and the target's token
     after it. ids/parents: the tree's nodes (parent -1 = after the pending token); target_ids[i]: the target's
     argmax after verify node i (0 = the pending token, node j at j + 1). -> (path of node indices, token)."""
-    kids = _children(parents)
+    kids = children(parents)
     node, path = -1, []
     while True:
         t = target_ids[node + 1]
@@ -115,7 +189,7 @@ def accept_tree_sampling(ids: list[int], parents: list[int], p: torch.Tensor,
     probability p(x), and after a rejection p becomes norm(max(0, p - onehot(x))) (recursive rejection, as
     SpecInfer / EAGLE); when every child is rejected the token is drawn from what is left of p. The emitted
     token at each step is distributed exactly as p. p: [n+1, vocab] target probabilities per verify node."""
-    kids = _children(parents)
+    kids = children(parents)
     node, path = -1, []
     while True:
         dist = p[node + 1].clone()

@@ -1,5 +1,6 @@
 """The ``mmspec`` console script. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up and shares the model flags.
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up. The model flags they share
+(``--target/--drafter/--drafter-kind/--device/--dtype/...``) are defined once, in ``mmspec.model_flags``.
 
 Start-up stays light: only the chosen subcommand's module is imported (its ``add_arguments`` imports nothing
 heavy), so ``mmspec --help`` and ``mmspec caption --help`` print without loading torch, transformers or gradio.
@@ -16,42 +17,17 @@ import signal
 import sys
 
 from mmspec.errors import MMSpecError
+# the model flags' old home: the captioner and the server import them from here until they import mmspec.model_flags
+from mmspec.model_flags import add_model_flags as add_model_arguments, load_from_args  # noqa: F401
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "caption": ("demos.caption", "caption images (files, folders, globs, lists) into JSONL; resumable"),
     "demo": ("demos.app", "open the web demo that shows accepted and rejected draft tokens"),
     "bench": ("mmspec.bench", "benchmark mmspec against transformers' generate, side by side"),
-    "train-drafter": ("mmspec.training", "distil a drafter (text or visual) from a target VLM"),
+    "train-drafter": ("mmspec.training", "distil a drafter (text, visual or eagle) from a target VLM"),
     "serve": ("mmspec.server", "an OpenAI-compatible HTTP server (/v1/chat/completions) on the batched engine"),
 }
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every subcommand shares; without them the bundled default pair is used."""
-    g = parser.add_argument_group("model (default: the bundled tiny pair in assets/models, offline, CPU)")
-    g.add_argument("--preset", default=None, help="a known real pair: llava-1.5-7b, qwen2.5-vl-7b, smolvlm2-2.2b, "
-                                                  "... (the table in README.md, 'Presets'; mmspec.presets.PRESETS)")
-    g.add_argument("--target", default=None, help="target VLM: hub id or local folder")
-    g.add_argument("--drafter", default="default",
-                   help="drafter model: hub id or folder; 'none' for weightless kinds (default: bundled with "
-                        "the bundled target, none otherwise)")
-    g.add_argument("--drafter-kind", default=None,
-                   help="text | visual | vlm | eagle | ngram | none (mmspec.drafters.DRAFTER_KINDS; default: text when a "
-                        "drafter model is given, else ngram)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, "
-                                                 "float16 on GPU)")
-    g.add_argument("--device-map", default=None, help="'auto' to spread a large target over devices (accelerate)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint's repo")
-
-
-def load_from_args(args):
-    import mmspec
-
-    drafter = None if str(args.drafter).lower() == "none" else args.drafter
-    return mmspec.load(target=args.target, preset=args.preset, drafter=drafter, drafter_kind=args.drafter_kind, device=args.device,
-                       dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
 def _chosen_command(argv: list[str]) -> str | None:

@@ -16,37 +16,13 @@ import inspect
 import torch
 from transformers import DynamicCache, LlamaModel
 
+from mmspec.trees import ancestor_matrix, chain, depths
+
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; speak whichever this install understands.
 CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 # holes a batch may carry before its rows are gathered into consecutive slots again
 COMPACT_SLACK = 24
-
-
-def chain(n: int) -> list[int]:
-    """Parents of a chain of ``n`` tokens: each token's parent is the one before it."""
-    return list(range(-1, n - 1))
-
-
-def depths(parents: list[int]) -> list[int]:
-    out: list[int] = []
-    for p in parents:
-        out.append(0 if p < 0 else out[p] + 1)
-    return out
-
-
-def ancestor_matrix(parents: list[int], device) -> torch.Tensor:
-    """[n, n] bool: entry (i, j) is True when token j is token i or one of its ancestors (parents point back)."""
-    n = len(parents)
-    if all(p == i - 1 for i, p in enumerate(parents)):
-        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    anc = torch.eye(n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            if p >= i:
-                raise ValueError(f"parent {p} of token {i} must come before it")
-            anc[i] |= anc[p]
-    return anc.to(device)
 
 
 class SlotCache:
@@ -76,6 +52,12 @@ class SlotCache:
 
     def length(self, row) -> int:
         return self.lengths[self.index(row)]
+
+    def empty_like(self) -> "SlotCache":
+        """A cache with no rows for the same model (joining rows prefill in one, then ``absorb`` it)."""
+        slots = SlotCache(self.config, self.device, self.dtype)
+        slots.none_means = self.none_means
+        return slots
 
     # ----- one forward ----------------------------------------------------------------------------
     def extend(self, parents: list[list[int]], past: list | None = None, depth0: list[list[int]] | None = None,

@@ -11,18 +11,20 @@ from typing import Iterator
 import torch
 
 from mmspec.config import DecodeConfig
-from mmspec.drafters import DRAFTER_KINDS, TREE_KINDS, Drafter, drafter_class
+from mmspec.drafters import drafter_class, tree_kinds
+from mmspec.drafters.base import Drafter
 from mmspec.errors import MMSpecError
-from mmspec.engine import DraftPolicy, Engine, Job, Scheduler
+from mmspec.engine import Engine, Job
 # (the bundled paths and loading helpers are re-exported: callers have long imported them from here)
 from mmspec.loading import (ASSETS, BUNDLED_EAGLE_DRAFTER, BUNDLED_TARGET, BUNDLED_TEXT_DRAFTER,  # noqa: F401
                             BUNDLED_VISUAL_DRAFTER, DTYPES, check_device, check_model_path, from_pretrained,
                             load_dtype)
+from mmspec.policy import DraftPolicy
+from mmspec.scheduler import Scheduler
 from mmspec.targets import TargetAdapter, adapter_for
 from mmspec.types import GenerationResult, StreamEvent
 from vision.cache import EmbeddingCache
 from vision.images import load_image
-
 
 
 class Pipeline:
@@ -73,16 +75,20 @@ class Pipeline:
     def vision_cache(self) -> EmbeddingCache:
         return self.adapter.vision_cache
 
-    def with_drafter_kind(self, kind: str, own_vision_cache: bool = False) -> "Pipeline":
-        """The same target (same weights) with a weightless drafter kind, e.g. ``"none"`` as the baseline of a
-        comparison. ``own_vision_cache=True`` gives it a separate image cache, so each side pays for encoding."""
+    def with_drafter_kind(self, kind: str, drafter: str | Path | None = None,
+                          own_vision_cache: bool = False) -> "Pipeline":
+        """This pipeline's target (the same weights, and the same image cache) with drafter kind ``kind``: the one
+        way to put several drafters side by side on one target, e.g. ``"none"`` as the baseline of a comparison.
+        A kind that needs weights loads them from ``drafter`` (hub id or folder) in the target's dtype.
+        ``own_vision_cache=True`` gives it a separate image cache, so each side pays for encoding."""
         cls = drafter_class(kind)
-        if cls.needs_weights:
-            raise MMSpecError(f"drafter kind {kind!r} needs weights; use mmspec.load(..., drafter_kind={kind!r})")
+        if cls.needs_weights and drafter is None:
+            raise MMSpecError(f"drafter kind {kind!r} needs weights: with_drafter_kind({kind!r}, drafter=<hub id "
+                              f"or folder>)")
         adapter = self.adapter
         if own_vision_cache:
             adapter = type(adapter)(adapter.model, adapter.processor, EmbeddingCache(adapter.vision_cache.max_bytes))
-        return Pipeline(adapter, cls(adapter))
+        return Pipeline(adapter, _make_drafter(cls, adapter, drafter, self.target.dtype))
 
     def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
@@ -136,7 +142,7 @@ class Pipeline:
         config = DecodeConfig(**settings)
         if config.tree_nodes is not None and not self.strategy.grows_trees:
             raise MMSpecError(f"drafter kind {self.strategy.kind!r} does not draft trees; tree_nodes works with "
-                              f"{sorted(k for k in DRAFTER_KINDS if k in TREE_KINDS)} (or leave tree_nodes=None for a chain)")
+                              f"{tree_kinds()} (or leave tree_nodes=None for a chain)")
         return config
 
     def generate_batch(self, images, prompts, batch_size: int | None = None, max_new_tokens: int = 64,
@@ -201,7 +207,7 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
 
     With no arguments: the bundled default pair (offline, CPU). ``preset`` names a known real pair (see
     ``mmspec.presets.PRESETS``); explicit arguments override it. ``drafter_kind`` is one of
-    ``DRAFTER_KINDS``; it defaults to "text" when a drafter model is given and "ngram" otherwise.
+    ``mmspec.drafters.DRAFTER_KINDS``; it defaults to "text" when a drafter model is given and "ngram" otherwise.
     ``device_map="auto"`` spreads a target larger than one device with accelerate.
     """
     if preset is not None:
@@ -249,8 +255,12 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
     model.eval()
     processor = from_pretrained(AutoProcessor, "target processor", target, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model)(model, processor, vision_cache or EmbeddingCache(vision_cache_bytes))
+    return Pipeline(adapter, _make_drafter(cls, adapter, drafter, torch_dtype, trust_remote_code))
+
+
+def _make_drafter(cls: type[Drafter], adapter: TargetAdapter, drafter, dtype: torch.dtype,
+                  trust_remote_code: bool = False) -> Drafter:
+    """A drafter of class ``cls`` for ``adapter``'s target: its weights from ``drafter`` when it needs them."""
     if cls.needs_weights:
-        strategy = cls.from_pretrained(adapter, drafter, torch_dtype, trust_remote_code=trust_remote_code)
-    else:
-        strategy = cls(adapter)
-    return Pipeline(adapter, strategy)
+        return cls.from_pretrained(adapter, drafter, dtype, trust_remote_code=trust_remote_code)
+    return cls(adapter)

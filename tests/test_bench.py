@@ -48,7 +48,7 @@ def test_bench_on_tiny_models(tiny_target, tiny_drafter, tmp_path, capsys):
 
 def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypatch):
     """A mode whose output differs from hf-greedy is reported as not lossless (and the exit status says so)."""
-    import mmspec.bench as bench
+    import mmspec.bench.modes as bench
 
     images = tmp_path / "images"
     images.mkdir()
@@ -74,7 +74,8 @@ def test_bench_flags_a_lossy_mode(tiny_target, tiny_drafter, tmp_path, monkeypat
 def test_bench_speed_is_tokens_over_seconds_of_each_pass():
     """A mode's tokens/s over a set is each pass's tokens over its seconds, median over passes; the median of the
     per-call rates is reported beside it (on a half-short, half-long set it sits between the clusters)."""
-    from mmspec.bench import Bench, Call, Input, ModeResult
+    from mmspec.bench.modes import Bench, Call, Input, ModeResult
+    from mmspec.bench.report import summary
 
     inputs = [Input(None, "q", "question", "a:q"), Input(None, "c", "caption", "a:c")]
     b = Bench.__new__(Bench)
@@ -86,7 +87,7 @@ def test_bench_speed_is_tokens_over_seconds_of_each_pass():
     for (mode, rep), (wq, wc) in walls.items():
         b.results[mode].calls += [Call("a:q", "question", wq, [1, 2], rep=rep, forwards=2),
                                   Call("a:c", "caption", wc, list(range(20)), rep=rep, forwards=3)]
-    rows = {r["mode"]: r for r in b.summary(inputs)}
+    rows = {r["mode"]: r for r in summary(b, inputs)}
     hf = (22 / 0.29 + 22 / 0.35) / 2
     ours = (22 / 0.14 + 22 / 0.16) / 2
     assert abs(rows["hf-greedy"]["tokens_per_s"] - hf) < 0.01 and abs(rows["mmspec-x"]["tokens_per_s"] - ours) < 0.01
@@ -95,7 +96,7 @@ def test_bench_speed_is_tokens_over_seconds_of_each_pass():
     assert abs(rows["mmspec-x"]["median_call_tokens_per_s"] - 125.0) < 0.01
     assert abs(rows["mmspec-x"]["median_call_speedup"] - 125.0 / ((50 + 200 / 3) / 2)) < 1e-3
     assert rows["mmspec-x"]["lossless"] is True and rows["mmspec-x"]["mean_accepted"] == round(44 / 10, 3)
-    only_q = {r["mode"]: r for r in b.summary(inputs[:1])}
+    only_q = {r["mode"]: r for r in summary(b, inputs[:1])}
     assert abs(only_q["mmspec-x"]["tokens_per_s"] - (2 / 0.04 + 2 / 0.06) / 2) < 0.01
 
 

@@ -1,4 +1,4 @@
-"""Batch captioning (demos/caption.py): one line per input, bad files recorded not fatal, resumable after a
+"""Batch captioning (demos/caption/): one line per input, bad files recorded not fatal, resumable after a
 SIGKILL, a cut last line repaired, captions equal to ``pipe.generate``. Tiny models, offline."""
 
 from __future__ import annotations

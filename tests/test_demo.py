@@ -284,8 +284,10 @@ def test_launch_passes_host_port_share_and_limits(app, monkeypatch):
 
 
 def test_run_wires_the_cli_flags(monkeypatch, pipe):
+    from mmspec import model_flags
+
     seen = {}
-    monkeypatch.setattr(cli, "load_from_args", lambda args: pipe)
+    monkeypatch.setattr(model_flags, "load_from_args", lambda args: pipe)
     monkeypatch.setattr(demo_app, "launch", lambda demo, **kw: seen.update(kw, demo=demo) or (None, "url", None))
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     args = cli.build_parser().parse_args(["demo", "--port", "7999", "--concurrency", "5"])

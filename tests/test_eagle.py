@@ -154,7 +154,8 @@ def test_a_recorded_acceptance_is_the_policys_prior(base, tmp_path):
 def test_the_bundled_head_starts_from_its_measured_acceptance(monkeypatch):
     """A head's recorded acceptance sets the policy's prior: the bundled one (92 % on held-out prompts) drafts
     long from a request's first drafting round, where a generic prior (0.6) drafted 4-5 tokens."""
-    from mmspec.engine import DraftPolicy, Job
+    from mmspec.engine import Job
+    from mmspec.policy import DraftPolicy
 
     pipe = mmspec.load()
     assert pipe.strategy.prior_acceptance == pytest.approx(0.921)
@@ -170,7 +171,8 @@ def test_the_bundled_head_starts_from_its_measured_acceptance(monkeypatch):
 def test_a_rounds_fixed_drafting_cost_is_charged_once():
     """The cost model fits drafting as c + d * k: when most of a round's drafting cost is fixed (feeding what
     the last round accepted), a sure row drafts the longest draft; when every step is dear, it drafts short."""
-    from mmspec.engine import CostModel, DraftPolicy, Job, LinearFit
+    from mmspec.engine import Job
+    from mmspec.policy import CostModel, DraftPolicy, LinearFit
 
     fit = LinearFit(((1, 5.0), (3, 9.0)))              # y = 3 + 2 x
     assert fit(10) == pytest.approx(23.0)
@@ -215,7 +217,8 @@ def test_the_heads_forward_is_its_decoder_layers(base, kv_heads):
     4-D mask, no mask, and grouped key/value heads; so does a head frozen for drafting (fused projections)."""
     from transformers import DynamicCache
 
-    from mmspec.kv import CACHE_KW, SlotCache, chain
+    from mmspec.kv import CACHE_KW, SlotCache
+    from mmspec.trees import chain
 
     torch.manual_seed(0)
     cfg = head_config_for(base.adapter)

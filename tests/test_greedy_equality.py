@@ -204,7 +204,8 @@ def test_lean_drafter_forward_matches_the_full_forward(pipes):
     """The drafter's lean forward (speed only) gives the logits of its model's own forward, one token at a time
     over a slot cache with a hole (a rejected draft) in it."""
     from mmspec.drafters.text import lean_forward
-    from mmspec.kv import SlotCache, chain
+    from mmspec.kv import SlotCache
+    from mmspec.trees import chain
 
     strategy = pipes["text"].strategy
     assert strategy.lean_step
@@ -315,7 +316,7 @@ def test_close_stops_the_engine_thread_and_frees_the_pipeline(tiny_target):
     import gc
     import weakref
 
-    from mmspec.engine import iter_job_events
+    from mmspec.scheduler import iter_job_events
 
     with mmspec.load(str(tiny_target), drafter=None, drafter_kind="none") as pipe:
         first = pipe.submit(sample_image(0), PROMPTS[1], max_new_tokens=MAX_NEW)
@@ -366,7 +367,7 @@ def test_submit_from_threads_equals_generate(pipes):
     """The shared engine thread (what the demo and the server use): concurrent submissions all come back right."""
     import threading
 
-    from mmspec.engine import iter_job_events
+    from mmspec.scheduler import iter_job_events
 
     pipe = pipes["text"]
     inputs = [(sample_image(s), PROMPTS[s % 2]) for s in range(5)]

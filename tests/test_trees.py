@@ -15,9 +15,10 @@ import torch
 
 import mmspec
 from mmspec.acceptance import accept_tree_greedy, accept_tree_sampling
-from mmspec.drafters.base import Draft, Drafter, DraftSession, grow_tree
-from mmspec.kv import SlotCache, ancestor_matrix
+from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.kv import SlotCache
 from mmspec.pipeline import Pipeline
+from mmspec.trees import ancestor_matrix, grow_tree
 from tests.test_sampling import P_MIN, _chi2_p
 from tests.tiny import build_tiny_llava, sample_image
 from tests.tiny_families import check_trees, check_vlm_tree_node_logits
@@ -62,7 +63,7 @@ def test_one_dense_row_hands_the_target_no_mask_and_gets_the_same_logits():
     """The target's slots give transformers' decoder ``attention_mask=None`` (its own causal mask, the path of
     its batch-1 generate) only for one row (always dense: a lone row is gathered) adding a chain; the logits
     are those of the explicit mask, and trees and batches still get the explicit one."""
-    from mmspec.targets.base import TargetBatch
+    from mmspec.targets.batch import TargetBatch
 
     cfg = mmspec.load(drafter=None, drafter_kind="none").target.config.get_text_config()
     slots = SlotCache(cfg, "cpu", torch.float32)
@@ -151,7 +152,7 @@ def test_committing_a_branch_gathers_its_entries(tmp_path):
     image = sample_image(1)
     req = adapter.prepare(image, adapter.format_prompt("Describe the image."))
     adapter.image_features(req)
-    from mmspec.targets.base import TargetBatch
+    from mmspec.targets.batch import TargetBatch
 
     with torch.inference_mode():
         batch = TargetBatch(adapter)

@@ -339,7 +339,7 @@ def check_vlm_tree_node_logits(base, images) -> None:
     from unittest import mock
 
     import mmspec
-    import mmspec.drafters.vlm as vlm_module
+    import mmspec.drafters.model_batch as vlm_module
     from mmspec.config import DecodeConfig
     from mmspec.drafters.base import RowSpec
 

@@ -1,18 +1,25 @@
-"""Drafting strategies, one class per file. ``DRAFTER_KINDS`` lists what ``drafter_kind`` accepts.
+"""The registry of drafting strategies: one line per kind that ``drafter_kind`` accepts, naming its class.
 
-Kinds are imported lazily ("module:Class"), so a strategy's optional dependencies load only when it is used.
-A kind whose class has ``needs_weights = True`` loads its model with ``Class.from_pretrained(adapter, path, ...)``.
+Each kind is one ``Drafter`` subclass in its own file. What callers ask about a kind is an attribute of that
+class, stated there once: ``needs_weights`` (built by ``Class.from_pretrained(adapter, path, dtype)`` from a model
+folder, else by ``Class(adapter)``), ``grows_trees`` (``tree_nodes=N`` drafts a tree), ``default_k`` ... Read them
+through ``drafter_class(kind)``, or ask for the kinds that have one: ``tree_kinds()``, ``weightless_kinds()``.
+
+A kind's class is imported when it is first asked for, so reading the registry (``mmspec --help`` lists the
+kinds) imports neither torch nor any drafter. Adding a kind: its file, its line here, its test.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from mmspec.drafters.base import Draft, Drafter, DraftSession, NoDrafter
-from mmspec.drafters.ngram import NgramDrafter
-from mmspec.drafters.text import TextDrafter
 from mmspec.errors import MMSpecError
 
+if TYPE_CHECKING:
+    from mmspec.drafters.base import Drafter
+
+# kind -> "module:Class"
 DRAFTER_KINDS: dict[str, str] = {
     "text": "mmspec.drafters.text:TextDrafter",
     "visual": "mmspec.drafters.visual:VisualDrafter",
@@ -22,11 +29,9 @@ DRAFTER_KINDS: dict[str, str] = {
     "none": "mmspec.drafters.base:NoDrafter",
 }
 
-# kinds whose drafter grows trees (``tree_nodes=N``)
-TREE_KINDS = ("eagle", "text", "visual", "vlm")
-
 
 def drafter_class(kind: str) -> type[Drafter]:
+    """The class that implements drafter ``kind`` (an ``MMSpecError`` for a kind the registry lacks)."""
     if kind not in DRAFTER_KINDS:
         raise MMSpecError(f"unknown drafter kind {kind!r}; choose one of {sorted(DRAFTER_KINDS)}")
     module, name = DRAFTER_KINDS[kind].split(":")
@@ -36,5 +41,28 @@ def drafter_class(kind: str) -> type[Drafter]:
         raise MMSpecError(f"drafter kind {kind!r} is not available in this build ({e})") from e
 
 
-__all__ = ["DRAFTER_KINDS", "TREE_KINDS", "Draft", "Drafter", "DraftSession", "NgramDrafter", "NoDrafter", "TextDrafter",
-           "drafter_class"]
+def kinds_where(**attributes) -> list[str]:
+    """The kinds, sorted, whose class has each given attribute value, e.g. ``kinds_where(grows_trees=True)``
+    (a kind this build cannot import is left out)."""
+    kinds = []
+    for kind in sorted(DRAFTER_KINDS):
+        try:
+            cls = drafter_class(kind)
+        except MMSpecError:
+            continue
+        if all(getattr(cls, name) == value for name, value in attributes.items()):
+            kinds.append(kind)
+    return kinds
+
+
+def tree_kinds() -> list[str]:
+    """The kinds whose drafter grows trees (``tree_nodes=N``), sorted."""
+    return kinds_where(grows_trees=True)
+
+
+def weightless_kinds() -> list[str]:
+    """The kinds built from the target alone (no drafter model), sorted: any pipeline can switch to them."""
+    return kinds_where(needs_weights=False)
+
+
+__all__ = ["DRAFTER_KINDS", "drafter_class", "kinds_where", "tree_kinds", "weightless_kinds"]

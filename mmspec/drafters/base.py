@@ -6,13 +6,13 @@
   target's last hidden states of the positions it just verified, only when the drafter sets ``wants_hidden``.
 
 Rows join with ``add`` and leave with ``remove`` at any round; batch 1 is a batch of one row. A ``Drafter``
-holds the weights and is shared; a ``DraftBatch`` holds the rows' state. Drafters without a batched forward
-(prompt lookup) run one ``DraftSession`` per row through ``PerRowDraftBatch``.
+holds the weights and is shared; a ``DraftBatch`` holds the rows' state. Drafters with a model build on
+``ModelDraftBatch`` (``drafters/model_batch.py``); drafters without a batched forward (prompt lookup) run one
+``DraftSession`` per row through ``PerRowDraftBatch``. A ``Draft`` (``mmspec.trees``) is a chain or a tree.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -21,23 +21,7 @@ import torch
 from mmspec.acceptance import warp_logits
 from mmspec.config import DecodeConfig
 from mmspec.targets.base import Request, TargetAdapter
-
-
-@dataclass
-class Draft:
-    ids: torch.Tensor                 # [k] drafted token ids (target vocabulary), k may be 0
-    q: torch.Tensor | None = None     # [k, target_vocab] draft probabilities; None = deterministic (one-hot)
-    forwards: int = 0                 # drafter forwards this row took part in for this draft
-    parents: list[int] | None = None  # a tree: node i's parent (-1 = after the pending token); None = a chain
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def probs(self, vocab_size: int) -> torch.Tensor:
-        """q as a dense [k, vocab] tensor (one-hot for deterministic drafters)."""
-        if self.q is not None:
-            return self.q
-        return torch.nn.functional.one_hot(self.ids, vocab_size).float()
+from mmspec.trees import Draft
 
 
 @dataclass
@@ -104,112 +88,6 @@ def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec],
         q = to_target_vocab(torch.stack(qs[b][:n]), target_vocab) if qs[b] and n else None
         out.append(Draft(ids[b, :n], q, forwards))
     return out
-
-
-def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, eos_ids: frozenset[int],
-              branch: int = 4, floor: float = 0.0) -> list[Draft]:
-    """Grow one dynamic draft tree per row (EAGLE-2): the root's top ``branch`` tokens, then at each depth the
-    ``branch`` frontier nodes with the highest path probability (product of the drafter's probabilities along
-    the path) are fed and each gets its top ``branch`` children; finally the ``budgets[b]`` nodes with the
-    highest path probability are kept (ancestors before descendants, so the set is a tree).
-
-    ``floor`` > 0: a node whose path probability is below it is neither fed nor kept (a row whose every first
-    token is under the floor drafts nothing this round). A node's path probability is roughly its chance to be accepted, so a sure drafter then grows
-    a long thin tree (a chain with the few branches worth verifying) and an unsure one a short bushy tree,
-    and growth stops once no frontier node clears the floor: fewer drafting forwards and verified tokens.
-
-    ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
-    feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
-    drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None). End-of-sequence
-    tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them."""
-    R = first.shape[0]
-    low = math.log(floor) if floor > 0 else float("-inf")
-    tokens = [[] for _ in range(R)]
-    parents = [[] for _ in range(R)]
-    depth = [[] for _ in range(R)]
-    score = [[] for _ in range(R)]
-
-    def add_children(b, parents_fed: list[int], logits: torch.Tensor, d: int) -> None:
-        # logits [n, vocab] of the fed nodes: every node's top tokens in one op and one host sync
-        top = logits.float().log_softmax(-1).topk(min(branch, logits.shape[-1]), dim=-1)
-        for parent, lps, toks in zip(parents_fed, top.values.tolist(), top.indices.tolist()):
-            base = score[b][parent] if parent >= 0 else 0.0
-            for lp, tok in zip(lps, toks):
-                if lp == float("-inf") or tok in eos_ids:
-                    continue
-                tokens[b].append(tok)
-                parents[b].append(parent)
-                depth[b].append(d)
-                score[b].append(base + lp)
-
-    for b in range(R):
-        if budgets[b] > 0:
-            add_children(b, [-1], first[b][None], 0)
-    frontier = [list(range(len(tokens[b]))) for b in range(R)]
-    forwards = 1
-    for d in range(1, max_depth):
-        feeds = []
-        for b in range(R):
-            live = [i for i in frontier[b] if score[b][i] >= low]
-            live.sort(key=lambda i: -score[b][i])
-            feeds.append([(i, tokens[b][i], parents[b][i], depth[b][i]) for i in live[:branch]])
-        if not any(feeds):
-            break
-        logits = expand(feeds)
-        forwards += 1
-        frontier = [[] for _ in range(R)]
-        for b in range(R):
-            if feeds[b]:
-                start = len(tokens[b])
-                add_children(b, [i for i, *_ in feeds[b]], logits[b], d)
-                frontier[b].extend(range(start, len(tokens[b])))
-    out = []
-    for b in range(R):
-        order = sorted(range(len(tokens[b])), key=lambda i: (-score[b][i], i))
-        chosen: list[int] = []
-        picked = set()
-        for i in order:
-            if len(chosen) >= budgets[b] or score[b][i] < low:
-                break
-            if parents[b][i] < 0 or parents[b][i] in picked:
-                chosen.append(i)
-                picked.add(i)
-        chosen.sort(key=lambda i: (depth[b][i], i))
-        index = {i: j for j, i in enumerate(chosen)}
-        ids = torch.tensor([tokens[b][i] for i in chosen], dtype=torch.long, device=first.device)
-        out.append(Draft(ids, None, forwards, [index.get(parents[b][i], -1) for i in chosen]))
-    return out
-
-
-class TreeFeeds:
-    """Bookkeeping for a drafter that grows trees over several forwards of one ``SlotCache``: each fed node
-    sees the row's committed slots and its fed ancestors only, and stays invisible to other branches."""
-
-    def __init__(self, slots):
-        self.slots = slots
-        self.committed = {r: slots.valid[b].clone() for b, r in enumerate(slots.rows)}
-        self.column: dict = {r: {} for r in slots.rows}      # row -> node -> slot column
-        self.seen: dict = {r: {} for r in slots.rows}        # row -> node -> [S] bool of what it sees
-
-    def extend_args(self, feeds: dict) -> dict:
-        """feeds: row -> [(node, token, parent, depth)] -> keyword arguments of ``SlotCache.extend``."""
-        S = self.slots.slots
-        parents, past, depth0 = [], [], []
-        for b, r in enumerate(self.slots.rows):
-            nodes = feeds.get(r, [])
-            vis = []
-            for j, (node, _, parent, _) in enumerate(nodes):
-                base = self.seen[r][parent] if parent >= 0 else self.committed[r]
-                v = torch.cat([base, torch.zeros(S - base.shape[0], dtype=torch.bool, device=base.device)])
-                if parent >= 0:
-                    v[self.column[r][parent]] = True
-                self.seen[r][node] = v
-                self.column[r][node] = S + j
-                vis.append(v)
-            parents.append([-1] * len(nodes))
-            past.append(torch.stack(vis) if vis else None)
-            depth0.append([d for *_, d in nodes])
-        return dict(parents=parents, past=past, depth0=depth0, hidden=True)
 
 
 class DraftBatch(ABC):
@@ -283,6 +161,7 @@ class Drafter(ABC):
     # trees neither grow nor keep nodes whose path probability is below this (``grow_tree``); 0.02 measured
     # as fast as no floor or faster, with the same tokens per forward, for the bundled drafters
     tree_floor: float = 0.02
+    stop_threshold: float = 0.0   # > 0: a chain ends where the drafter's confidence in its token falls below this
     model = None                  # the underlying HF model, when there is one
 
     def __init__(self, target: TargetAdapter):

@@ -15,15 +15,17 @@ and a confidence stop (a row's draft ends when the head's probability for its ne
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters.base import Draft, DraftBatch, Drafter, RowSpec, TreeFeeds, draft_block, grow_tree
+from mmspec.drafters.base import Drafter, RowSpec
+from mmspec.drafters.model_batch import ModelDraftBatch
 from mmspec.errors import MMSpecError
-from mmspec.kv import CACHE_KW, SlotCache, chain  # noqa: F401 (CACHE_KW: the reference path in tests)
+from mmspec.kv import SlotCache
 from mmspec.targets.base import TargetAdapter
 
 
@@ -243,179 +245,69 @@ class EagleDrafter(Drafter):
         return EagleDraftBatch(self)
 
 
-class EagleDraftBatch(DraftBatch):
-    """Rows over one head cache. Row r's head has consumed pairs (h_t, input_{t+1}) for t < ``fed[r]``; the
-    pairs whose true hidden states came in since wait in ``todo[r]``."""
+@dataclass
+class EagleRow:
+    inputs: torch.Tensor                  # [L, H] the prompt's inputs (embeddings / projected image features)
+    todo: torch.Tensor | None = None      # [m, 2H] (input, true hidden state) pairs not fed yet
+
+
+class EagleDraftBatch(ModelDraftBatch):
+    """Rows over one head cache. The head is fed pairs (input_{t+1}, h_t): the true hidden states the target hands
+    over after each round, then while drafting its own predictions (dropped after the round: ``keeps_drafts``)."""
 
     wants_hidden = True
+    keeps_drafts = False
 
     def __init__(self, drafter: EagleDrafter):
-        self.d = drafter
         self.head = drafter.head
-        self.device = drafter.target.device
-        self.slots = self._slots()
-        self.specs: dict = {}
-        self.inputs: dict = {}       # row -> [L, H] the prompt's inputs (embeddings / projected image features)
-        self.todo: dict = {}         # row -> (hidden [m, H], inputs [m, H]) not fed yet
-        self.base: dict = {}         # row -> head cache length before this round's drafts
-        self.fresh: set = set()
-
-    def _slots(self) -> SlotCache:
-        slots = SlotCache(self.d.head.layer_cfg, self.device, self.d.target.model.dtype)
+        self.H = drafter.head.cfg["hidden_size"]
+        slots = SlotCache(drafter.head.layer_cfg, drafter.target.device, drafter.target.model.dtype)
         slots.none_means = "every slot"   # the head's sdpa
-        return slots
+        super().__init__(drafter, slots)
 
-    def add(self, row, spec: RowSpec) -> None:
+    def _open(self, row, spec: RowSpec) -> EagleRow:
         request = spec.request
-        adapter = self.d.target
+        adapter = self.drafter.target
         with torch.inference_mode():
             embeds = adapter.prompt_embeds(request)[0]                      # [L, H] with the image features
             ids = torch.tensor(request.prompt_ids, device=self.device)
             is_image = torch.isin(ids, torch.tensor(sorted(adapter.feature_token_ids), device=self.device))
-            token = self.d.embed(ids)
-            self.inputs[row] = self.head.inputs(token, embeds, is_image)
-        self.specs[row] = spec
-        self.todo[row] = None
-        self.fresh.add(row)
+            return EagleRow(self.head.inputs(self.drafter.embed(ids), embeds, is_image))
 
-    def remove(self, rows) -> None:
-        for r in rows:
-            for d in (self.specs, self.inputs, self.todo, self.base):
-                d.pop(r, None)
-            self.fresh.discard(r)
-        self.slots.remove([r for r in rows if r in self.slots.rows])
-
-    def _run(self, slots: SlotCache, states, inputs, parents, **tree) -> torch.Tensor:
-        mask, pos = slots.extend(parents, **tree)
-        f = self.head(states, inputs, mask, pos, slots.cache)
-        if not tree:
-            slots.commit([list(range(len(p))) for p in parents])
-        return f
-
-    def _tree(self, rows: list, last: dict, ks: dict, tree_nodes: dict) -> dict:
-        """EAGLE-2 dynamic trees: nodes fed by depth, each on its parent's predicted hidden state."""
-        feeds_state = TreeFeeds(self.slots)
-        f_of = {r: {-1: last[r]} for r in rows}
-
-        def expand(feeds_per_row):
-            feeds = {r: nodes for r, nodes in zip(rows, feeds_per_row) if nodes}
-            order = self.slots.rows
-            T = max(len(v) for v in feeds.values())
-            H = self.head.cfg["hidden_size"]
-            hid = torch.zeros(len(order), T, H, dtype=self.slots.dtype, device=self.device)
-            tokens = torch.zeros(len(order), T, dtype=torch.long)
-            for b, r in enumerate(order):
-                nodes = feeds.get(r, [])
-                if nodes:
-                    hid[b, : len(nodes)] = torch.stack([f_of[r][parent] for _, _, parent, _ in nodes])
-                    tokens[b, : len(nodes)] = torch.tensor([tok for _, tok, _, _ in nodes])
-            inp = self.d.embed(tokens.to(self.device)).to(hid.dtype)   # one embedding lookup for every node
-            f = self._run(self.slots, hid, inp, **feeds_state.extend_args(feeds))
-            logits = self.d.logits(f)                                    # [B, T, vocab] in one go
-            out = []
-            for r, nodes in zip(rows, feeds_per_row):
-                b = order.index(r)
-                for j, (node, *_rest) in enumerate(nodes):
-                    f_of[r][node] = f[b, j]
-                out.append(logits[b, : len(nodes)] if nodes else None)
-            return out
-
-        first = self.d.logits(torch.stack([last[r] for r in rows]))
-        drafts = grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows), self.d.eos_ids,
-                           floor=self.d.tree_floor)
-        return dict(zip(rows, drafts))
-
-    def propose(self, ks: dict, tree_nodes: dict | None = None) -> dict:
-        out = {r: Draft(torch.empty(0, dtype=torch.long, device=self.device)) for r in ks}
+    def _room(self, row) -> int:
         # a row drafts once the target has given it hidden states (after its prefill's round)
-        rows = [r for r, k in ks.items() if k > 0 and self.todo.get(r) is not None]
-        if not rows:
-            return out
-        joining = [r for r in rows if r in self.fresh]
-        last = {}
-        if joining:
-            slots = self._slots()
-            for r in joining:
-                slots.add_empty(r)
-            last.update(self._feed(slots, joining))
-            self.slots.absorb(slots)
-            self.fresh.difference_update(joining)
-        rest = [r for r in self.slots.rows if r not in last and self.todo.get(r) is not None]
-        if rest:
-            last.update(self._feed(self.slots, rest))
-        for r in self.slots.rows:
-            self.base[r] = self.slots.length(r)
-        if tree_nodes:
-            out.update(self._tree(rows, last, ks, tree_nodes))
-            return out
-        order = self.slots.rows
-        state = {"f": torch.stack([last[r] for r in rows])}       # [R, H] the latest predicted hidden state
+        return 1 << 30 if self.state[row].todo is not None else 0
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            H = state["f"].shape[-1]
-            hid = torch.zeros(len(order), 1, H, dtype=state["f"].dtype, device=self.device)
-            inp = torch.zeros_like(hid)
-            emb = self.d.embed(tokens)
-            for i, r in enumerate(rows):
-                b = order.index(r)
-                hid[b, 0], inp[b, 0] = state["f"][i], emb[i]
-            parents = [[-1] if r in rows else [] for r in order]
-            f = self._run(self.slots, hid, inp, parents)[:, 0]
-            state["f"] = f[[order.index(r) for r in rows]]
-            return self.d.logits(state["f"])
+    def _waiting(self, row) -> torch.Tensor | None:
+        st = self.state[row]
+        todo, st.todo = st.todo, None
+        return todo
 
-        first = self.d.logits(state["f"])
-        drafts = draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
-                             self.d.target.vocab_size, self.d.eos_ids, self.d.stop_threshold)
-        out.update(zip(rows, drafts))
-        return out
+    def _append(self, row, emitted: list[int], kept: int, hidden: torch.Tensor | None) -> None:
+        st = self.state[row]
+        m = hidden.shape[0]                                 # the positions just committed
+        new_inputs = self.drafter.embed(torch.tensor(emitted, device=self.device))
+        if st.todo is None and row in self.fresh:
+            # first round: hidden of the whole prompt (but its last) + pending + accepted; inputs are the
+            # prompt's from position 1, then the emitted tokens
+            new_inputs = torch.cat([st.inputs[1:], new_inputs])
+        pairs = torch.cat([new_inputs[-m:].to(self.slots.dtype), hidden.to(self.slots.dtype)], dim=-1)
+        st.todo = pairs if st.todo is None else torch.cat([st.todo, pairs])
 
-    def _feed(self, slots: SlotCache, rows: list) -> dict:
-        """Feed each row's waiting (true hidden, input) pairs; -> row -> the prediction after its last pair."""
-        order = slots.rows
-        items = {r: self.todo[r] for r in rows}
-        T = max(items[r][0].shape[0] for r in rows)
-        H = self.head.cfg["hidden_size"]
-        dtype = self.slots.dtype
-        hid = torch.zeros(len(order), T, H, dtype=dtype, device=self.device)
-        inp = torch.zeros_like(hid)
-        counts = []
-        for b, r in enumerate(order):
-            if r in items:
-                h, u = items[r]
-                hid[b, : h.shape[0]], inp[b, : h.shape[0]] = h, u
-                counts.append(h.shape[0])
-            else:
-                counts.append(0)
-        f = self._run(slots, hid, inp, [chain(n) for n in counts])
-        out = {}
-        for b, r in enumerate(order):
-            if r in items:
-                out[r] = f[b, counts[b] - 1]
-                self.todo[r] = None
-        return out
+    def _inputs(self, ids: torch.Tensor, prev: list) -> torch.Tensor:
+        # each token's parent's predicted hidden state
+        hid = torch.zeros(*ids.shape, self.H, dtype=self.slots.dtype, device=self.device)
+        for b, fed_after in enumerate(prev):
+            if fed_after:
+                hid[b, :len(fed_after)] = torch.stack(fed_after)
+        return torch.cat([self.drafter.embed(ids).to(hid.dtype), hid], dim=-1)
 
-    def update(self, results: dict, hidden: dict | None = None) -> None:
-        for r, (n_accepted, emitted) in results.items():
-            if r in self.base:
-                # the head's own guesses for this round's drafts leave; the true features replace them
-                self.slots.truncate(r, self.base.pop(r))
-                self.slots.tidy()
-            h = hidden[r]                                   # [m, H]: the positions just committed
-            m = h.shape[0]
-            prompt = self.inputs[r]
-            if self.todo.get(r) is None and r in self.fresh and r not in self.slots.rows:
-                # first round: hidden of the whole prompt (but its last) + pending + accepted; inputs are the
-                # prompt's from position 1, then the emitted tokens
-                new_inputs = torch.cat([prompt[1:], self.d.embed(torch.tensor(emitted, device=self.device))])
-            else:
-                new_inputs = self.d.embed(torch.tensor(emitted, device=self.device))
-            new_inputs = new_inputs[-m:]
-            prev = self.todo.get(r)
-            if prev is not None:
-                h = torch.cat([prev[0], h])
-                new_inputs = torch.cat([prev[1], new_inputs])
-            self.todo[r] = (h, new_inputs)
+    def _model(self, slots: SlotCache, x: torch.Tensor, parents: list[list[int]], **tree) -> torch.Tensor:
+        mask, pos = slots.extend(parents, **tree)
+        return self.head(x[..., self.H:], x[..., :self.H], mask, pos, slots.cache)
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.drafter.logits(out)
 
 
 __all__ = ["EagleDrafter", "EagleHead", "check_head_fits", "head_config_for", "record_acceptance"]

@@ -16,7 +16,7 @@ from mmspec.errors import MMSpecError
 from mmspec.server.protocol import APIError, bad_request
 
 if TYPE_CHECKING:
-    from mmspec.server.app import ServerConfig
+    from mmspec.server.config import ServerConfig
 
 PARAM = "messages"                # where the image is, in OpenAI's error object
 

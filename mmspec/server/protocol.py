@@ -32,12 +32,18 @@ class APIError(Exception):
     """A request refused with OpenAI's error object."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def as_dict(self) -> dict:
+        """The error as plain data (it crosses process boundaries this way); ``APIError(**d)`` rebuilds it."""
+        return {"status": self.status, "message": self.message, "param": self.param, "code": self.code,
+                "type": self.type, "headers": self.headers}
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -47,6 +53,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
+
+
+def unavailable(message: str, code: str, retry_after_s: int = 1) -> APIError:
+    """A 503 the client may retry after ``retry_after_s`` (queue full, shutting down, a replica lost)."""
+    return APIError(503, message, None, code, "server_error", {"Retry-After": str(retry_after_s)})
 
 
 def refused(e: MMSpecError) -> APIError:

@@ -1,9 +1,15 @@
-"""Target adapters, one file per VLM family. ``adapter_for`` picks the one that accepts a loaded model."""
+"""Target adapters, one file per VLM family. ``adapter_for`` picks the one that accepts a loaded model.
+
+Adding a family: a family of the generic shape (1-D positions, the model's own ``get_image_features``, features
+spliced at the placeholders) is a ``TargetAdapter`` subclass that only declares its settings (see ``llava_next``);
+a family with its own position scheme overrides ``positions`` too (see ``qwen2_vl``). Then list it here.
+"""
 
 from __future__ import annotations
 
 from mmspec.errors import MMSpecError
-from mmspec.targets.base import Request, TargetAdapter, TargetSession
+from mmspec.targets.base import Request, TargetAdapter
+from mmspec.targets.batch import TargetBatch, TargetSession
 from mmspec.targets.idefics3 import Idefics3Adapter
 from mmspec.targets.llava import LlavaAdapter
 from mmspec.targets.llava_next import LlavaNextAdapter
@@ -20,4 +26,4 @@ def adapter_for(model) -> type[TargetAdapter]:
     raise MMSpecError(f"target model type {model.config.model_type!r} is not supported yet; supported: {supported}")
 
 
-__all__ = ["ADAPTERS", "Request", "TargetAdapter", "TargetSession", "adapter_for"]
+__all__ = ["ADAPTERS", "Request", "TargetAdapter", "TargetBatch", "TargetSession", "adapter_for"]

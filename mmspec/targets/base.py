@@ -1,15 +1,20 @@
-"""The target-adapter interface: everything the loop needs from a VLM family, and nothing about drafting.
+"""The target-adapter interface: what a VLM family's author writes against, and nothing about drafting.
 
 An adapter turns (image, prompt) into a ``Request`` (token ids, pixel inputs, image key), computes the image
-features through the shared ``vision`` cache, and gives the prompt's embeddings and positions; ``TargetBatch``
-runs any number of such requests through the model's own decoder in one forward per round. Families with
-variable image-token counts or their own position scheme override ``prepare``/``positions``.
+features through the shared ``vision`` cache, and gives the prompt's embeddings and positions; the engine's
+``targets.batch.TargetBatch`` runs any number of such requests through the model's own decoder in one forward
+per round.
+
+``TargetAdapter`` itself is the generic family: the processor expands the image placeholders, the model's own
+``get_image_features`` gives one feature row per placeholder, spliced at the placeholders, and positions are 1-D.
+A family of that shape only declares its settings (``family``, ``model_types``, ``pixel_inputs``,
+``config_feature_kwargs``, ``stacks_same_shape_images``); a family with its own position scheme overrides
+``positions`` (Qwen2-VL's M-RoPE).
 """
 
 from __future__ import annotations
 
 import uuid
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +22,7 @@ import torch
 from PIL import Image
 
 from mmspec.errors import MMSpecError
-from mmspec.kv import CACHE_KW, SlotCache, chain
+from mmspec.targets.batch import TargetSession
 from vision.cache import EmbeddingCache, image_digest
 
 
@@ -28,10 +33,10 @@ class Request:
     prompt_ids: list[int]
     image: Image.Image
     image_key: str
-    model_inputs: dict[str, Any]          # processor output (pixel_values, image_sizes, ...), on CPU
+    model_inputs: dict[str, Any]          # the processor's pixel inputs (``TargetAdapter.pixel_inputs``), on CPU
     image_token_ids: frozenset[int]
     prompt_text: str = ""                 # the formatted prompt the ids came from (a drafter VLM re-processes it)
-    token_types: Any = None               # [1, L] 0 text / 1 image, for families whose positions need them
+    token_types: Any = None               # [1, L] 0 text / 1 image where the processor gives them (positions)
     features: Any = None                  # filled by ``TargetAdapter.image_features``
     vision_cache_hit: bool = False
 
@@ -48,195 +53,23 @@ class Positions:
         return p[None]
 
 
-class TargetBatch:
-    """The target's side of a batch of requests: one KV cache of slots (``mmspec.kv.SlotCache``), each row with
-    its own length and positions. Rows join with ``add`` and leave with ``remove`` at any round.
-
-    ``verify`` runs ONE forward of every row's new tokens (the pending token then its drafts, a chain or a tree
-    given by parents) and returns their logits, plus the last hidden states when ``want_hidden``; ``commit``
-    keeps what was accepted. A row's prefill waits for its first ``verify``: it runs in that same call (alone,
-    so it costs the running rows nothing), with the prompt's last position as the pending token.
-    """
-
-    def __init__(self, adapter: "TargetAdapter", want_hidden: bool = False):
-        model = adapter.model
-        self.adapter = adapter
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.embed = model.get_input_embeddings()
-        self.device = self.embed.weight.device
-        self.dtype = self.embed.weight.dtype
-        self.config = model.config.get_text_config()
-        self.want_hidden = want_hidden
-        self.main = self._slots()
-        self.positions: dict = {}        # row -> Positions
-        self.fresh: dict = {}            # row -> (embeds of the positions before the pending one, pending's embed)
-        self.prefilled: list = []        # SlotCaches of prefills not yet merged into ``main``
-        self.hidden: dict = {}           # row -> [n, hidden] of the last verify, when ``want_hidden``
-        self.committed_hidden: dict = {}
-
-    def _slots(self):
-        slots = SlotCache(self.config, self.device, self.dtype)
-        slots.none_means = "causal"   # transformers' decoder
-        return slots
-
-    def length(self, row) -> int:
-        """Positions in the row's cache, the pending one excluded (before the prefill: the prompt but its last)."""
-        if row in self.fresh:
-            return self.fresh[row][0].shape[1]
-        return self.main.length(row)
-
-    def add(self, row, request: Request) -> None:
-        embeds = self.adapter.prompt_embeds(request)            # [1, L, hidden]
-        self.fresh[row] = (embeds[:, :-1], embeds[:, -1:])
-        self.positions[row] = self.adapter.positions(request)
-
-    def remove(self, rows) -> None:
-        for r in rows:
-            self.fresh.pop(r, None)
-            self.positions.pop(r, None)
-            self.hidden.pop(r, None)
-        self.main.remove(rows)
-
-    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list, **tree) -> tuple:
-        """embeds [B, T, hidden] of ``rows`` (the order of ``slots.rows``) -> logits [B, T, vocab], hidden.
-        ``tree``: ``SlotCache.extend``'s keywords for nodes grown over several forwards (``forward_nodes``)."""
-        mask, logical = slots.extend(parents, **tree)
-        pos = torch.stack([self.positions[r](logical[b]) for b, r in enumerate(rows)], dim=1)  # [P, B, T]
-        pos = pos[0] if pos.shape[0] == 1 else pos
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{CACHE_KW: slots.cache})
-        hidden = out.last_hidden_state
-        return self.head(hidden).float(), hidden
-
-    def verify(self, ids: dict, parents: dict | None = None) -> dict:
-        """ids: row -> [n] (the pending token then the drafts); parents: row -> n parent indices (``-1`` for
-        the pending token; default a chain). Returns row -> logits [n, vocab] (float32); row i predicts the
-        token after node i."""
-        parents = parents or {}
-        out = {}
-        joining = [r for r in ids if r in self.fresh]
-        if joining:
-            # the joining rows' prefills run together, apart from the running rows (whose rounds are short)
-            slots = self._slots()
-            for r in joining:
-                slots.add_empty(r)
-            embeds, full, starts = [], [], []
-            for r in joining:
-                prompt, first = self.fresh.pop(r)
-                new = ids[r].to(self.device)
-                emb = self.embed(new[None])
-                if first is not None:
-                    emb = torch.cat([first.to(emb.dtype), emb[:, 1:]], dim=1)
-                embeds.append(torch.cat([prompt.to(emb.dtype), emb], dim=1)[0])
-                L = prompt.shape[1]
-                par = parents.get(r) or chain(len(new))
-                full.append(chain(L) + [p + L if p >= 0 else L - 1 for p in par])
-                starts.append(L)
-            T = max(e.shape[0] for e in embeds)
-            batch = torch.zeros(len(joining), T, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
-            for b, e in enumerate(embeds):
-                batch[b, : e.shape[0]] = e
-            logits, hidden = self._forward(slots, batch, full, joining)
-            slots.prefix = starts   # the prompts' slots are kept whatever is accepted
-            self.prefilled.append(slots)
-            for b, r in enumerate(joining):
-                n = int(ids[r].shape[0])
-                out[r] = logits[b, starts[b]: starts[b] + n]
-                if self.want_hidden:   # the prompt's positions too: they are committed with this round
-                    self.hidden[r] = hidden[b, : starts[b] + n]
-        rows = self.main.rows
-        counts = [int(ids[r].shape[0]) if r in ids else 0 for r in rows]
-        T = max(counts, default=0)
-        if T:
-            # rows not given (or given nothing) take part as padding: their caches only grow holes
-            pad = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
-            for b, r in enumerate(rows):
-                if counts[b]:
-                    pad[b, :counts[b]] = ids[r].to(self.device)
-            logits, hidden = self._forward(self.main, self.embed(pad),
-                                           [(parents.get(r) or chain(n)) if n else [] for r, n in zip(rows, counts)],
-                                           rows)
-            for b, r in enumerate(rows):
-                if r in ids:
-                    out[r] = logits[b, :counts[b]]
-                    if self.want_hidden:
-                        self.hidden[r] = hidden[b, :counts[b]]
-        else:
-            for r in rows:
-                if r in ids:
-                    out[r] = torch.empty(0, self.head.weight.shape[0], device=self.device)
-        return out
-
-    def forward_nodes(self, ids: torch.Tensor, parents: list[list[int]], **tree) -> torch.Tensor:
-        """One forward of the running rows' tokens that commits nothing: a drafter VLM growing a tree feeds its
-        nodes depth by depth this way. ids [B, T] in the order of ``main.rows`` (rows feeding nothing pad);
-        ``parents`` and ``tree`` are ``SlotCache.extend``'s arguments (``TreeFeeds.extend_args``: each node sees
-        the row's committed slots and its own fed ancestors, at position length + depth, mapped by the row's
-        ``Positions``; its slot stays hidden and the next ``tidy`` crops it). -> logits [B, T, vocab] (float32)."""
-        return self._forward(self.main, self.embed(ids), parents, self.main.rows, **tree)[0]
-
-    def tidy(self) -> None:
-        """Crop slots no row uses (a tree's hidden nodes after ``forward_nodes``)."""
-        self.main.tidy()
-
-    def commit(self, keep: dict) -> None:
-        """keep: row -> indices (into the row's last verified tokens, root first) that stay in the cache.
-        With ``want_hidden``, ``committed_hidden[row]`` is then the last hidden states of the positions this
-        commit added, in order (for a row's first round: its whole prompt, then what was kept)."""
-        if self.want_hidden:
-            self.committed_hidden = {}
-            starts = {r: L for slots in self.prefilled for r, L in zip(slots.rows, slots.prefix)}
-            for r, idx in keep.items():
-                h = self.hidden.get(r)
-                if h is None:
-                    continue
-                L = starts.get(r, 0)
-                sel = torch.tensor([L + i for i in idx], dtype=torch.long, device=h.device)
-                self.committed_hidden[r] = torch.cat([h[:L], h.index_select(0, sel)])
-        if self.main.rows:
-            self.main.commit([list(keep.get(r, ())) for r in self.main.rows])
-        for slots in self.prefilled:
-            slots.commit([list(range(L)) + [L + i for i in keep[r]] for r, L in zip(slots.rows, slots.prefix)])
-            self.main.absorb(slots)
-        self.prefilled = []
-
-    def truncate(self, row, length: int) -> None:
-        """Forget every position of ``row`` from ``length`` on (the next verify re-feeds from there)."""
-        if row in self.fresh:
-            prompt, first = self.fresh[row]
-            if length < prompt.shape[1]:
-                self.fresh[row] = (prompt[:, :length], None)
-            return
-        self.main.truncate(row, length)
-
-
-class TargetSession:
-    """One request on its own: ``forward(ids)`` appends positions and returns their logits [n, vocab],
-    ``rollback(length)`` moves the cache back. A view of a one-row ``TargetBatch``, for tools and tests."""
-
-    def __init__(self, adapter: "TargetAdapter", request: Request):
-        self.batch = TargetBatch(adapter)
-        self.batch.add(0, request)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.batch.verify({0: ids})[0]
-        self.batch.commit({0: range(int(ids.shape[0]))})
-        return logits
-
-    def rollback(self, length: int) -> None:
-        self.batch.truncate(0, length)
-
-    @property
-    def length(self) -> int:
-        return self.batch.length(0)
-
-
-class TargetAdapter(ABC):
-    """Base class of one VLM family. Subclasses set ``family`` and list the HF classes they accept."""
+class TargetAdapter:
+    """Base class of one VLM family, and the generic family itself. Subclasses set ``family`` (the name saved
+    with trained drafters) and ``model_types`` (the ``config.model_type`` values they accept), and declare what
+    differs from the defaults below."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    # the processor outputs that are pixel inputs: kept on the request and passed to ``get_image_features`` by
+    # name (those a request has; floating ones in the model's dtype)
+    pixel_inputs: tuple[str, ...] = ("pixel_values",)
+    # ``model.config`` settings passed to ``get_image_features`` by name
+    config_feature_kwargs: tuple[str, ...] = ()
+    # several requests' pixel inputs of one shape can go through ``get_image_features`` as one stack, one feature
+    # block per image out (False where a stack would mix up tiles or sizes)
+    stacks_same_shape_images: bool = False
+    # the image placeholder a raw prompt must hold, where the processor does not name it (``processor.image_token``)
+    default_image_token: str = "<image>"
 
     def __init__(self, model, processor, vision_cache: EmbeddingCache):
         self.model = model
@@ -278,9 +111,9 @@ class TargetAdapter(ABC):
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @property
-    @abstractmethod
     def image_token_ids(self) -> frozenset[int]:
         """Placeholder ids that stand for image features in the prompt (never drafted)."""
+        return frozenset([int(self.model.config.image_token_id)])
 
     @property
     def vocab_size(self) -> int:
@@ -327,13 +160,45 @@ class TargetAdapter(ABC):
                                   f"apply yet, so its output would differ from generate(); reset it with "
                                   f"pipe.target.generation_config.{name} = {default!r} if that is what you want")
 
-    @abstractmethod
+    # ----- image --------------------------------------------------------------------------------
     def prepare(self, image: Image.Image, prompt_text: str) -> Request:
         """Run the processor: token ids with image placeholders expanded, and pixel inputs."""
+        image_token = getattr(self.processor, "image_token", self.default_image_token)
+        if image_token not in prompt_text:
+            raise MMSpecError(f"the prompt must contain the image token {image_token!r} (raw_prompt=True passes "
+                              "the prompt unchanged; leave it False to use the chat template)")
+        outputs = self.processor(images=image, text=prompt_text, return_tensors="pt")
+        return Request(prompt_ids=outputs["input_ids"][0].tolist(), image=image, image_key=self.image_key(image),
+                       model_inputs={k: outputs[k] for k in self.pixel_inputs if k in outputs},
+                       image_token_ids=self.image_token_ids, prompt_text=prompt_text,
+                       token_types=outputs.get("mm_token_type_ids"))
 
-    @abstractmethod
-    def encode_image(self, request: Request) -> Any:
+    @torch.inference_mode()
+    def encode_image(self, request: Request) -> torch.Tensor:
         """The target's projected image features for ``request`` (what its placeholders are replaced by)."""
+        out = self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True)
+        # [n_image_tokens, hidden]: one row per placeholder, in prompt order
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    @torch.inference_mode()
+    def encode_images(self, requests: list[Request]) -> list | None:
+        """Features of several requests in one vision forward, or None where the family encodes one at a time."""
+        pixels = [r.model_inputs["pixel_values"] for r in requests]
+        if not self.stacks_same_shape_images or len({tuple(p.shape) for p in pixels}) != 1:
+            return None
+        out = self.model.get_image_features(**self.feature_kwargs(requests), return_dict=True)
+        # one [n_image_tokens, hidden] per request
+        return list(out.pooler_output)
+
+    def feature_kwargs(self, requests: list[Request]) -> dict:
+        """``get_image_features``' keyword arguments for the requests' images: their ``pixel_inputs`` stacked,
+        on the model's device, and the ``config_feature_kwargs`` settings."""
+        kwargs = {name: getattr(self.model.config, name) for name in self.config_feature_kwargs}
+        for name in self.pixel_inputs:
+            if name in requests[0].model_inputs:
+                value = torch.cat([r.model_inputs[name] for r in requests]).to(self.device)
+                kwargs[name] = value.to(self.model.dtype) if value.is_floating_point() else value
+        return kwargs
 
     def prompt_embeds(self, request: Request) -> torch.Tensor:
         """[1, prompt_len, hidden]: the prompt's token embeddings with the image features at the placeholders."""
@@ -370,7 +235,7 @@ class TargetAdapter(ABC):
 
     def images_features(self, requests: list[Request]) -> None:
         """``image_features`` for several requests; families that can encode a stack of images at once
-        (``encode_images``) run the misses in one vision forward."""
+        (``stacks_same_shape_images``) run the misses in one vision forward."""
         misses = []
         for req in requests:
             value = self.vision_cache.get(req.image_key)
@@ -389,10 +254,6 @@ class TargetAdapter(ABC):
                 return
         for req in misses:
             self.image_features(req)
-
-    def encode_images(self, requests: list[Request]) -> list | None:
-        """Features of several requests in one vision forward, or None where the family encodes one at a time."""
-        return None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

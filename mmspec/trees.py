@@ -1,0 +1,194 @@
+"""Draft trees, in one place: a ``Draft`` is a tree of tokens given by parent indices (a chain is the tree
+``[-1, 0, 1, ...]``). Here: the topology helpers (chain, depths, ancestors, children), how the verify indexes a
+tree (its nodes hang under the pending token, verify node 0) and how a round's trace orders it (accepted path
+first), and how drafters grow trees: EAGLE-2's dynamic ``grow_tree`` and ``TreeFeeds``, the bookkeeping of a
+tree fed depth by depth over several forwards of one cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Draft:
+    ids: torch.Tensor                 # [k] drafted token ids (target vocabulary), k may be 0
+    q: torch.Tensor | None = None     # [k, target_vocab] draft probabilities; None = deterministic (one-hot)
+    forwards: int = 0                 # drafter forwards this row took part in for this draft
+    parents: list[int] | None = None  # a tree: node i's parent (-1 = after the pending token); None = a chain
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def probs(self, vocab_size: int) -> torch.Tensor:
+        """q as a dense [k, vocab] tensor (one-hot for deterministic drafters)."""
+        if self.q is not None:
+            return self.q
+        return torch.nn.functional.one_hot(self.ids, vocab_size).float()
+
+
+# ----- topology ---------------------------------------------------------------------------------------
+def chain(n: int) -> list[int]:
+    """Parents of a chain of ``n`` tokens: each token's parent is the one before it."""
+    return list(range(-1, n - 1))
+
+
+def depths(parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+def ancestor_matrix(parents: list[int], device) -> torch.Tensor:
+    """[n, n] bool: entry (i, j) is True when token j is token i or one of its ancestors (parents point back)."""
+    n = len(parents)
+    if all(p == i - 1 for i, p in enumerate(parents)):
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    anc = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            if p >= i:
+                raise ValueError(f"parent {p} of token {i} must come before it")
+            anc[i] |= anc[p]
+    return anc.to(device)
+
+
+def children(parents: list[int]) -> dict[int, list[int]]:
+    """node -> its children in order (-1: the root's)."""
+    kids: dict[int, list[int]] = {-1: []}
+    for i, p in enumerate(parents):
+        kids.setdefault(p, []).append(i)
+        kids.setdefault(i, [])
+    return kids
+
+
+# ----- a tree in the verify and in the trace ----------------------------------------------------------
+def verify_parents(parents: list[int]) -> list[int]:
+    """A draft's parents as the verify sees them: the pending token is node 0, draft node j is node j + 1."""
+    return [-1] + [p + 1 if p >= 0 else 0 for p in parents]
+
+
+def verify_indices(nodes) -> list[int]:
+    """The verify nodes of the pending token and the given draft nodes (what a row keeps of its verify)."""
+    return [0] + [i + 1 for i in nodes]
+
+
+def trace_order(path: list[int], parents: list[int]) -> tuple[list[int], tuple[int, ...]]:
+    """A tree round's trace lists the accepted path first, then the rejected nodes: -> (node order, each listed
+    node's parent as a position in that order, -1 = the pending token)."""
+    on_path = set(path)
+    order = path + [i for i in range(len(parents)) if i not in on_path]
+    where = {i: j for j, i in enumerate(order)}
+    return order, tuple(where.get(parents[i], -1) for i in order)
+
+
+# ----- growing trees ----------------------------------------------------------------------------------
+def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, eos_ids: frozenset[int],
+              branch: int = 4, floor: float = 0.0) -> list[Draft]:
+    """Grow one dynamic draft tree per row (EAGLE-2): the root's top ``branch`` tokens, then at each depth the
+    ``branch`` frontier nodes with the highest path probability (product of the drafter's probabilities along
+    the path) are fed and each gets its top ``branch`` children; finally the ``budgets[b]`` nodes with the
+    highest path probability are kept (ancestors before descendants, so the set is a tree).
+
+    ``floor`` > 0: a node whose path probability is below it is neither fed nor kept (a row whose every first
+    token is under the floor drafts nothing this round). A node's path probability is roughly its chance to be
+    accepted, so a sure drafter then grows a long thin tree (a chain with the few branches worth verifying) and
+    an unsure one a short bushy tree, and growth stops once no frontier node clears the floor: fewer drafting
+    forwards and verified tokens.
+
+    ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
+    feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
+    drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None). End-of-sequence
+    tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them."""
+    R = first.shape[0]
+    low = math.log(floor) if floor > 0 else float("-inf")
+    tokens = [[] for _ in range(R)]
+    parents = [[] for _ in range(R)]
+    depth = [[] for _ in range(R)]
+    score = [[] for _ in range(R)]
+
+    def add_children(b, parents_fed: list[int], logits: torch.Tensor, d: int) -> None:
+        # logits [n, vocab] of the fed nodes: every node's top tokens in one op and one host sync
+        top = logits.float().log_softmax(-1).topk(min(branch, logits.shape[-1]), dim=-1)
+        for parent, lps, toks in zip(parents_fed, top.values.tolist(), top.indices.tolist()):
+            base = score[b][parent] if parent >= 0 else 0.0
+            for lp, tok in zip(lps, toks):
+                if lp == float("-inf") or tok in eos_ids:
+                    continue
+                tokens[b].append(tok)
+                parents[b].append(parent)
+                depth[b].append(d)
+                score[b].append(base + lp)
+
+    for b in range(R):
+        if budgets[b] > 0:
+            add_children(b, [-1], first[b][None], 0)
+    frontier = [list(range(len(tokens[b]))) for b in range(R)]
+    forwards = 1
+    for d in range(1, max_depth):
+        feeds = []
+        for b in range(R):
+            live = [i for i in frontier[b] if score[b][i] >= low]
+            live.sort(key=lambda i: -score[b][i])
+            feeds.append([(i, tokens[b][i], parents[b][i], depth[b][i]) for i in live[:branch]])
+        if not any(feeds):
+            break
+        logits = expand(feeds)
+        forwards += 1
+        frontier = [[] for _ in range(R)]
+        for b in range(R):
+            if feeds[b]:
+                start = len(tokens[b])
+                add_children(b, [i for i, *_ in feeds[b]], logits[b], d)
+                frontier[b].extend(range(start, len(tokens[b])))
+    out = []
+    for b in range(R):
+        order = sorted(range(len(tokens[b])), key=lambda i: (-score[b][i], i))
+        chosen: list[int] = []
+        picked = set()
+        for i in order:
+            if len(chosen) >= budgets[b] or score[b][i] < low:
+                break
+            if parents[b][i] < 0 or parents[b][i] in picked:
+                chosen.append(i)
+                picked.add(i)
+        chosen.sort(key=lambda i: (depth[b][i], i))
+        index = {i: j for j, i in enumerate(chosen)}
+        ids = torch.tensor([tokens[b][i] for i in chosen], dtype=torch.long, device=first.device)
+        out.append(Draft(ids, None, forwards, [index.get(parents[b][i], -1) for i in chosen]))
+    return out
+
+
+class TreeFeeds:
+    """Bookkeeping for a drafter that grows trees over several forwards of one ``SlotCache``: each fed node
+    sees the row's committed slots and its fed ancestors only, and stays invisible to other branches."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.committed = {r: slots.valid[b].clone() for b, r in enumerate(slots.rows)}
+        self.column: dict = {r: {} for r in slots.rows}      # row -> node -> slot column
+        self.seen: dict = {r: {} for r in slots.rows}        # row -> node -> [S] bool of what it sees
+
+    def extend_args(self, feeds: dict) -> dict:
+        """feeds: row -> [(node, token, parent, depth)] -> keyword arguments of ``SlotCache.extend``."""
+        S = self.slots.slots
+        parents, past, depth0 = [], [], []
+        for b, r in enumerate(self.slots.rows):
+            nodes = feeds.get(r, [])
+            vis = []
+            for j, (node, _, parent, _) in enumerate(nodes):
+                base = self.seen[r][parent] if parent >= 0 else self.committed[r]
+                v = torch.cat([base, torch.zeros(S - base.shape[0], dtype=torch.bool, device=base.device)])
+                if parent >= 0:
+                    v[self.column[r][parent]] = True
+                self.seen[r][node] = v
+                self.column[r][node] = S + j
+                vis.append(v)
+            parents.append([-1] * len(nodes))
+            past.append(torch.stack(vis) if vis else None)
+            depth0.append([d for *_, d in nodes])
+        return dict(parents=parents, past=past, depth0=depth0, hidden=True)
