@@ -2,17 +2,19 @@
 
 Each round runs five phases over the rows in flight (``Engine.step``):
 
-1. **draft**  the drafter proposes k tokens per row (k from ``DraftPolicy``; 0 = no drafting this round);
+1. **draft**  the drafter proposes k tokens per row, a chain or a tree (k from ``mmspec.policy``; 0 = no
+   drafting this round);
 2. **verify** ONE target forward scores every row's pending token and drafts (a joining row's prefill runs
    in the same step, on its own);
-3. **accept** greedy: the longest agreeing prefix plus the target's own token; sampling: rejection sampling
-   with the row's own generator (``mmspec.acceptance``);
+3. **accept** greedy: the longest agreeing prefix (or tree path) plus the target's own token; sampling:
+   rejection sampling with the row's own generator (``mmspec.acceptance``);
 4. **commit** the target's and the drafter's caches keep what each row accepted;
 5. **emit**   one ``Round`` and ``StreamEvent`` per row, cut at end-of-sequence; finished rows leave, queued
    requests join (continuous batching).
 
 Invariant between rounds: a row's target cache holds every committed position except the last one, the
-*pending* token, fed first in the next verify (for a new row: the prompt's last token).
+*pending* token, fed first in the next verify (for a new row: the prompt's last token). ``mmspec.scheduler``
+runs an engine on a thread of its own for callers on other threads.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class Engine:
                            done=True, result=self._result(job, text))
 
     def finish_error(self, job: Job, message: str) -> StreamEvent:
+        """The job ends with ``message`` outside a round: its done event (stop reason "error")."""
         job.error = message
         return self._last_event(job, "error")
 

@@ -68,3 +68,50 @@ def test_readme_python_api_example_runs(monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "tokens in" in out and "per forward" in out and "eos" in out
+
+
+def test_model_flags_map_onto_load():
+    """The shared model flags, defined once, turn into ``mmspec.load``'s keywords ('none' is no drafter model)."""
+    import argparse
+
+    from mmspec.model_flags import add_model_flags, load_kwargs
+
+    parser = argparse.ArgumentParser()
+    dests = add_model_flags(parser)
+    args = parser.parse_args(["--target", "org/vlm", "--drafter", "None", "--drafter-kind", "ngram", "--dtype", "bf16"])
+    assert load_kwargs(args) == dict(target="org/vlm", preset=None, drafter=None, drafter_kind="ngram", device="cpu",
+                                     dtype="bf16", device_map=None, trust_remote_code=False)
+    assert set(dests) == set(load_kwargs(args))
+
+
+def test_registry_reads_what_it_knows_from_the_drafter_classes():
+    from mmspec.drafters import DRAFTER_KINDS, drafter_class, tree_kinds, weightless_kinds
+
+    for kind in DRAFTER_KINDS:
+        assert drafter_class(kind).kind == kind
+    assert tree_kinds() == sorted(k for k in DRAFTER_KINDS if drafter_class(k).grows_trees)
+    assert set(tree_kinds()) == {"eagle", "text", "visual", "vlm"}
+    assert weightless_kinds() == ["ngram", "none"]
+    with pytest.raises(mmspec.MMSpecError, match="unknown drafter kind 'nope'"):
+        drafter_class("nope")
+
+
+def test_the_registry_and_the_model_flags_import_no_torch():
+    """Every subcommand adds the model flags (and their list of kinds) while ``--help`` prints: no torch."""
+    code = "import sys, mmspec.model_flags, mmspec.drafters; assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def test_with_drafter_kind_shares_the_target_and_loads_weights(tiny_target, tiny_drafter):
+    """The one way to put another drafter on a loaded target: same weights, same image cache unless asked."""
+    base = mmspec.load(str(tiny_target), drafter_kind="none")
+    text = base.with_drafter_kind("text", drafter=str(tiny_drafter))
+    assert text.adapter is base.adapter and text.drafter_kind == "text" and text.drafter is not None
+    img = sample_image(1)
+    assert (text.generate(img, "describe the image .", max_new_tokens=12, num_draft_tokens=3).token_ids
+            == base.generate(img, "describe the image .", max_new_tokens=12).token_ids)
+    own = base.with_drafter_kind("ngram", own_vision_cache=True)
+    assert own.target is base.target and own.vision_cache is not base.vision_cache
+    with pytest.raises(mmspec.MMSpecError, match="needs weights"):
+        base.with_drafter_kind("text")

@@ -353,16 +353,28 @@ def test_remote_images_when_allowed(pipe, refs, image_host):
 
 def test_api_key_enforced(pipe, refs, urls):
     with RunningServer(build_app(pipe, api_key="s3cret")) as s:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/metrics")):
                 r = httpx.request(method, s.url + path, headers=headers, json=_body())
                 assert _check_error(r, 401)["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+            # liveness and readiness answer without the key, and then say nothing about the model
+            assert httpx.get(f"{s.url}/health", headers=headers).json() == {"status": "ok"}
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=f"{s.url}/v1", api_key="s3cret", max_retries=0)
         r = good.chat.completions.create(model=MODEL, messages=[user_message(urls[0], prompt_for(0))],
                                          max_tokens=MAX_TOKENS)
         assert r.choices[0].message.content == refs[0].text
+        for scheme in ("Bearer", "bearer", "BEARER"):   # the scheme name is case-insensitive (RFC 9110)
+            headers = {"Authorization": f"{scheme} s3cret"}
+            assert httpx.get(f"{s.url}/v1/models", headers=headers).status_code == 200
+            assert httpx.get(f"{s.url}/metrics", headers=headers).status_code == 200
+            assert httpx.get(f"{s.url}/health", headers=headers).json()["model"] == MODEL
+    with RunningServer(build_app(pipe, api_key="s3cret", metrics_public=True)) as s:
+        assert httpx.get(f"{s.url}/metrics").status_code == 200
+        _check_error(httpx.get(f"{s.url}/v1/models"), 401)
 
 
 def test_api_key_from_flag_or_environment(monkeypatch):
@@ -428,6 +440,264 @@ def test_load_test_runs_tiny(pipe, capsys):
     assert [(r["drafting"], r["clients"]) for r in rows] == [("eagle", 1), ("eagle", 2), ("none", 1), ("none", 2)]
     assert all(r["requests"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     table = capsys.readouterr().out
-    assert "| drafting | clients |" in table and table.count("\n| eagle |") == 2
+    assert "| replicas | drafting | clients |" in table and table.count("\n| in-process | eagle |") == 2
+    assert all(r["p50_s"] <= r["p95_s"] <= r["p99_s"] and r["peak_mib"] and r["peak_mib"][0] > 0 for r in rows)
     with pytest.raises(MMSpecError):
         load_test(pipe, requests_per_level=0)
+
+
+# ----- metrics, backpressure, timeouts, log hygiene, SIGTERM ------------------------------------------------
+def scrape(url: str, headers: dict | None = None) -> dict:
+    """``/metrics`` parsed with prometheus-client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when there is none)."""
+    return sum(v for (n, lab), v in samples.items() if n == name and labels.items() <= dict(lab).items())
+
+
+def spec_figures(stats_list) -> dict:
+    """What the responses' mmspec fields say the counters must have moved by."""
+    per_pos: dict[str, int] = {}
+    for st in stats_list:
+        for i, n in enumerate(st["accepted_per_position"]):
+            per_pos[str(i)] = per_pos.get(str(i), 0) + n
+    return {"mmspec:spec_decode_num_drafts_total": sum(st["drafts"] for st in stats_list),
+            "mmspec:spec_decode_num_draft_tokens_total": sum(st["drafted_tokens"] for st in stats_list),
+            "mmspec:spec_decode_num_accepted_tokens_total": sum(st["accepted_tokens"] for st in stats_list),
+            "per_pos": per_pos}
+
+
+def check_metrics_moved(before: dict, after: dict, stats_list, usages, outcomes: dict) -> None:
+    want = spec_figures(stats_list)
+    for name in ("mmspec:spec_decode_num_drafts_total", "mmspec:spec_decode_num_draft_tokens_total",
+                 "mmspec:spec_decode_num_accepted_tokens_total"):
+        assert metric(after, name) - metric(before, name) == want[name], name
+    positions = {dict(lab)["position"] for (n, lab) in after.items()
+                 if n == "mmspec:spec_decode_num_accepted_tokens_per_pos_total"}
+    for pos in positions | set(want["per_pos"]):
+        moved = metric(after, "mmspec:spec_decode_num_accepted_tokens_per_pos_total", position=pos) - \
+            metric(before, "mmspec:spec_decode_num_accepted_tokens_per_pos_total", position=pos)
+        assert moved == want["per_pos"].get(pos, 0), pos
+    assert sum(want["per_pos"].values()) == want["mmspec:spec_decode_num_accepted_tokens_total"]
+    for outcome, n in outcomes.items():
+        assert metric(after, "mmspec:requests_total", outcome=outcome) - \
+            metric(before, "mmspec:requests_total", outcome=outcome) == n, outcome
+    answered = sum(outcomes.get(o, 0) for o in ("stop", "length"))
+    moved = {name: metric(after, name) - metric(before, name) for name in (
+        "mmspec:generation_tokens_total", "mmspec:prompt_tokens_total", "mmspec:e2e_request_latency_seconds_count",
+        "mmspec:time_to_first_token_seconds_count")}
+    assert moved == {"mmspec:generation_tokens_total": sum(u["completion_tokens"] for u in usages),
+                     "mmspec:prompt_tokens_total": sum(u["prompt_tokens"] for u in usages),
+                     "mmspec:e2e_request_latency_seconds_count": answered,
+                     "mmspec:time_to_first_token_seconds_count": answered}
+
+
+def test_metrics_move_by_what_the_responses_report(server, client, urls):
+    before = scrape(server.url)
+    for name in ("mmspec:spec_decode_num_drafts_total", "mmspec:num_requests_running",
+                 "mmspec:num_requests_waiting", "mmspec:batch_size", "mmspec:time_per_output_token_seconds_bucket"):
+        assert any(n == name for n, _ in before), name
+    stats_list, usages, outcomes = [], [], {}
+    for i in range(4):
+        text, finish, usage, stats = ask(client, urls, i, stream=i % 2 == 1)
+        stats_list.append(stats)
+        usages.append(usage.model_dump())
+        outcomes[finish] = outcomes.get(finish, 0) + 1
+        assert sum(stats["accepted_per_position"]) == stats["accepted_tokens"] <= stats["drafted_tokens"]
+    assert sum(st["drafts"] for st in stats_list) >= 1
+    _check_error(httpx.post(f"{server.url}/v1/chat/completions", json=_body(n=2)), 400)
+    outcomes["invalid"] = 1
+    after = scrape(server.url)
+    check_metrics_moved(before, after, stats_list, usages, outcomes)
+    assert metric(after, "mmspec:num_requests_running") == metric(after, "mmspec:num_requests_waiting") == 0
+    assert metric(after, "mmspec:replica_peak_memory_bytes", replica="local", memory="host") > 100 * 2**20
+
+
+@pytest.fixture
+def small_slow(pipe):
+    """The target with no drafter, two rows per batch, and rounds slowed to 0.2 s: requests that overlap."""
+    side = pipe.with_drafter_kind("none")
+    side.default_batch_size = 2
+    side.generate(IMAGES[0], prompt_for(0), max_new_tokens=1)
+    side.submit(IMAGES[0], prompt_for(0), max_new_tokens=1)   # starts the shared engine, so it can be slowed
+    engine = side._scheduler.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.2)
+        return step()
+
+    engine.step = slow_step
+    yield side
+    side.close()
+
+
+def test_queue_bound_gives_503_with_retry_after(small_slow, urls):
+    with RunningServer(build_app(small_slow, max_waiting=1)) as s:
+        n = 6    # 2 rows + 1 waiting are admitted, 3 are refused
+        barrier = threading.Barrier(n)
+
+        def one(i):
+            barrier.wait()
+            return httpx.post(f"{s.url}/v1/chat/completions", json=_body(max_tokens=6), timeout=60)
+
+        with ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(one, range(n)))
+        refused = [r for r in responses if r.status_code == 503]
+        assert sorted(r.status_code for r in responses) == [200] * 3 + [503] * 3
+        for r in refused:
+            assert _check_error(r, 503)["code"] == "queue_full" and r.headers["retry-after"] == "1"
+        samples = scrape(s.url)
+        assert metric(samples, "mmspec:requests_total", outcome="rejected") == 3
+        assert httpx.post(f"{s.url}/v1/chat/completions", json=_body(max_tokens=2), timeout=60).status_code == 200
+
+
+def test_request_timeout_frees_the_row(small_slow, urls):
+    engine = small_slow._scheduler.engine
+    with RunningServer(build_app(small_slow, request_timeout_s=0.6)) as s:
+        url = f"{s.url}/v1/chat/completions"
+        err = _check_error(httpx.post(url, json=_body(max_tokens=64), timeout=60), 504)
+        assert err["code"] == "request_timeout" and err["type"] == "server_error"
+        with httpx.stream("POST", url, json=_body(max_tokens=64, stream=True), timeout=60) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+        deadline = time.monotonic() + 10
+        while (engine.active or s.server.config.app.state.mmspec.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.active and not s.server.config.app.state.mmspec.in_flight
+        assert metric(scrape(s.url), "mmspec:requests_total", outcome="timeout") == 2
+
+
+def test_half_sent_body_is_one_log_line(pipe):
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    with RunningServer(build_app(pipe), log_level="info") as s:
+        logger = logging.getLogger("uvicorn.error")
+        logger.addHandler(handler)
+        try:
+            with socket.create_connection((s.host, s.port)) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + b'{"model": "' + b"x" * 5000)
+                time.sleep(0.3)
+            deadline = time.monotonic() + 5
+            while not records and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)   # anything logged after it would show up here
+        finally:
+            logger.removeHandler(handler)
+        assert httpx.get(f"{s.url}/health").status_code == 200
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "went away while sending the body" in records[0].getMessage() and records[0].exc_info is None
+
+
+def test_too_long_prompt_gets_mmspec_error_alone(pipe, caplog):
+    from mmspec.server.backend import LONG_PROMPT_WARNING
+
+    side = pipe.with_drafter_kind("none")       # the same processor objects: their warning flags are reset here
+    tokenizers = [t for t in (side.processor, getattr(side.processor, "tokenizer", None), side.adapter.tokenizer)
+                  if isinstance(getattr(t, "deprecation_warnings", None), dict)]
+    assert tokenizers
+    long_text = "red square " * 400
+
+    def tokenizer_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "Token indices sequence length" in r.getMessage()]
+
+    for t in tokenizers:
+        t.deprecation_warnings.pop(LONG_PROMPT_WARNING, None)
+    with pytest.raises(MMSpecError):            # without the server, transformers warns first (the control)
+        side.generate(IMAGES[0], long_text, max_new_tokens=2)
+    assert tokenizer_warnings()
+    for t in tokenizers:
+        t.deprecation_warnings.pop(LONG_PROMPT_WARNING, None)
+    caplog.clear()
+    with RunningServer(build_app(side)) as s:
+        body = _body(messages=_msgs(IMG, {"type": "text", "text": long_text}))
+        err = _check_error(httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60), 400)
+        assert err["code"] == "context_length_exceeded"
+    assert not tokenizer_warnings()
+
+
+def _wait_healthy(url: str, proc, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up")
+
+
+def sigterm_while_streaming(url: str, proc, urls, refs, n: int = 6, started_before: int = 2) -> list[str]:
+    """Start ``n`` streamed requests, send SIGTERM once ``started_before`` of them are streaming (the others
+    wait for a row), and return the answers: every one must be whole."""
+    import signal
+
+    streaming = threading.Semaphore(0)
+    posted = threading.Barrier(n + 1)
+
+    def one(i):
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "stream": True,
+                "messages": [user_message(urls[i], prompt_for(i))]}
+        parts, first = [], True
+        with httpx.Client(timeout=120) as c:
+            posted.wait()
+            with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if first:
+                        first = False
+                        streaming.release()
+                    if line.startswith("data: {"):
+                        data = json.loads(line[6:])
+                        assert "error" not in data, data
+                        parts += [c["delta"].get("content") or "" for c in data["choices"]]
+        return "".join(parts)
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        posted.wait(timeout=60)
+        for _ in range(started_before):
+            assert streaming.acquire(timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        answers = [f.result(timeout=120) for f in futures]
+    assert answers == [refs[i].text for i in range(n)]
+    return answers
+
+
+def test_sigterm_drains_the_single_process(refs, urls, tmp_path):
+    import subprocess
+    import sys
+
+    from mmspec.server.loadtest import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "mmspec.server", "--port", str(port), "--batch-size", "2",
+                             "--log-level", "warning"], cwd=ROOT, stderr=log, text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        sigterm_while_streaming(f"http://127.0.0.1:{port}", proc, urls, refs)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -1,4 +1,5 @@
-"""What every drafter with a model forward shares (text, visual, vlm, eagle): ``ModelDraftBatch``.
+"""What every drafter with a model forward shares: its batch, ``ModelDraftBatch`` (text, visual, vlm, eagle), and
+for a drafter model that speaks the target's tokenizer, ``ModelDrafter`` (text, visual, vlm: loading, vocabulary).
 
 The rows share one cache of slots (``kv.SlotCache``) and feed in its order. A round's drafting rows (k > 0) first
 catch up: each is fed what its cache lacks (a joining row its whole prompt, prefilled in a fresh cache that then
@@ -11,7 +12,8 @@ A kind supplies how it feeds its model and reads logits:
 - ``_inputs(ids, prev)``: the model's inputs [B, T, ...] for drafted tokens ids [B, T] (``prev[b]``: the outputs
   after each token's parent, for drafters that feed them back);
 - ``_model(slots, x, parents, **tree)``: one forward of ``x`` over ``slots``' rows -> outputs [B, T, ...];
-- ``_logits(out)``: outputs -> float32 logits over the target's vocabulary, undraftable ids at -inf.
+- ``_logits(out)``: outputs -> float32 logits over the target's vocabulary, undraftable ids at -inf (by default
+  the outputs are such logits and only the drafter's ``bad_ids`` are masked).
 Token-fed kinds get the rest; a kind that feeds something else (eagle: the target's hidden states) also says
 what its cache lacks (``_waiting``), what a round adds (``_append``) and when a row may draft (``_room``).
 """
@@ -21,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmspec.drafters.base import DraftBatch, Drafter, RowSpec, draft_block
+from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.kv import SlotCache
 from mmspec.targets.base import TargetAdapter
 from mmspec.trees import Draft, TreeFeeds, chain, grow_tree
@@ -38,6 +42,8 @@ class FedTokens:
 
 
 class ModelDraftBatch(DraftBatch):
+    """The rows of one model-backed drafter; a kind subclasses it with its hooks (module docstring)."""
+
     keeps_drafts = True   # False: the cache drops every draft after the round (eagle: they were the head's guesses)
 
     def __init__(self, drafter: Drafter, slots: SlotCache):
@@ -48,6 +54,7 @@ class ModelDraftBatch(DraftBatch):
         self.state: dict = {}      # row -> the kind's own state (``_open``)
         self.fresh: set = set()    # rows not in ``slots`` yet
         self.base: dict = {}       # row -> its cache length before this round's drafts
+        self.bad = drafter.bad_ids.to(self.device)
 
     # ----- what a kind supplies -------------------------------------------------------------------------
     def _open(self, row, spec: RowSpec):
@@ -60,7 +67,8 @@ class ModelDraftBatch(DraftBatch):
         raise NotImplementedError
 
     def _logits(self, out: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """By default ``out`` are the drafter's logits over the target's vocabulary."""
+        return out.masked_fill(self.bad, float("-inf"))
 
     # token-fed rows (``FedTokens``) unless the kind says otherwise
     def _room(self, row) -> int:
@@ -70,17 +78,19 @@ class ModelDraftBatch(DraftBatch):
     def _waiting(self, row) -> torch.Tensor | None:
         """The inputs [n, ...] the row's cache lacks, taken from the row (they are fed now); None: nothing."""
         st = self.state[row]
+        if not st.ids and st.before is None:
+            return None
         x = self._inputs(torch.tensor(st.ids, dtype=torch.long, device=self.device)[None], None)[0]
         if st.before is not None:
             x = torch.cat([st.before.to(x.dtype), x])
             st.before = None
         st.ids = []
-        return x if x.shape[0] else None
+        return x
 
     def _append(self, row, emitted: list[int], kept: int, hidden: torch.Tensor | None) -> None:
         """After a round: ``emitted`` joined the row's sequence and its cache kept the first ``kept`` of them."""
         st = self.state[row]
-        st.ids += self.drafter.vocab.readable(emitted[kept:])
+        st.ids += self.drafter.readable(emitted[kept:])
         st.size += len(emitted)
 
     # ----- rows -----------------------------------------------------------------------------------------
@@ -218,16 +228,38 @@ class ModelDraftBatch(DraftBatch):
                          self.drafter.eos_ids, floor=self.drafter.tree_floor)
 
 
-def load_drafter_model(target: TargetAdapter, path, dtype, trust_remote_code: bool, model_class,
-                       processor_class, processor_name: str):
-    """A drafter's model (on the target's device, in eval mode) and its tokenizer or processor, from a folder or
-    hub id."""
-    from mmspec.loading import from_pretrained
+class ModelDrafter(Drafter):
+    """A drafter with a model of its own that speaks the target's tokenizer (text, visual, vlm): how it loads, and
+    the ids it must never propose (``bad_ids``, ``banned`` among them) or cannot read (``readable``)."""
 
-    kw = dict(trust_remote_code=trust_remote_code)
-    model = from_pretrained(model_class, "drafter", path, dtype=dtype, use_safetensors=True, **kw)
-    processor = from_pretrained(processor_class, f"drafter {processor_name}", path, **kw)
-    return model.to(target.device).eval(), processor
+    needs_weights = True
+    grows_trees = True
+    auto_classes = (AutoModelForCausalLM, AutoTokenizer)   # the loaders of its model and tokenizer (or processor)
+
+    @classmethod
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "ModelDrafter":
+        from mmspec.loading import from_pretrained
+
+        model_class, processor_class = cls.auto_classes
+        kw = dict(trust_remote_code=trust_remote_code)
+        model = from_pretrained(model_class, "drafter", path, dtype=dtype, use_safetensors=True, **kw)
+        what = "tokenizer" if processor_class is AutoTokenizer else "processor"
+        processor = from_pretrained(processor_class, f"drafter {what}", path, **kw)
+        return cls(target, model.to(target.device).eval(), processor)
+
+    def __init__(self, target: TargetAdapter, model, tokenizer, banned: frozenset[int]):
+        super().__init__(target)
+        check_same_tokenizer(target.tokenizer, tokenizer, target.image_token_ids)
+        self.model = model
+        self.bad_ids = undraftable_ids(model.get_output_embeddings().weight.shape[0], target.vocab_size, tokenizer,
+                                       banned)
+        self.embedding_rows = model.get_input_embeddings().weight.shape[0]
+        unk = tokenizer.unk_token_id
+        self.unk_id = int(unk if unk is not None else (tokenizer.eos_token_id or 0))
+
+    def readable(self, ids: list[int]) -> list[int]:
+        """Ids the drafter has no embedding row for (the target's padding rows) are fed to it as unknown."""
+        return [t if t < self.embedding_rows else self.unk_id for t in ids]
 
 
-__all__ = ["FedTokens", "ModelDraftBatch", "load_drafter_model"]
+__all__ = ["FedTokens", "ModelDraftBatch", "ModelDrafter"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.drafters.base import Draft, Drafter, DraftSession
+from mmspec.drafters.base import Drafter, DraftSession
+from mmspec.trees import Draft
 
 
 class NgramDraftSession(DraftSession):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.drafters.base import Drafter, RowSpec
-from mmspec.drafters.model_batch import FedTokens, ModelDraftBatch, load_drafter_model
-from mmspec.drafters.vocab import SharedVocab
+from mmspec.drafters.base import RowSpec
+from mmspec.drafters.model_batch import FedTokens, ModelDraftBatch, ModelDrafter
 from mmspec.kv import CACHE_KW, SlotCache
 from mmspec.targets.base import Request, TargetAdapter
 from mmspec.trees import chain
@@ -68,10 +67,9 @@ class CausalLMDraftBatch(ModelDraftBatch):
         self.forward_fn = lean_forward if drafter.lean_step else full_forward
         self.embed = self.model.get_input_embeddings()
         super().__init__(drafter, SlotCache(self.model.config, self.embed.weight.device, self.embed.weight.dtype))
-        self.bad = drafter.bad_ids.to(self.device)
 
     def _open(self, row, spec: RowSpec) -> FedTokens:
-        ids = self.drafter.vocab.readable(spec.request.text_only_ids)
+        ids = self.drafter.readable(spec.request.text_only_ids)
         prefix = self.drafter.prefix_embeds(spec.request)
         if prefix is None:
             return FedTokens(ids, len(ids))
@@ -84,28 +82,13 @@ class CausalLMDraftBatch(ModelDraftBatch):
         mask, pos = slots.extend(parents, **tree)
         return self.model.lm_head(self.forward_fn(self.model, x, mask, pos, slots.cache)).float()
 
-    def _logits(self, out: torch.Tensor) -> torch.Tensor:
-        return out.masked_fill(self.bad, float("-inf"))
 
-
-class TextDrafter(Drafter):
+class TextDrafter(ModelDrafter):
     kind = "text"
     default_k = 4
-    needs_weights = True
-    grows_trees = True
-
-    @classmethod
-    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "TextDrafter":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        return cls(target, *load_drafter_model(target, path, dtype, trust_remote_code, AutoModelForCausalLM,
-                                               AutoTokenizer, "tokenizer"))
 
     def __init__(self, target: TargetAdapter, model, tokenizer):
-        super().__init__(target)
-        self.vocab = SharedVocab(target, model, tokenizer, target.image_token_ids)
-        self.bad_ids = self.vocab.bad_ids
-        self.model = model
+        super().__init__(target, model, tokenizer, target.image_token_ids)
         self.tokenizer = tokenizer
         self.lean_step = lean_step_works(model)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)

@@ -17,10 +17,10 @@ depth through the drafter's own ``Positions`` (M-RoPE for Qwen-VL); the nodes ar
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mmspec.drafters.base import Drafter, RowSpec
-from mmspec.drafters.model_batch import FedTokens, ModelDraftBatch, load_drafter_model
-from mmspec.drafters.vocab import SharedVocab
+from mmspec.drafters.base import RowSpec
+from mmspec.drafters.model_batch import FedTokens, ModelDraftBatch, ModelDrafter
 from mmspec.targets.base import Request, TargetAdapter
 from mmspec.targets.batch import TargetBatch
 
@@ -68,7 +68,6 @@ class VlmDraftBatch(ModelDraftBatch):
     def __init__(self, drafter: "VlmDrafter"):
         self.sess = TargetBatch(drafter.adapter)
         super().__init__(drafter, self.sess.main)
-        self.bad = drafter.bad_ids.to(self.device)
 
     def _open(self, row, spec: RowSpec) -> FedTokens:
         dreq = self.drafter.drafter_request(spec.request)
@@ -100,42 +99,27 @@ class VlmDraftBatch(ModelDraftBatch):
     def _model(self, slots, x: torch.Tensor, parents: list[list[int]], **tree) -> torch.Tensor:
         return self.sess.forward_nodes(x, parents, **tree)
 
-    def _logits(self, out: torch.Tensor) -> torch.Tensor:
-        return out.masked_fill(self.bad, float("-inf"))
 
-
-class VlmDrafter(Drafter):
+class VlmDrafter(ModelDrafter):
     kind = "vlm"
     default_k = 4
-    needs_weights = True
-    grows_trees = True
-
-    @classmethod
-    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "VlmDrafter":
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        return cls(target, *load_drafter_model(target, path, dtype, trust_remote_code, AutoModelForImageTextToText,
-                                               AutoProcessor, "processor"))
+    auto_classes = (AutoModelForImageTextToText, AutoProcessor)
 
     def __init__(self, target: TargetAdapter, model, processor):
         from mmspec.errors import MMSpecError
         from mmspec.targets import adapter_for
 
-        super().__init__(target)
         adapter_cls = adapter_for(model)
         if adapter_cls is not type(target):
             raise MMSpecError(f"drafter_kind='vlm' needs a drafter of the target's family ({target.family}); "
                               f"this drafter is {model.config.model_type!r}")
         self.adapter = adapter_cls(model, processor, target.vision_cache)
-        self.vocab = SharedVocab(target, model, self.adapter.tokenizer,
-                                 target.image_token_ids | self.adapter.image_token_ids)
-        self.bad_ids = self.vocab.bad_ids
+        super().__init__(target, model, self.adapter.tokenizer, target.image_token_ids | self.adapter.image_token_ids)
         self.context_length = self.adapter.context_length
         self.shared_vision = shares_vision(target, self.adapter)
         if self.shared_vision:
             # identical vision side: the target's cached features are the drafter's
             self.adapter.cache_namespace = target.cache_namespace
-        self.model = model
         self.processor = processor
 
     def drafter_request(self, request: Request) -> Request:

@@ -53,20 +53,3 @@ def undraftable_ids(drafter_vocab_rows: int, target_vocab_rows: int, drafter_tok
         if i < drafter_vocab_rows:
             mask[i] = True
     return mask
-
-
-class SharedVocab:
-    """How a drafter model that uses the target's tokenizer (checked here) maps ids: ``bad_ids`` [its output rows],
-    the ids it must never propose (``banned`` among them); ``readable(ids)``, ids it has no embedding row for
-    (the target's padding rows) fed to it as its unknown token."""
-
-    def __init__(self, target, model, tokenizer, banned: frozenset[int]):
-        check_same_tokenizer(target.tokenizer, tokenizer, target.image_token_ids)
-        self.bad_ids = undraftable_ids(model.get_output_embeddings().weight.shape[0], target.vocab_size, tokenizer,
-                                       banned)
-        self.rows = model.get_input_embeddings().weight.shape[0]
-        unk = tokenizer.unk_token_id
-        self.unk_id = int(unk if unk is not None else (tokenizer.eos_token_id or 0))
-
-    def readable(self, ids: list[int]) -> list[int]:
-        return [t if t < self.rows else self.unk_id for t in ids]

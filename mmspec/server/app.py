@@ -1,185 +1,119 @@
-"""The FastAPI app: ``build_app(pipe, ...)`` registers this module's handlers and keeps its settings and counters
-in ``app.state.mmspec`` (a ``ServerState``), where every handler finds them.
+"""The FastAPI app: ``build_app(pipe, ...)`` serves one pipeline in this process; ``backend_app(backend,
+config)`` serves any backend (``mmspec.server.replicas`` passes its Ray Serve replicas). The app keeps its
+settings, counters and metrics in ``app.state.mmspec`` (a ``ServerState``), where every handler finds them.
 
-A chat completion is validated (``protocol``), its image loaded (``images``), its prompt rendered with the
-target's chat template and submitted to the pipeline's shared engine; the first round is awaited before any
-response, so a request the engine refuses is still an HTTP error. Then the rounds become one JSON answer or a
-stream of server-sent events, both built by ``_Reply``.
+A chat completion is validated (``protocol``), admitted (or refused with 503 past ``--max-waiting``), and handed
+to the backend, which answers in *pieces* (``backend``); the first piece is awaited before any response, so a
+request the engine refuses is still an HTTP error. Then the pieces become one JSON answer or a stream of
+server-sent events, both built by ``_Reply``. ``_Call`` follows one request from admission to its end: the
+client going away, ``--request-timeout`` and the answer's end all pass through its ``close``, which stops the
+job (its row leaves the batch at the next round) and records the request in the metrics.
 
-FastAPI itself is imported in ``build_app`` (Starlette, which it is built on, is light), so ``mmspec serve --help``
-stays fast. No ``from __future__ import annotations``: FastAPI reads the handlers' annotations.
+FastAPI itself is imported in ``backend_app`` (Starlette, which it is built on, is light), so ``mmspec serve
+--help`` stays fast. No ``from __future__ import annotations``: FastAPI reads the handlers' annotations.
 """
 
+import asyncio
+import dataclasses
 import hmac
 import json
-import os
-import queue
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mmspec.errors import MMSpecError
-from mmspec.server.images import request_image
-from mmspec.server.protocol import (APIError, AnswerText, ChatRequest, bad_request, error_body, finish_reason,
-                                    parse_chat_request, refused, tokens_through_stop)
+from mmspec.server.backend import BUNDLED_MODEL_ID, LocalBackend, served_model_id  # noqa: F401 (re-exported)
+from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_IMAGE_BYTES,  # noqa: F401
+                                  REMOTE_TIMEOUT_S, ServerConfig)
+from mmspec.server.metrics import ServerMetrics
+from mmspec.server.protocol import APIError, ChatRequest, bad_request, error_body, parse_chat_request, unavailable
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-BUNDLED_MODEL_ID = "mmspec-bundled"
-MAX_BODY_BYTES = 16 * 2**20
-MAX_IMAGE_BYTES = 10 * 2**20
-REMOTE_TIMEOUT_S = 10.0
 POLL_S = 0.25                     # how often a waiting request checks that its client is still there
 DONE = "data: [DONE]\n\n"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What ``build_app`` serves and how strictly; ``mmspec serve``'s flags map onto it by keyword."""
-
-    model_id: str
-    api_key: str | None = None
-    allow_remote_images: bool = False
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_image_bytes: int = MAX_IMAGE_BYTES
-    remote_timeout_s: float = REMOTE_TIMEOUT_S
-
-    def __post_init__(self):
-        if not isinstance(self.model_id, str) or not self.model_id.strip():
-            raise MMSpecError("the served model id must be a non-empty string")
-        for name in ("max_body_bytes", "max_image_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MMSpecError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.remote_timeout_s, (int, float)) or not self.remote_timeout_s > 0:
-            raise MMSpecError(f"remote_timeout_s must be a positive number, got {self.remote_timeout_s!r}")
-        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
-            raise MMSpecError("api_key must be a non-empty string or None")
-
-
-def served_model_id(pipe) -> str:
-    """The id clients name: ``mmspec-bundled`` for the bundled pair, a local target's folder name, or its hub id."""
-    from mmspec.pipeline import BUNDLED_TARGET
-
-    name = str(getattr(pipe.target.config, "_name_or_path", "") or getattr(pipe.target, "name_or_path", ""))
-    if name and os.path.isdir(name):
-        path = Path(name).resolve()
-        return BUNDLED_MODEL_ID if path == BUNDLED_TARGET.resolve() else path.name
-    return name or "mmspec"
-
-
-def _sampling_defaults(pipe) -> dict:
-    """What a request that does not say gets: the target's generation_config sampling (greedy when it does not
-    sample, as for the bundled pair and llava-1.5), and answers up to the context's end."""
-    cfg = pipe.target.generation_config
-    out = {"max_new_tokens": int(pipe.adapter.context_length), "temperature": 0.0, "top_p": 1.0}
-    if getattr(cfg, "do_sample", False):
-        out["temperature"] = float(getattr(cfg, "temperature", None) or 1.0)
-        out["top_p"] = float(getattr(cfg, "top_p", None) or 1.0)
-    return out
-
-
-def stats_extra(stats, drafter_kind: str) -> dict:
-    """mmspec's extra response field: how the answer was made."""
-    return {"drafter_kind": drafter_kind, "target_forwards": stats.target_forwards,
-            "draft_forwards": stats.draft_forwards, "drafted_tokens": stats.drafted_tokens,
-            "accepted_tokens": stats.accepted_tokens, "mean_accepted": round(stats.mean_accepted, 4),
-            "acceptance_rate": round(stats.acceptance_rate, 4), "wall_s": round(stats.wall_s, 4),
-            "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
-            "vision_cache_hit": stats.vision_cache_hit}
+LOG = logging.getLogger("uvicorn.error")   # the server's own log, at uvicorn's --log-level
 
 
 class _ClientGone(Exception):
     pass
 
 
-def _failed(result) -> APIError:
-    """The error of a request the engine failed while running it."""
-    message = result.error or "the request failed"
-    # the engine keeps only "<exception type>: <message>", so the type is read back from the text
-    if message.startswith("MMSpecError: "):
-        return bad_request(message[len("MMSpecError: "):], None, "invalid_value")
-    return APIError(500, f"the engine failed on this request: {message}", None, None, "server_error")
+class _BodyDropped(Exception):
+    """The client went away in the middle of sending the request body."""
+
+    def __init__(self, received: int, expected: str):
+        super().__init__(f"{received} of {expected or 'unknown'} bytes")
+        self.received, self.expected = received, expected
+
+
+def bearer_matches(header: bytes | str | None, api_key: str) -> bool:
+    """``Authorization: Bearer <api_key>``, the scheme name in any case (RFC 9110), compared in constant time."""
+    if not header:
+        return False
+    raw = header.encode("latin-1") if isinstance(header, str) else header
+    scheme, _, token = raw.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
 
 
 @dataclass
 class ServerState:
-    """What the running app keeps: its settings and counters (``app.state.mmspec``; tests read them)."""
+    """What the running app keeps: its backend, settings, counters and metrics (``app.state.mmspec``)."""
 
-    pipe: Any
-    config: ServerConfig
+    backend: Any
+    config: ServerConfig            # model_id resolved
     model_ids: tuple[str, ...]
-    defaults: dict
-    image_token: str | None = None   # the target's image placeholder, refused in a message's text
+    card: dict                      # the backend's model card (``backend.model_card``)
     created: int = field(default_factory=lambda: int(time.time()))
-    in_flight: set = field(default_factory=set)
-    disconnects: int = 0          # requests whose client went away before the answer was done
-    requests: int = 0
-    limiter: Any = None           # anyio.CapacityLimiter for the threads that wait on engine events
+    in_flight: set = field(default_factory=set)   # the ``_Call`` of every admitted request not yet over
+    disconnects: int = 0            # requests whose client went away before the answer was done
+    requests: int = 0               # requests admitted
+    draining: bool = False          # shutting down: new requests get 503, /health says so
+    metrics: Any = None
+
+    @property
+    def pipe(self):
+        return getattr(self.backend, "pipe", None)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.backend.capacity)
+
+    def load(self) -> tuple[int, int, list[dict]]:
+        """Requests decoding (up to the rows of the batches), requests waiting beyond them, replica snapshots."""
+        n, cap = len(self.in_flight), self.capacity
+        return min(n, cap), max(0, n - cap), self.backend.replicas()
 
     def model_card(self) -> dict:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "mmspec",
-                "drafter_kind": self.pipe.drafter_kind}
+                "drafter_kind": self.card["drafter_kind"]}
 
-    def render_prompt(self, messages: list[dict]) -> str:
-        try:
-            return self.pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # a template that refuses a role or an order of turns
-            raise bad_request(f"the model's chat template refuses these messages: {type(e).__name__}: {e}",
-                              "messages", "invalid_value") from None
+    def authorized(self, request: Request) -> bool:
+        return not self.config.api_key or bearer_matches(request.headers.get("authorization"), self.config.api_key)
 
-    def submit(self, image, prompt: str, settings: dict):
-        try:
-            return self.pipe.submit(image, prompt, raw_prompt=True, **settings)
-        except MMSpecError as e:
-            raise refused(e) from None
-
-    async def next_round(self, job, request: Request | None):
-        """The job's next engine event; with ``request``, a client that went away raises ``_ClientGone``. A
-        request the engine failed raises its ``APIError``."""
-        if self.limiter is None:
-            self.limiter = anyio.CapacityLimiter(4096)
-        while True:
-            if request is not None and await request.is_disconnected():
-                raise _ClientGone()
-            try:
-                event = await anyio.to_thread.run_sync(job.events.get, True, POLL_S, abandon_on_cancel=True,
-                                                       limiter=self.limiter)
-            except queue.Empty:
-                continue
-            if event.done and event.result.error:
-                raise _failed(event.result)
-            return event
-
-    def release(self, job) -> None:
-        """The request is over: a row still running (client gone) leaves the batch at the next round."""
-        if not job.done and not job.cancelled:
-            job.cancelled = True
-            self.disconnects += 1
-        self.in_flight.discard(id(job))
+    def admit(self) -> None:
+        """Refuse a request (503, ``Retry-After``) while draining, or when ``max_waiting`` requests already wait
+        beyond the rows of the batches."""
+        if self.draining:
+            raise unavailable("the server is shutting down; retry on another instance", "shutting_down", 5)
+        bound = self.config.max_waiting
+        if bound is not None and len(self.in_flight) - self.capacity >= bound:
+            raise unavailable(f"the server is at capacity ({self.capacity} requests decoding and {bound} waiting, "
+                              f"--max-waiting); retry shortly", "queue_full")
 
 
 @dataclass
 class _Reply:
-    """One answer in the making: ``payload`` builds the plain response and every streamed chunk alike."""
+    """One answer's envelope: ``payload`` builds the plain response and every streamed chunk alike."""
 
     state: ServerState
-    job: Any
     chat: ChatRequest
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
-    answer: AnswerText = field(init=False)
-
-    def __post_init__(self):
-        self.answer = AnswerText(self.chat.stops)
 
     def payload(self, object: str, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.state.config.model_id,
@@ -190,65 +124,145 @@ class _Reply:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return f"data: {json.dumps(self.payload('chat.completion.chunk', choices, **extra))}\n\n"
 
-    def outcome(self, event) -> tuple[str, dict, dict]:
-        """The finished answer's finish_reason, usage and mmspec stats; a stopped answer's row leaves the batch."""
-        if self.answer.stopped:
-            self.job.cancelled = True
-            completion = tokens_through_stop(self.state.pipe.adapter.decode, event.token_ids, self.chat.stops)
-        else:
-            completion = len(event.token_ids)
-        prompt_tokens = len(self.job.request.prompt_ids)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": prompt_tokens + completion}
-        return (finish_reason(event.stats.stop_reason, self.answer.stopped), usage,
-                stats_extra(event.stats, self.state.pipe.drafter_kind))
+
+async def _next_piece(pieces) -> dict:
+    try:
+        return await pieces.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the answer ended before its last piece", None, None, "server_error") from None
 
 
-async def _stream(reply: _Reply, event):
-    """The answer as server-sent events, from the first round's ``event`` to ``data: [DONE]``."""
+class _Call:
+    """One admitted request: its backend pieces, its deadline and timings, and how it ended."""
+
+    def __init__(self, state: ServerState, chat: ChatRequest, t0: float):
+        self.state, self.chat, self.t0 = state, chat, t0
+        self.pieces = state.backend.answer(chat)
+        self.task: asyncio.Task | None = None
+        timeout = state.config.request_timeout_s
+        self.deadline = None if timeout is None else t0 + timeout
+        self.first_s: float | None = None       # time to the first piece (the first round's tokens)
+        self.end_s: float | None = None
+        self.outcome: str | None = None
+        self.usage: dict | None = None
+        self.closed = False
+
+    async def next(self, request: Request | None = None) -> dict:
+        """The next piece; with ``request``, a client that goes away raises ``_ClientGone``. Past the deadline:
+        the 504 ``request_timeout`` error."""
+        if self.task is None:
+            self.task = asyncio.ensure_future(_next_piece(self.pieces))
+        while True:
+            wait = POLL_S
+            if self.deadline is not None:
+                left = self.deadline - time.perf_counter()
+                if left <= 0:
+                    limit = self.state.config.request_timeout_s
+                    raise APIError(504, f"the request ran past this server's limit of {limit:g} s "
+                                        f"(--request-timeout); it was stopped", None, "request_timeout",
+                                   "server_error")
+                wait = min(wait, left)
+            done, _ = await asyncio.wait({self.task}, timeout=wait)
+            if done:
+                break
+            if request is not None and await request.is_disconnected():
+                raise _ClientGone()
+        task, self.task = self.task, None
+        piece = task.result()
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self.t0
+        self.state.metrics.spec(piece.get("spec"))
+        return piece
+
+    def finish(self, piece: dict) -> None:
+        self.outcome, self.usage, self.end_s = piece["finish"], piece["usage"], time.perf_counter() - self.t0
+
+    def fail(self, err: APIError) -> None:
+        self.outcome = ("timeout" if err.code == "request_timeout" else "failed" if err.status >= 500
+                        else "invalid")
+
+    async def close(self) -> None:
+        """The request is over: stop its job if it still runs (its row leaves the batch at the next round) and
+        record it. Shielded: this runs when a cancelled stream is being torn down too."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.outcome is None:
+            self.outcome = "client_gone"
+            self.state.disconnects += 1
+        with anyio.CancelScope(shield=True):
+            if self.task is not None:
+                self.task.cancel()
+                await asyncio.wait({self.task})
+                if not self.task.cancelled():
+                    self.task.exception()    # retrieved: a failure after the client left is not worth a log line
+                self.task = None
+            await self.pieces.aclose()
+        self.state.in_flight.discard(self)
+        e2e = self.end_s if self.end_s is not None else time.perf_counter() - self.t0
+        self.state.metrics.finished(self.outcome, e2e, self.first_s, self.usage)
+
+
+async def _stream(reply: _Reply, call: _Call, piece: dict):
+    """The answer as server-sent events, from the first ``piece`` to ``data: [DONE]``."""
     yield reply.chunk({"role": "assistant", "content": ""})
     try:
         while True:
-            delta = reply.answer.update(event.text, event.done)
-            if delta:
-                yield reply.chunk({"content": delta})
-            if event.done or reply.answer.stopped:
+            if piece["delta"]:
+                yield reply.chunk({"content": piece["delta"]})
+            if piece["done"]:
                 break
-            event = await reply.state.next_round(reply.job, None)   # Starlette notices a client that goes away
+            piece = await call.next(None)   # Starlette notices a client that goes away
     except APIError as err:   # the status line has gone out: the error travels as the last event
+        call.fail(err)
         yield f"data: {json.dumps(err.body())}\n\n"
         yield DONE
         return
-    finish, usage, stats = reply.outcome(event)
-    yield reply.chunk({}, finish, mmspec=stats)
+    call.finish(piece)
+    yield reply.chunk({}, piece["finish"], mmspec=piece["mmspec"])
     if reply.chat.include_usage:
-        yield reply.chunk(None, usage=usage, mmspec=stats)
+        yield reply.chunk(None, usage=piece["usage"], mmspec=piece["mmspec"])
     yield DONE
 
 
-class _JobStream(StreamingResponse):
-    """Server-sent events; whatever ends the stream (done, client gone, error) releases the job's row."""
+class _CallStream(StreamingResponse):
+    """Server-sent events; whatever ends the stream (done, client gone, error, timeout) closes the call."""
 
-    def __init__(self, content, on_close):
+    def __init__(self, content, call: _Call):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
+        self.call = call
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass      # the client went away mid-stream: close() counts it, nothing to log
         finally:
-            await self.body_iterator.aclose()
-            self.on_close()
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.call.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # handlers
 # ----------------------------------------------------------------------------------------------------------
 async def health(request: Request):
+    """Liveness and readiness without the API key (as vLLM's): the details only for a caller who may see them."""
     state: ServerState = request.app.state.mmspec
-    return {"status": "ok", "model": state.config.model_id, "drafter_kind": state.pipe.drafter_kind,
-            "device": str(state.pipe.adapter.device), "requests_in_flight": len(state.in_flight)}
+    status = "draining" if state.draining else "ok"
+    body: dict = {"status": status}
+    if state.authorized(request):
+        body.update(model=state.config.model_id, drafter_kind=state.card["drafter_kind"], device=state.card["device"],
+                    requests_in_flight=len(state.in_flight), replicas=state.backend.replica_count)
+    return JSONResponse(body, status_code=503 if state.draining else 200)
+
+
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    body = await anyio.to_thread.run_sync(request.app.state.mmspec.metrics.render)
+    return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def list_models(request: Request):
@@ -268,13 +282,16 @@ async def _read_json(request: Request, limit: int):
     too_big = APIError(413, f"the request body is over the limit of {limit} bytes (images count at 4/3 of their "
                             f"size in base64)", None, "request_too_large")
     chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            if n > 8 * limit or (size.isdigit() and int(size) > 8 * limit):
-                raise too_big   # stop reading a huge upload: the connection closes
-            continue            # read the rest so that the client hears the 413 instead of a reset
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                if n > 8 * limit or (size.isdigit() and int(size) > 8 * limit):
+                    raise too_big   # stop reading a huge upload: the connection closes
+                continue            # read the rest so that the client hears the 413 instead of a reset
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _BodyDropped(n, size) from None
     if n > limit:
         raise too_big
     try:
@@ -285,39 +302,58 @@ async def _read_json(request: Request, limit: int):
 
 async def chat_completions(request: Request):
     state: ServerState = request.app.state.mmspec
-    body = await _read_json(request, state.config.max_body_bytes)
-    chat = parse_chat_request(body, state.model_ids, state.image_token, state.defaults)
-    image = await run_in_threadpool(request_image, chat.image_url, state.config)
-    prompt = state.render_prompt(chat.messages)
-    job = await run_in_threadpool(state.submit, image, prompt, chat.settings)
+    t0 = time.perf_counter()
+    try:
+        body = await _read_json(request, state.config.max_body_bytes)
+        chat = parse_chat_request(body, state.model_ids, state.card["image_token"], state.card["defaults"])
+        state.admit()
+    except APIError as e:
+        state.metrics.finished("rejected" if e.status == 503 else "invalid", time.perf_counter() - t0)
+        raise
+    except _BodyDropped:
+        state.metrics.finished("client_gone", time.perf_counter() - t0)
+        raise
     state.requests += 1
-    state.in_flight.add(id(job))
-    reply = _Reply(state, job, chat)
+    call = _Call(state, chat, t0)
+    state.in_flight.add(call)
+    reply = _Reply(state, chat)
     streaming = False
     try:
-        # the first round comes before any response, so a request the engine refuses is still an HTTP error
-        event = await state.next_round(job, request)
+        # the first piece comes before any response, so a request the engine refuses is still an HTTP error
+        piece = await call.next(request)
         if chat.stream:
             streaming = True
-            return _JobStream(_stream(reply, event), on_close=lambda: state.release(job))
-        reply.answer.update(event.text, event.done)
-        while not (event.done or reply.answer.stopped):
-            event = await state.next_round(job, request)
-            reply.answer.update(event.text, event.done)
-        finish, usage, stats = reply.outcome(event)
-        message = {"role": "assistant", "content": reply.answer.final, "refusal": None}
+            return _CallStream(_stream(reply, call, piece), call)
+        while not piece["done"]:
+            piece = await call.next(request)
+        call.finish(piece)
+        message = {"role": "assistant", "content": piece["text"], "refusal": None}
         return reply.payload("chat.completion", [{"index": 0, "message": message, "logprobs": None,
-                                                  "finish_reason": finish}], usage=usage, mmspec=stats)
+                                                  "finish_reason": piece["finish"]}],
+                             usage=piece["usage"], mmspec=piece["mmspec"])
     except _ClientGone:
         return JSONResponse(error_body("the client went away", "invalid_request_error", None, "client_gone"),
                             status_code=499)
+    except APIError as e:
+        call.fail(e)
+        raise
+    except Exception:
+        call.outcome = "failed"
+        raise
     finally:
         if not streaming:
-            state.release(job)
+            await call.close()
 
 
 async def _api_error(request: Request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _body_dropped(request: Request, exc: _BodyDropped):
+    client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    LOG.info("%s went away while sending the body of %s %s (%s); nothing was answered", client, request.method,
+             request.url.path, exc)
+    return Response(status_code=400)   # nobody is left to read it
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -331,16 +367,23 @@ async def _server_error(request: Request, exc: Exception):
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
 
 
-class BearerAuth:
-    """ASGI middleware: every HTTP request needs ``Authorization: Bearer <api_key>`` (401 otherwise)."""
+def _route_path(scope) -> str:
+    """The path the app routes on (behind Ray Serve's route prefix, ``root_path`` is not part of it)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+class BearerAuth:
+    """ASGI middleware: HTTP requests need ``Authorization: Bearer <api_key>`` (401 otherwise), except on
+    ``open_paths``."""
+
+    def __init__(self, app, api_key: str, open_paths: frozenset = frozenset({"/health"})):
+        self.app, self.api_key, self.open_paths = app, api_key, open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and _route_path(scope) not in self.open_paths:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not bearer_matches(given, self.api_key):
                 message = ("this server needs an API key: send Authorization: Bearer <key>" if not given else
                            "the API key is not valid")
                 response = JSONResponse(error_body(message, "invalid_request_error", None, "invalid_api_key"),
@@ -350,33 +393,51 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def build_app(pipe, api_key: str | None = None, allow_remote_images: bool = False, model_id: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
-              remote_timeout_s: float = REMOTE_TIMEOUT_S):
-    """A FastAPI app serving ``pipe`` with OpenAI's chat-completions protocol (see ``mmspec.server``).
-
-    ``api_key``: every request must carry ``Authorization: Bearer <api_key>`` (401 otherwise). ``model_id``:
-    the id served (default: ``served_model_id(pipe)``); requests name it, or the target's path or hub id.
-    """
+def backend_app(backend, config: ServerConfig):
+    """A FastAPI app serving ``backend`` (a ``LocalBackend``, or the replicas' ingress backend) with OpenAI's
+    chat-completions protocol, ``/health`` and ``/metrics``."""
     from fastapi import FastAPI
 
-    config = ServerConfig(model_id=model_id or served_model_id(pipe), api_key=api_key or None,
-                          allow_remote_images=allow_remote_images, max_body_bytes=max_body_bytes,
-                          max_image_bytes=max_image_bytes, remote_timeout_s=remote_timeout_s)
-    aliases = {config.model_id, str(getattr(pipe.target.config, "_name_or_path", "") or config.model_id)}
-    state = ServerState(pipe=pipe, config=config, model_ids=(config.model_id, *sorted(aliases - {config.model_id})),
-                        defaults=_sampling_defaults(pipe), image_token=getattr(pipe.processor, "image_token", None))
+    card = backend.card
+    config = dataclasses.replace(config, model_id=config.model_id or card["model_id"])
+    aliases = [a for a in (card["model_id"], *card["aliases"]) if a != config.model_id]
+    if config.model_id != card["model_id"]:   # a --served-model-name replaces the default id, not the path
+        aliases = [a for a in aliases if a != card["model_id"]]
+    state = ServerState(backend=backend, config=config, model_ids=(config.model_id, *aliases), card=card)
+    state.metrics = ServerMetrics(config.model_id, state.load)
 
     app = FastAPI(title="mmspec", description="OpenAI-compatible chat completions with lossless speculative "
                   "decoding", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mmspec = state
     if config.api_key:
-        app.add_middleware(BearerAuth, api_key=config.api_key)
+        open_paths = {"/health"} | ({"/metrics"} if config.metrics_public else set())
+        app.add_middleware(BearerAuth, api_key=config.api_key, open_paths=frozenset(open_paths))
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(_BodyDropped, _body_dropped)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+def build_app(pipe, api_key: str | None = None, allow_remote_images: bool = False, model_id: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
+              remote_timeout_s: float = REMOTE_TIMEOUT_S, max_waiting: int | None = None,
+              request_timeout_s: float | None = None, metrics_public: bool = False):
+    """A FastAPI app serving ``pipe`` in this process with OpenAI's chat-completions protocol (see
+    ``mmspec.server``); the keywords are ``ServerConfig``'s.
+
+    ``api_key``: ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <api_key>`` (401 otherwise; ``/health``
+    is open, ``metrics_public`` opens ``/metrics``). ``model_id``: the id served (default:
+    ``served_model_id(pipe)``); requests name it, or the target's path or hub id. ``max_waiting``: requests past
+    the engine's batch that may wait (more: 503). ``request_timeout_s``: a longer request is stopped (504).
+    """
+    config = ServerConfig(model_id=model_id, api_key=api_key or None, allow_remote_images=allow_remote_images,
+                          max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
+                          remote_timeout_s=remote_timeout_s, max_waiting=max_waiting,
+                          request_timeout_s=request_timeout_s, metrics_public=metrics_public)
+    return backend_app(LocalBackend(pipe, config), config)

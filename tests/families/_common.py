@@ -61,6 +61,17 @@ def scale_linear(modules, std: float = 0.3) -> None:
                     p.normal_(0, std)
 
 
+def silence(model, ids) -> None:
+    """Zero the output-embedding rows of ``ids`` (image/video placeholders): their logit is then 0 while some of
+    the other ~60 rows' random logits are almost surely above it, so greedy output never contains a placeholder
+    (as with real checkpoints; a placeholder in the output would be read back as an image slot). The input
+    embeddings are untied and keep their rows."""
+    head = model.get_output_embeddings().weight
+    assert head.data_ptr() != model.get_input_embeddings().weight.data_ptr(), "tied embeddings"
+    with torch.no_grad():
+        head[list(ids)] = 0
+
+
 def finish(model, tokenizer, folder: Path, processor, eos_ids=None) -> Path:
     """Greedy generation config (eos, pad), then model and processor (with its tokenizer) saved to ``folder``."""
     folder = Path(folder)

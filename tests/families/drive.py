@@ -71,7 +71,8 @@ class Positions:
         self.mrope = None
         if model.config.model_type in THREE_D:
             with torch.inference_mode():
-                pos, delta = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                pos, delta = model.model.get_rope_index(inputs["input_ids"],
+                                                        mm_token_type_ids=inputs["mm_token_type_ids"],
                                                         image_grid_thw=inputs["image_grid_thw"])
             self.mrope, self.delta = pos[:, 0], int(delta.view(-1)[0])       # [3, L]
 
@@ -118,7 +119,6 @@ class Row:
     def __init__(self, model, inputs, cache=None, one_mask=False, bidirectional=True, deepstack=True, mrope=True):
         """The keywords switch one thing off, to show what goes wrong without it (``pitfalls``)."""
         self.model = model
-        self.kind = model.config.model_type
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         text = model.config.get_text_config()
@@ -224,7 +224,6 @@ def pitfalls(model, inputs, expected: list[int]) -> dict:
     return out
 
 
-
 def linear_rollback(model, inputs, expected: list[int], k: int = 6, accept: int = 2) -> dict:
     """Qwen3.5: one verify step of k tokens (generate()'s own continuation: the pending token then k-1 drafts),
     of which only ``accept`` drafts are kept; roll the cache back, then decode on. The result must equal
@@ -236,6 +235,8 @@ def linear_rollback(model, inputs, expected: list[int], k: int = 6, accept: int 
       them back, crop the attention layers' keys by k and feed the kept tokens again (one more forward)."""
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+    k = min(k, len(expected) - 1)
+    accept = min(accept, k - 2)
     keep = accept + 1                         # the pending token and the accepted drafts stay in the cache
     results = {}
     for way in ("crop", "record past + crop", "snapshot + re-feed"):

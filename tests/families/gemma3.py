@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear, word_tokenizer
+from tests.families._common import finish, scale_linear, silence, word_tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]        # ids 0..3 as in Gemma's vocabulary
 ADDED = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -60,5 +60,6 @@ def build(folder: Path, seed: int = 1, hidden: int = 48, layers: int = 4, global
     image_proc = Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False)
     processor = Gemma3Processor(image_processor=image_proc, tokenizer=tok, chat_template=TEMPLATE,
                                 image_seq_length=image_tokens)
+    silence(model, [config.image_token_id])
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
     return finish(model, tok, folder, processor, eos_ids=eos)

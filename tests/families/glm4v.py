@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear, word_tokenizer
+from tests.families._common import finish, scale_linear, silence, word_tokenizer
 
 SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 ADDED = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
@@ -30,7 +30,7 @@ def tokenizer():
                           template=TEMPLATE, extra={"image_token": "<|image|>", "video_token": "<|video|>"})
 
 
-def build(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_pad: int = 7) -> Path:
+def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab_pad: int = 7) -> Path:
     from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessor, Glm4vProcessor,
                               Glm4vVideoProcessor)
 
@@ -59,5 +59,6 @@ def build(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_
     kw = dict(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(**kw), tokenizer=tok,
                                video_processor=Glm4vVideoProcessor(**kw), chat_template=TEMPLATE)
+    silence(model, [ids["<|image|>"], ids["<|video|>"]])
     eos = [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
     return finish(model, tok, folder, processor, eos_ids=eos)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear, word_tokenizer
+from tests.families._common import finish, scale_linear, silence, word_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
@@ -31,7 +31,8 @@ def tokenizer():
                                  "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
-def build(folder: Path, seed: int = 2, hidden: int = 48, layers: int = 2, vocab_pad: int = 7, max_tiles: int = 4) -> Path:
+def build(folder: Path, seed: int = 2, hidden: int = 48, layers: int = 2, vocab_pad: int = 7,
+          max_tiles: int = 4) -> Path:
     from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
                               InternVLProcessor, InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config)
 
@@ -45,9 +46,10 @@ def build(folder: Path, seed: int = 2, hidden: int = 48, layers: int = 2, vocab_
                        max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                        bos_token_id=None, tie_word_embeddings=False)
     per_tile = (tile // patch) ** 2 // 4            # pixel shuffle with downsample_ratio 0.5
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                            image_seq_length=per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
-                            vision_feature_select_strategy="default", tie_word_embeddings=False)
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=per_tile,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            tie_word_embeddings=False)
     model = InternVLForConditionalGeneration(config).eval()
     scale_linear([model.model.language_model, model.lm_head])
     scale_linear([model.model.multi_modal_projector], std=0.2)
@@ -56,4 +58,5 @@ def build(folder: Path, seed: int = 2, hidden: int = 48, layers: int = 2, vocab_
     video_proc = InternVLVideoProcessor(size=size)
     processor = InternVLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                                   image_seq_length=per_tile, chat_template=TEMPLATE)
+    silence(model, [config.image_token_id])
     return finish(model, tok, folder, processor)

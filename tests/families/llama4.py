@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear, word_tokenizer
+from tests.families._common import finish, scale_linear, silence, word_tokenizer
 
 SPECIALS = ["<unk>", "<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>"]
 ADDED = ["<|header_start|>", "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
@@ -46,8 +46,8 @@ def build(folder: Path, seed: int = 0, hidden: int = 48, layers: int = 4, vocab_
                             intermediate_size_mlp=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=hidden // 4, num_local_experts=2, num_experts_per_tok=1,
                             interleave_moe_layer_step=2, attention_chunk_size=attention_chunk_size,
-                            max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)
+                            max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = Llama4Config(vision_config=vision, text_config=text,
                           boi_token_index=tok.convert_tokens_to_ids("<|image_start|>"),
                           eoi_token_index=tok.convert_tokens_to_ids("<|image_end|>"),
@@ -61,4 +61,5 @@ def build(folder: Path, seed: int = 0, hidden: int = 48, layers: int = 4, vocab_
     image_proc = Llama4ImageProcessor(size={"height": chunk, "width": chunk}, max_patches=4)
     processor = Llama4Processor(image_processor=image_proc, tokenizer=tok, patch_size=patch, pixel_shuffle_ratio=0.5,
                                 chat_template=TEMPLATE)
+    silence(model, [config.image_token_id])
     return finish(model, tok, folder, processor)

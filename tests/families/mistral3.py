@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear, word_tokenizer
+from tests.families._common import finish, scale_linear, silence, word_tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 ADDED = ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
@@ -41,12 +41,14 @@ def build(folder: Path, seed: int = 2, hidden: int = 48, layers: int = 2, vocab_
                          head_dim=hidden // 4, max_position_embeddings=512, sliding_window=None,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          tie_word_embeddings=False)
-    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("[IMG]"),
-                            spatial_merge_size=merge, vision_feature_layer=-1, tie_word_embeddings=False)
+    config = Mistral3Config(vision_config=vision, text_config=text,
+                            image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=merge,
+                            vision_feature_layer=-1, tie_word_embeddings=False)
     model = Mistral3ForConditionalGeneration(config).eval()
     scale_linear([model.model.language_model, model.lm_head])
     scale_linear([model.model.multi_modal_projector], std=0.2)
     image_proc = PixtralImageProcessor(size={"longest_edge": max_image}, patch_size={"height": patch, "width": patch})
-    processor = PixtralProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch, spatial_merge_size=merge,
-                                 chat_template=TEMPLATE)
+    processor = PixtralProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch,
+                                 spatial_merge_size=merge, chat_template=TEMPLATE)
+    silence(model, [config.image_token_id])
     return finish(model, tok, folder, processor)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import bpe_tokenizer, finish, scale_linear
+from tests.families._common import bpe_tokenizer, finish, scale_linear, silence
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -71,4 +71,5 @@ def build(folder: Path, seed: int = 0, hidden: int = 48, layer_types: tuple[str,
     kw = dict(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
                                  video_processor=Qwen3VLVideoProcessor(**kw), chat_template=TEMPLATE)
+    silence(model, [ids["<|image_pad|>"], ids["<|video_pad|>"]])
     return finish(model, tok, folder, processor, eos_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]])

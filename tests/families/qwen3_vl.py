@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from tests.families._common import finish, scale_linear
+from tests.families._common import finish, scale_linear, silence
 from tests.tiny_families import QWEN_ADDED, QWEN_TEMPLATE, qwen_tokenizer
 
 
-def build(folder: Path, moe: bool = False, seed: int | None = None, hidden: int = 48, layers: int = 2, vocab_pad: int = 7,
-          deepstack_std: float = 0.3, lm_std: float = 0.2) -> Path:
+def build(folder: Path, moe: bool = False, seed: int | None = None, hidden: int = 48, layers: int = 2,
+          vocab_pad: int = 7, deepstack_std: float = 0.3, lm_std: float = 0.2) -> Path:
+    """``deepstack_std``: the DeepStack mergers' weights (0.3: dropping DeepStack changes every tiny output);
+    ``lm_std``: the decoder's and lm_head's weights."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     torch.manual_seed((0 if moe else 1) if seed is None else seed)   # seeds with varied, image-dependent output
@@ -60,4 +62,5 @@ def build(folder: Path, moe: bool = False, seed: int | None = None, hidden: int 
     video_proc = Qwen3VLVideoProcessor(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = Qwen3VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                                  chat_template=QWEN_TEMPLATE)
+    silence(model, [ids["<|image_pad|>"], ids["<|video_pad|>"]])
     return finish(model, tok, folder, processor)
