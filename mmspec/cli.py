@@ -17,8 +17,6 @@ import signal
 import sys
 
 from mmspec.errors import MMSpecError
-# the model flags' old home: the captioner and the server import them from here until they import mmspec.model_flags
-from mmspec.model_flags import add_model_flags as add_model_arguments, load_from_args  # noqa: F401
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {

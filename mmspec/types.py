@@ -1,4 +1,4 @@
-"""Result types returned by the public API (names fixed by DESIGN.md)."""
+"""Result types returned by the public API (stable names: other tools and checks rely on them)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import torch
 import mmspec
 from mmspec.drafters.base import Draft, Drafter, DraftSession
 from mmspec.pipeline import Pipeline
+from mmspec.targets.batch import TargetSession
 from tests.tiny import sample_image
 
 PROMPTS = ["what color is the circle ?", "describe the image ."]
@@ -132,13 +133,13 @@ def test_session_rollback_before_the_first_forward(pipes):
     adapter.image_features(req)
     ids = torch.tensor([req.prompt_ids[-1], 5, 6])
     with torch.inference_mode():
-        ref = adapter.session(req).forward(ids)
-        sess = adapter.session(req)
+        ref = TargetSession(adapter, req).forward(ids)
+        sess = TargetSession(adapter, req)
         assert sess.length == len(req.prompt_ids) - 1
         sess.rollback(sess.length)
         got = sess.forward(ids)
         assert sess.length == len(req.prompt_ids) + 2
-        shorter = adapter.session(req)
+        shorter = TargetSession(adapter, req)
         shorter.rollback(len(req.prompt_ids) - 2)             # drop one more prompt position, then feed it again
         again = shorter.forward(torch.tensor(req.prompt_ids[-2:] + [5, 6]))[1:]
     assert torch.allclose(got, ref, atol=1e-5)

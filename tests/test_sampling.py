@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 
 import mmspec
 from mmspec.acceptance import accept_sampling, warp_logits
+from mmspec.targets.batch import TargetSession
 from tests.tiny import sample_image
 from vision.images import load_image
 
@@ -99,7 +100,7 @@ def _first_two_token_distributions(pipe, image, prompt, temperature, top_p):
     pipe.adapter.image_features(req)
     eos = pipe.adapter.eos_token_ids
     with torch.inference_mode():
-        sess = pipe.adapter.session(req)
+        sess = TargetSession(pipe.adapter, req)
         base = sess.length
         p1 = warp_logits(sess.forward(torch.tensor([req.prompt_ids[-1]]))[-1], temperature, top_p)
         p2 = torch.zeros_like(p1)

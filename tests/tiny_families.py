@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from mmspec.targets.batch import TargetSession
 from tests.tiny import WORDS
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -405,7 +406,7 @@ def check_session_logits(pipe, image, prompt=PROMPTS[1]) -> None:
     req = adapter.prepare(image, adapter.format_prompt(prompt))
     adapter.image_features(req)
     with torch.inference_mode():
-        sess = adapter.session(req)
+        sess = TargetSession(adapter, req)
         base = sess.length
         got = sess.forward(torch.tensor([req.prompt_ids[-1]] + new))
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)

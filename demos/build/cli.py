@@ -27,6 +27,7 @@ import shlex
 
 from demos.build import drafter_stage, evaluate, export, target_stage, vision_stage
 from demos.build.common import KIND_WEIGHTS, QUESTION_WEIGHTS, ROOT
+from mmspec.argtypes import positive_float
 from vision.scenes import KINDS
 
 
@@ -41,16 +42,6 @@ def _training_args(p, *, steps, batch, lr, warmup, eval_every):
     p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-
-
-def positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return x
 
 
 def kind_weights_arg(text: str) -> dict[str, float]:

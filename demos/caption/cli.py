@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draft tokens per round (default: adaptive, from the drafter kind)")
     parser.add_argument("--tree-nodes", type=int, default=None, metavar="N",
                         help="draft a tree of at most N tokens per round instead of a chain (drafters that grow "
-                             "trees: eagle, text, visual, vlm; default: a chain)")
+                             "trees, see mmspec.drafters.tree_kinds(); default: a chain)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                         help="inputs decoded together (continuous batching: a finished row is refilled at once; with "
                              "--backend ray, per worker); captions are the same at any N (default 16)")

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 
+from mmspec.argtypes import int_at_least, positive_float
 from mmspec.errors import MMSpecError
 from mmspec.server.backend import BUNDLED_MODEL_ID
 from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, DRAIN_S, MAX_BODY_BYTES, MAX_IMAGE_BYTES,
@@ -24,34 +25,8 @@ def resolve_api_key(flag: str | None) -> str | None:
     return flag or os.environ.get(API_KEY_ENV, "").strip() or None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+_positive_int = int_at_least(1)
+_count = int_at_least(0)
 
 
 def _replica_count(text: str) -> int | str:
@@ -96,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=_count, default=None,
                         help="requests that may wait beyond the rows of the batch(es); more get 503 with "
                              "Retry-After (default: no bound)")
-    parser.add_argument("--request-timeout", type=_positive_float, default=None,
+    parser.add_argument("--request-timeout", type=positive_float, default=None,
                         help="seconds a request may run; a longer one is stopped (504, its row freed; default: none)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's (or Ray Serve's) log level (default: info)")
@@ -109,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per replica (default: 1 with --device cuda, else 0); > 1 for targets that need more "
                         "(with --device-map auto)")
-    g.add_argument("--cpus-per-replica", type=_positive_float, default=1.0,
+    g.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
                    help="CPUs per replica; on CPU also its torch threads (default: 1)")
     g.add_argument("--replica-queue", type=_count, default=None,
                    help="requests each replica holds beyond its batch, joining at its next round (default: "

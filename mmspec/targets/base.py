@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from mmspec.errors import MMSpecError
-from mmspec.targets.batch import TargetSession
 from vision.cache import EmbeddingCache, image_digest
 
 
@@ -219,10 +218,6 @@ class TargetAdapter:
     def positions(self, request: Request) -> Positions:
         """How the row's logical positions map to the model's position ids (1-D unless overridden)."""
         return Positions()
-
-    def session(self, request: Request) -> TargetSession:
-        """One request on its own (``forward``/``rollback``); the engine uses ``TargetBatch`` directly."""
-        return TargetSession(self, request)
 
     # ----- shared ---------------------------------------------------------------------------------
     def image_key(self, image: Image.Image) -> str:

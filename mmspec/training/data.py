@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmspec.errors import MMSpecError
+from mmspec.targets.batch import TargetSession
 
 if TYPE_CHECKING:
     import torch  # for annotations: functions import torch themselves, so `mmspec train-drafter --help` stays light
@@ -111,7 +112,7 @@ def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
     res, request = got
     answer = res.token_ids
     with torch.inference_mode():
-        session = adapter.session(request)
+        session = TargetSession(adapter, request)
         # [L, vocab]: the target's distribution for each answer token
         logits = session.forward(torch.tensor([request.prompt_ids[-1]] + answer[:-1], device=adapter.device))
         probs = logits.float().softmax(-1)
