@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "demo": ("demos.app", "open the web demo that shows accepted and rejected draft tokens"),
     "bench": ("mmspec.bench", "benchmark mmspec against transformers' generate, side by side"),
     "train-drafter": ("mmspec.training", "distil a drafter (text, visual or eagle) from a target VLM"),
+    "tune-layerskip": ("mmspec.drafters.layerskip_tune", "find which layers the layerskip drafter skips for a "
+                       "target, on your prompts; saves a skip-set file"),
     "serve": ("mmspec.server", "an OpenAI-compatible HTTP server (/v1/chat/completions) on the batched engine"),
 }
 

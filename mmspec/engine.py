@@ -33,7 +33,7 @@ from mmspec.drafters.base import Drafter, RowSpec
 from mmspec.policy import DraftPolicy
 from mmspec.targets.base import Request, TargetAdapter
 from mmspec.targets.batch import TargetBatch
-from mmspec.trees import Draft, verify_parents
+from mmspec.trees import Draft, TreeShape, depths, verify_parents
 from mmspec.types import GenerationResult, Round, Stats, StreamEvent
 
 
@@ -217,24 +217,31 @@ class Engine:
 
     def _draft(self, rows: list[int]) -> dict[int, Draft]:
         jobs = [self.active[r] for r in rows]
-        chains = [j for j in jobs if j.config.tree_nodes is None and (j.config.greedy or j.config.seed is None)]
-        k_batch = self.policy.choose(chains) if chains else 0
+        # a seeded sample must not depend on timing: the measured-cost policy would change how many draws each
+        # round takes, so seeded rows draft fixed lengths (the drafter's default; a tree, tree_depth())
+        timed = [j for j in jobs if j.config.greedy or j.config.seed is None]
+        k_batch = self.policy.choose(timed) if timed else 0
+        adaptive = k_batch and any(j.config.tree_nodes is not None and j.config.num_draft_tokens is None
+                                   for j in timed)
+        # adaptive trees widen only where a node pays for its verify at this round's costs
+        floor = max(self.strategy.tree_floor, self.policy.node_floor(timed, k_batch)) if adaptive else None
         ks, trees = {}, {}
         for r, job in zip(rows, jobs):
             cfg = job.config
-            if cfg.tree_nodes is not None:    # a tree: at most tree_nodes nodes, depth num_draft_tokens or tree_depth()
-                k = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else tree_depth(cfg.tree_nodes)
-                trees[r] = cfg.tree_nodes
-            elif cfg.num_draft_tokens is not None:
+            tree = cfg.tree_nodes is not None
+            if cfg.num_draft_tokens is not None:
                 k = cfg.num_draft_tokens
             elif not cfg.greedy and cfg.seed is not None:
-                # a seeded sample must not depend on timing: the measured-cost policy would change how many
-                # draws each round takes, so seeded rows draft the drafter's default length
-                k = self.strategy.default_k
+                k = tree_depth(cfg.tree_nodes) if tree else self.strategy.default_k
             else:
                 k = k_batch
             # never more than the budget can take after the target's own token
             ks[r] = max(min(k, self._budget(job) - 1), 0)
+            if tree:
+                # a tree holds the chain of this depth (never accepts less than it) and widens where the drafter
+                # hesitates: at most tree_nodes nodes
+                timing = cfg.num_draft_tokens is None and (cfg.greedy or cfg.seed is None)
+                trees[r] = TreeShape(cfg.tree_nodes, spine=ks[r], floor=floor if timing else None)
         if trees and any(ks[r] for r in rows if r not in trees):
             # a drafter grows either trees or chains in one call: a batch that mixes them (clients with
             # different settings) takes turns, one kind drafting per round (the other drafts nothing: lossless)
@@ -287,8 +294,9 @@ class Engine:
             draft_ids, tree = acc.trace()
             if job.seen is not None:
                 job.seen[torch.tensor(emitted, device=job.seen.device).clamp_max(job.seen.shape[0] - 1)] = True
-            if tree is None:
-                self.policy.observe(job, len(draft_ids), n_acc)
+            # a tree's round counts as a chain as deep as the tree (its best path is what was accepted)
+            deep = len(draft_ids) if acc.parents is None else max(depths(acc.parents), default=-1) + 1
+            self.policy.observe(job, deep, n_acc)
             stop = next((i for i, t in enumerate(emitted) if t in self.eos_ids), None)
             if stop is not None and stop < n_acc:
                 rnd = Round(tuple(draft_ids), stop + 1, None, tree)   # stopped inside the accepted drafts

@@ -1,6 +1,10 @@
 """Where models come from: dtypes, devices, local folders and hub ids, each failure a clear ``MMSpecError``.
 
 Shared by ``mmspec.load`` and the drafters' ``from_pretrained`` (so drafters never import the pipeline).
+
+``tiny:<model_type>`` (e.g. ``mmspec bench --target tiny:qwen3_vl``) names a tiny random-weight model of that family
+(``mmspec.tiny``), built offline into a temporary folder once per process: the per-round overhead against
+``generate()`` can be measured on any family without a download (acceptance means nothing there).
 """
 
 from __future__ import annotations
@@ -43,8 +47,30 @@ def load_dtype(dtype=None, device: str = "cpu", preset: str | None = None) -> to
     return _resolve_dtype(dtype, device)
 
 
+TINY_PREFIX = "tiny:"
+_tiny_folders: dict[str, str] = {}
+
+
+def tiny_folder(path) -> str | None:
+    """The folder of the tiny model ``path`` names (``tiny:<model_type>``), built on first use; None for any other
+    path."""
+    if not (isinstance(path, str) and path.startswith(TINY_PREFIX)):
+        return None
+    model_type = path[len(TINY_PREFIX):]
+    if model_type not in _tiny_folders:
+        import tempfile
+
+        from mmspec.tiny import tiny_builder
+
+        build = tiny_builder(model_type)     # an MMSpecError listing the tiny types for an unknown one
+        folder = Path(tempfile.mkdtemp(prefix=f"mmspec-tiny-{model_type}-"))
+        _tiny_folders[model_type] = str(build(folder))
+    return _tiny_folders[model_type]
+
+
 def from_pretrained(loader, what: str, path, **kwargs):
     """``loader.from_pretrained(path)``; a failure is an ``MMSpecError`` naming what could not be loaded from where."""
+    path = tiny_folder(path) or path
     check_model_path(what, path)
     try:
         return loader.from_pretrained(str(path), **kwargs)
@@ -73,6 +99,8 @@ def check_model_path(what: str, path) -> None:
     """A model given as a local path must be a folder that exists; a hub id (``org/name``) is left to the hub.
 
     A ``Path``, or a string that cannot be a hub id (``/abs``, ``./rel``, ``~/x``, ``a/b/c``), is a local path."""
+    if tiny_folder(path) is not None:
+        return
     text = os.path.expanduser(str(path))
     if os.path.isdir(text):
         return

@@ -1,5 +1,10 @@
-"""The public entry points: ``load(...)`` builds a ``Pipeline``; ``generate``/``stream`` run one request,
-``generate_batch``/``submit`` many, all through the one batched engine (``mmspec.engine``)."""
+"""The public entry points: ``load(...)`` builds a ``Pipeline``; ``generate``/``stream``/``chat`` run one request,
+``generate_batch``/``submit`` many, all through the one batched engine (``mmspec.engine``).
+
+A request is either ``(image, prompt)`` -- ``image`` one image, a list of them, or None for text only -- or a
+conversation in transformers' chat-template message format (``prompt=None``; ``mmspec.conversation``), rendered
+with the target's chat template exactly as ``processor.apply_chat_template(messages, add_generation_prompt=True)``
+renders it."""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Iterator
 import torch
 
 from mmspec.config import DecodeConfig
-from mmspec.drafters import drafter_class, tree_kinds
+from mmspec.conversation import is_conversation, load_images, parse_conversation
+from mmspec.drafters import drafter_class, infer_kind, tree_kinds
 from mmspec.drafters.base import Drafter
 from mmspec.errors import MMSpecError
 from mmspec.engine import Engine, Job
@@ -24,11 +30,13 @@ from mmspec.scheduler import Scheduler
 from mmspec.targets import TargetAdapter, adapter_for
 from mmspec.types import GenerationResult, StreamEvent
 from vision.cache import EmbeddingCache
-from vision.images import load_image
 
 
 class Pipeline:
     """A target VLM, its processor, and one drafting strategy, sharing one image-embedding cache."""
+
+    # images one request may hold (None: only the target's context limits them); the server sets --max-images
+    max_images: int | None = None
 
     def __init__(self, adapter: TargetAdapter, strategy: Drafter):
         self.adapter = adapter
@@ -90,10 +98,11 @@ class Pipeline:
             adapter = type(adapter)(adapter.model, adapter.processor, EmbeddingCache(adapter.vision_cache.max_bytes))
         return Pipeline(adapter, _make_drafter(cls, adapter, drafter, self.target.dtype))
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+    def generate(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
                  tree_nodes: int | None = None) -> GenerationResult:
-        """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes); the text the target alone would give.
+        """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes; a list of them; or None for text only);
+        the text the target alone would give. With ``prompt=None``, ``image`` is a conversation (see ``chat``).
         ``tree_nodes=N`` drafts a tree of at most N nodes per round (depth ``num_draft_tokens``, default about
         N / 2)."""
         event = None
@@ -103,7 +112,18 @@ class Pipeline:
             pass
         return event.result
 
-    def stream(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+    def chat(self, messages: list[dict], **settings) -> GenerationResult:
+        """Answer a conversation in transformers' chat-template message format: ``{"role": "system"|"user"|
+        "assistant", "content": str | [parts]}``, parts ``{"type": "text", "text": ...}`` and ``{"type": "image",
+        "image": PIL|path|bytes}`` (or ``"path"``/``"url"``/``"base64"``), 0..n images, ending on a user turn.
+        The answer is what the target's ``generate()`` gives for ``processor.apply_chat_template(messages,
+        add_generation_prompt=True)``. ``settings``: ``generate``'s."""
+        if not isinstance(messages, (list, tuple)):
+            raise MMSpecError("chat takes a conversation: a list of {role, content} messages", code="invalid_type",
+                              param="messages")
+        return self.generate(list(messages), None, **settings)
+
+    def stream(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
                tree_nodes: int | None = None) -> Iterator[StreamEvent]:
         """Like ``generate``, one ``StreamEvent`` per round; the last has ``done=True`` and the ``result``.
@@ -125,15 +145,24 @@ class Pipeline:
             yield event
 
     def _job(self, image, prompt, settings: dict, raw_prompt: bool = False) -> Job:
-        """Validate one input and prepare its request (raises ``MMSpecError`` on bad input)."""
+        """Validate one input and prepare its request (raises ``MMSpecError`` on bad input): ``(image, prompt)``,
+        or a conversation in ``image`` when ``prompt`` is None."""
         config = self.decode_config(settings)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'")
         start = time.perf_counter()
         self.adapter.check_generation_config()
-        pil = load_image(image)
-        text = prompt if raw_prompt else self.adapter.format_prompt(prompt)
-        request = self.adapter.prepare(pil, text)
+        if prompt is None:
+            if not isinstance(image, (list, tuple)) or (image and not is_conversation(image)):
+                raise MMSpecError("no prompt: give a prompt, or a conversation (a list of {role, content} messages) "
+                                  "in its place", code="invalid_value", param="prompt")
+            messages, images = parse_conversation(image, self.max_images)
+            text = self.adapter.render(messages)
+        else:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'",
+                                  code="invalid_value", param="prompt")
+            images = load_images(image, self.max_images)
+            text = prompt if raw_prompt else self.adapter.format_prompt(prompt, len(images))
+        request = self.adapter.prepare(images, text)
         self.adapter.check_prompt_length(request)
         return Job(request=request, config=config, start=start)
 
@@ -145,18 +174,19 @@ class Pipeline:
                               f"{tree_kinds()} (or leave tree_nodes=None for a chain)")
         return config
 
-    def generate_batch(self, images, prompts, batch_size: int | None = None, max_new_tokens: int = 64,
+    def generate_batch(self, images, prompts=None, batch_size: int | None = None, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, num_draft_tokens: int | None = None,
                        seed: int | None = None, raw_prompt: bool = False, tree_nodes: int | None = None,
                        progress=None) -> list[GenerationResult]:
-        """One ``GenerationResult`` per (image, prompt), in order, with at most ``batch_size`` rows in flight
+        """One ``GenerationResult`` per (image, prompt), in order (each image: one, a list, or None; a row whose
+        prompt is None -- every row when ``prompts`` is None -- is a conversation, as ``chat`` takes it), with at most ``batch_size`` rows in flight
         (continuous batching: a finished row leaves and the next input joins at once). ``prompts`` may be one
         string for every image. A bad input (unreadable image, empty or too long prompt) gets a result whose
         ``error`` says why; the others finish. Each row's output is the one ``generate`` gives for it.
         ``seed`` seeds row i with ``seed + i``. ``progress(i, result)`` is called as each input finishes (in the
         order they finish, so ``i`` says which input it was), e.g. to write results out as they come."""
         images = list(images)
-        if isinstance(prompts, str):
+        if prompts is None or isinstance(prompts, str):
             prompts = [prompts] * len(images)
         prompts = list(prompts)
         if len(prompts) != len(images):
@@ -188,10 +218,11 @@ class Pipeline:
     # rows in flight when the caller does not say: what measured fastest on the bundled pair (docs/BENCHMARKS.md)
     default_batch_size = 16
 
-    def submit(self, image, prompt: str, raw_prompt: bool = False, **settings) -> Job:
+    def submit(self, image, prompt: str | None = None, raw_prompt: bool = False, **settings) -> Job:
         """Queue a request on this pipeline's shared batched engine (a background thread; safe to call from any
-        thread) and return its ``Job`` at once: ``mmspec.engine.iter_job_events(job)`` yields its events as
-        rounds finish; ``job.cancelled = True`` frees its row. Bad input raises ``MMSpecError`` here."""
+        thread) and return its ``Job`` at once: ``mmspec.scheduler.iter_job_events(job)`` yields its events as
+        rounds finish; ``job.cancelled = True`` frees its row. Bad input raises ``MMSpecError`` here. A
+        conversation goes in ``image`` with ``prompt=None``."""
         job = self._job(image, prompt, settings, raw_prompt)
         with self._scheduler_lock:
             if self._scheduler is None:
@@ -223,11 +254,13 @@ def load(target: str | Path | None = None, drafter: str | Path | None = "default
         if drafter == "default" and drafter_kind is None:
             drafter_kind = "eagle"   # the bundled pair's fastest drafter (docs/BENCHMARKS.md)
     if drafter == "default":
-        if bundled:
+        # (a kind that takes settings, not weights, finds its own default: layerskip's tuned skip set)
+        if bundled and not getattr(drafter_class(drafter_kind), "takes_settings", False):
             drafter = {"visual": BUNDLED_VISUAL_DRAFTER, "eagle": BUNDLED_EAGLE_DRAFTER}.get(drafter_kind,
                                                                                         BUNDLED_TEXT_DRAFTER)
         else:
             drafter = None
+    drafter_kind = infer_kind(drafter, drafter_kind)   # a drafter folder's own config names its kind (EAGLE-3)
     if drafter_kind is None:
         drafter_kind = "text" if drafter is not None else "ngram"
     cls = drafter_class(drafter_kind)
@@ -263,4 +296,6 @@ def _make_drafter(cls: type[Drafter], adapter: TargetAdapter, drafter, dtype: to
     """A drafter of class ``cls`` for ``adapter``'s target: its weights from ``drafter`` when it needs them."""
     if cls.needs_weights:
         return cls.from_pretrained(adapter, drafter, dtype, trust_remote_code=trust_remote_code)
+    if getattr(cls, "takes_settings", False):   # weightless, tuned per target: ``drafter`` names its settings
+        return cls(adapter, drafter)
     return cls(adapter)

@@ -1,22 +1,45 @@
 """How long each round drafts: ``DraftPolicy`` picks k from the measured forward costs (``CostModel``, running
-``LinearFit``s) and the acceptance seen so far. One policy per pipeline, shared by every engine it runs."""
+``LinearFit``s) and the acceptance seen so far, and how wide a tree may grow (``node_floor``). One policy per
+pipeline, shared by every engine it runs.
+
+The policy must never talk itself out of drafting for good: a busy machine's slow forwards can make drafting
+look dear, and a round that drafts nothing measures nothing about drafting. So (issue 31) it keeps measuring:
+every ``PROBE_EVERY`` rounds in which it would draft less than the prior costs say it should, it drafts that
+much anyway (a probe, on a round counter: no random numbers, so seeded rows stay reproducible); a timing far
+below what a fit predicted fades the fit's old evidence at once (``LinearFit.SURPRISE``); and estimates fade
+towards the drafter's prior in rounds that measure nothing."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from mmspec.config import MAX_DRAFT_TOKENS
+from mmspec.config import MAX_DRAFT_TOKENS, DecodeConfig
 from mmspec.drafters.base import Drafter
 
-if TYPE_CHECKING:   # annotations only: the engine imports this module
-    from mmspec.engine import Job
+
+class PolicyRow(Protocol):
+    """What the policy reads and updates of a row (the engine's ``Job``): its settings and its running counts of
+    accepted and rejected drafts; ``acceptance`` = accepted / (accepted + rejected)."""
+
+    config: DecodeConfig
+    accepted_run: float
+    rejected_run: float
+
+    @property
+    def acceptance(self) -> float: ...
 
 
 class LinearFit:
     """y = a + b * x by least squares over what was observed, older observations fading (so the fit follows
-    the machine it runs on), starting from prior pseudo-observations; a and b are kept positive."""
+    the machine it runs on), starting from prior pseudo-observations; a and b are kept positive.
+
+    An observation under 1 / ``SURPRISE`` of the prediction means the old evidence is wrong (a busy spell is
+    over, or absurd timings were fed): it then fades by ``FORGET`` instead of ``DECAY``, so a fit that made
+    drafting look dear is corrected by one probe instead of hundreds of rounds."""
 
     DECAY = 0.98
+    SURPRISE = 4.0
+    FORGET = 0.02
 
     def __init__(self, prior: tuple[tuple[float, float], ...]):
         self.n, self.sx, self.sy, self.sxx, self.sxy = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -31,15 +54,20 @@ class LinearFit:
         self.sxy += x * y
 
     def observe(self, x: float, y: float) -> None:
-        d = self.DECAY
+        d = self.FORGET if y * self.SURPRISE < self(x) else self.DECAY
         self.n, self.sx, self.sy, self.sxx, self.sxy = (v * d for v in (self.n, self.sx, self.sy, self.sxx, self.sxy))
         self._add(x, y)
 
-    def __call__(self, x: float) -> float:
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b), both positive."""
         det = self.n * self.sxx - self.sx * self.sx
-        b = (self.n * self.sxy - self.sx * self.sy) / det if det > 1e-12 else 0.0
+        b = (self.n * self.sxy - self.sx * self.sy) / det if det > 1e-12 * max(self.n * self.sxx, 1e-30) else 0.0
         b = max(b, 1e-7)
         a = max((self.sy - b * self.sx) / self.n, 1e-6)
+        return a, b
+
+    def __call__(self, x: float) -> float:
+        a, b = self.coefficients()
         return a + b * x
 
 
@@ -64,6 +92,10 @@ class CostModel:
         """A round drafting k tokens (k drafter forwards; nothing when k = 0)."""
         return self.draft(k) if k else 0.0
 
+    def round_s(self, rows: int, k: int) -> float:
+        """A round of ``rows`` rows drafting k tokens each: drafting, then one verify of rows * (k + 1) tokens."""
+        return self.draft_s(k) + self.verify(rows * (k + 1))
+
 
 class DraftPolicy:
     """Draft length per round: fixed when the request says so, else the k that maximises the expected tokens
@@ -73,7 +105,11 @@ class DraftPolicy:
     when position i-1 was: drafters are surer of near tokens than far ones) and per row (a one-word answer
     accepts nothing); a row's chance at position i is the mean of the two. k drafts then give
     1 + sum_i prod_{j<=i} p_j tokens per round for k drafting steps plus one verify of B*(k+1) tokens.
-    k = 0 (no drafting) wins when drafts rarely pass; after a few rounds without drafting k = 1 is tried again.
+
+    Recovery (module docstring): every ``PROBE_EVERY``-th round in which the measured costs pick a k shorter
+    than the prior costs would (``prior_costs``, never fitted), the round drafts the prior's k (at least 1):
+    its timing either confirms the fit or, far below it, replaces it. Rounds that draft nothing fade the
+    pooled acceptance estimates towards the drafter's prior.
     """
 
     PROBE_EVERY = 8
@@ -81,8 +117,10 @@ class DraftPolicy:
 
     def __init__(self, drafter: Drafter):
         self.costs = CostModel()
+        self.prior_costs = CostModel()   # the probe's yardstick: what drafting costs before anything is measured
         self.max_k = MAX_DRAFT_TOKENS if drafter.default_k else 0
-        self.idle_rounds = 0
+        self.short_rounds = 0            # rounds in a row that drafted less than the prior costs would
+        self.probes = 0                  # probe rounds so far (for tests and the bench's notes)
         self.pos_accepted = [0.0] * (MAX_DRAFT_TOKENS + 1)
         self.pos_tried = [0.0] * (MAX_DRAFT_TOKENS + 1)
         # before anything is measured: the drafter's own guess (a trained head knows its held-out acceptance)
@@ -112,26 +150,56 @@ class DraftPolicy:
             total += chain
         return total
 
-    def choose(self, jobs: list[Job]) -> int:
+    def _best(self, costs: CostModel, adaptive: list[PolicyRow], rows: int, positions: list[float]) -> tuple:
+        """(k, expected tokens per second) maximising the batch's rate under ``costs``."""
+        best_k, best = 0, -1.0
+        for k in range(self.max_k + 1):
+            rate = sum(self.expected_tokens(j.acceptance, positions, k) for j in adaptive) / costs.round_s(rows, k)
+            if rate > best * (1 + 1e-3):
+                best_k, best = k, rate
+        return best_k, best
+
+    def choose(self, jobs: list[PolicyRow]) -> int:
+        """k for this round's rows (``jobs``: every row whose k the policy sets or that shares its verify)."""
         adaptive = [j for j in jobs if j.config.num_draft_tokens is None]
         if not adaptive or not self.max_k:
             return 0
         positions = self.position_acceptance()
-        best_k, best = 0, -1.0
-        for k in range(self.max_k + 1):
-            seconds = self.costs.draft_s(k) + self.costs.verify(len(jobs) * (k + 1))
-            rate = sum(self.expected_tokens(j.acceptance, positions, k) for j in adaptive) / seconds
-            if rate > best * (1 + 1e-3):
-                best_k, best = k, rate
+        best_k, _ = self._best(self.costs, adaptive, len(jobs), positions)
+        probe_k = max(self._best(self.prior_costs, adaptive, len(jobs), positions)[0], 1)
+        if best_k >= probe_k:
+            self.short_rounds = 0
+            return best_k
         if best_k == 0:
-            self.idle_rounds += 1
-            if self.idle_rounds % self.PROBE_EVERY == 0:
-                return 1
-        else:
-            self.idle_rounds = 0
+            self._fade()
+        self.short_rounds += 1
+        if self.short_rounds % self.PROBE_EVERY == 0:
+            self.probes += 1
+            return probe_k
         return best_k
 
-    def observe(self, job: Job, drafted: int, accepted: int) -> None:
+    def node_floor(self, jobs: list[PolicyRow], k: int) -> float:
+        """The path probability a tree node needs to be worth verifying at this round's costs: a node adds about
+        its path probability in accepted tokens and one verified token's cost (the verify fit's slope), so it
+        pays when p / slope beats the batch's expected tokens per second at draft length k."""
+        adaptive = [j for j in jobs if j.config.num_draft_tokens is None] or jobs
+        if not adaptive or not k:
+            return 0.0
+        positions = self.position_acceptance()
+        rate = sum(self.expected_tokens(j.acceptance, positions, k) for j in adaptive) / self.costs.round_s(
+            len(jobs), k)
+        return min(self.costs.verify.coefficients()[1] * rate, 0.9)
+
+    def _fade(self) -> None:
+        """A round that measures nothing: the pooled estimates lean a little further on the drafter's prior."""
+        d = self.DECAY
+        self.pos_accepted = [v * d for v in self.pos_accepted]
+        self.pos_tried = [v * d for v in self.pos_tried]
+        self.pool_accepted = d * self.pool_accepted + (1 - d) * 2 * self.prior
+        self.pool_rejected = d * self.pool_rejected + (1 - d) * 2 * (1 - self.prior)
+
+    def observe(self, job: PolicyRow, drafted: int, accepted: int) -> None:
+        """A row's round: ``drafted`` tokens deep (a tree: its depth), ``accepted`` of them kept."""
         if not drafted:
             return
         # recent rounds weigh most: a row's counts fade by a fifth each round, the positions' more slowly
@@ -146,4 +214,4 @@ class DraftPolicy:
             self.pos_accepted[i] += i < accepted
 
 
-__all__ = ["CostModel", "DraftPolicy", "LinearFit"]
+__all__ = ["CostModel", "DraftPolicy", "LinearFit", "PolicyRow"]

@@ -45,16 +45,34 @@ def depths(parents: list[int]) -> list[int]:
 
 def ancestor_matrix(parents: list[int], device) -> torch.Tensor:
     """[n, n] bool: entry (i, j) is True when token j is token i or one of its ancestors (parents point back)."""
-    n = len(parents)
-    if all(p == i - 1 for i, p in enumerate(parents)):
-        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    anc = torch.eye(n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            if p >= i:
-                raise ValueError(f"parent {p} of token {i} must come before it")
-            anc[i] |= anc[p]
-    return anc.to(device)
+    return ancestor_matrices([parents], len(parents), device)[0]
+
+
+def ancestor_matrices(parents: list[list[int]], T: int, device) -> torch.Tensor:
+    """[B, T, T] bool: ``ancestor_matrix`` of every row's parents at once, rows padded to T tokens (a padding
+    token is its own only ancestor). One tensor op per tree depth, not per node: each step ORs into every
+    token the set of its parent, so after depth steps every token holds its whole path."""
+    B = len(parents)
+    bad = next(((i, p) for par in parents for i, p in enumerate(par) if p >= i), None)
+    if bad:
+        raise ValueError(f"parent {bad[1]} of token {bad[0]} must come before it")
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    if all(p == i - 1 for par in parents for i, p in enumerate(par)):   # chains (padding aside): one tril
+        anc = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
+        n = torch.tensor([len(par) for par in parents], device=device)
+        inside = torch.arange(T, device=device)[None] < n[:, None]          # [B, T]
+        return (anc & inside[:, None, :] & inside[:, :, None]) | eye
+    par = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(parents):
+        if row:
+            par[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    par = par.to(device)
+    has = (par >= 0)[:, :, None]                                            # [B, T, 1]
+    index = par.clamp_min(0)[:, :, None].expand(B, T, T)
+    anc = eye.expand(B, T, T).clone()
+    for _ in range(max((max(depths(row), default=0) for row in parents), default=0)):
+        anc = eye | (anc.gather(1, index) & has)
+    return anc
 
 
 def children(parents: list[int]) -> dict[int, list[int]]:
@@ -87,38 +105,67 @@ def trace_order(path: list[int], parents: list[int]) -> tuple[list[int], tuple[i
 
 
 # ----- growing trees ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TreeShape:
+    """What a row's tree may be (``DraftBatch.propose``'s ``tree_nodes`` values; a plain int N means
+    ``TreeShape(N)``): at most ``nodes`` nodes; the drafter's own chain (its top token after each) kept
+    ``spine`` deep whatever its probabilities, so a tree holds the chain the draft-length policy would draft
+    and never accepts less; width only where a node's path probability clears ``floor`` (None: the drafter's
+    ``tree_floor``)."""
+
+    nodes: int
+    spine: int = 0
+    floor: float | None = None
+
+    @classmethod
+    def of(cls, value) -> "TreeShape":
+        return value if isinstance(value, TreeShape) else cls(int(value))
+
+
 def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, eos_ids: frozenset[int],
-              branch: int = 4, floor: float = 0.0) -> list[Draft]:
+              branch: int = 4, floor: float | list[float] = 0.0, spines: list[int] | None = None) -> list[Draft]:
     """Grow one dynamic draft tree per row (EAGLE-2): the root's top ``branch`` tokens, then at each depth the
     ``branch`` frontier nodes with the highest path probability (product of the drafter's probabilities along
     the path) are fed and each gets its top ``branch`` children; finally the ``budgets[b]`` nodes with the
     highest path probability are kept (ancestors before descendants, so the set is a tree).
 
-    ``floor`` > 0: a node whose path probability is below it is neither fed nor kept (a row whose every first
-    token is under the floor drafts nothing this round). A node's path probability is roughly its chance to be
-    accepted, so a sure drafter then grows a long thin tree (a chain with the few branches worth verifying) and
-    an unsure one a short bushy tree, and growth stops once no frontier node clears the floor: fewer drafting
-    forwards and verified tokens.
+    ``floor`` > 0 (one for all rows, or one per row): a node whose path probability is below it is neither fed
+    nor kept (a row whose every first token is under the floor drafts nothing this round). A node's path
+    probability is roughly its chance to be accepted, so a sure drafter then grows a long thin tree (a chain
+    with the few branches worth verifying) and an unsure one a short bushy tree, and growth stops once no
+    frontier node clears the floor: fewer drafting forwards and verified tokens.
+
+    ``spines[b]`` > 0: row b's spine, the chain of the drafter's top token after each spine node (what a chain
+    draft of that length would hold, up to an end-of-sequence token), is fed and kept ``spines[b]`` deep (within
+    ``max_depth`` and the budget) whatever the floor says, before any other node: a sure drafter's tree is then
+    that chain (its siblings are under the floor), and width appears only where the drafter hesitates.
 
     ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
     feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
     drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None). End-of-sequence
     tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them."""
     R = first.shape[0]
-    low = math.log(floor) if floor > 0 else float("-inf")
+    floors = floor if isinstance(floor, (list, tuple)) else [floor] * R
+    low = [math.log(f) if f > 0 else float("-inf") for f in floors]
+    spines = [min(s, b) for s, b in zip(spines, budgets)] if spines else [0] * R
     tokens = [[] for _ in range(R)]
     parents = [[] for _ in range(R)]
     depth = [[] for _ in range(R)]
     score = [[] for _ in range(R)]
+    spine = [[] for _ in range(R)]      # row -> its spine's nodes, root first
 
     def add_children(b, parents_fed: list[int], logits: torch.Tensor, d: int) -> None:
         # logits [n, vocab] of the fed nodes: every node's top tokens in one op and one host sync
         top = logits.float().log_softmax(-1).topk(min(branch, logits.shape[-1]), dim=-1)
+        tip = spine[b][-1] if spine[b] else -1
+        grows = len(spine[b]) == d and d < spines[b]     # the spine reached this depth and goes on
         for parent, lps, toks in zip(parents_fed, top.values.tolist(), top.indices.tolist()):
             base = score[b][parent] if parent >= 0 else 0.0
-            for lp, tok in zip(lps, toks):
+            for rank, (lp, tok) in enumerate(zip(lps, toks)):
                 if lp == float("-inf") or tok in eos_ids:
                     continue
+                if grows and parent == tip and rank == 0:   # the spine's next node: the top token after its tip
+                    spine[b].append(len(tokens[b]))
                 tokens[b].append(tok)
                 parents[b].append(parent)
                 depth[b].append(d)
@@ -132,8 +179,9 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
     for d in range(1, max_depth):
         feeds = []
         for b in range(R):
-            live = [i for i in frontier[b] if score[b][i] >= low]
-            live.sort(key=lambda i: -score[b][i])
+            on_spine = set(spine[b])
+            live = [i for i in frontier[b] if score[b][i] >= low[b] or i in on_spine]
+            live.sort(key=lambda i: (i not in on_spine, -score[b][i]))
             feeds.append([(i, tokens[b][i], parents[b][i], depth[b][i]) for i in live[:branch]])
         if not any(feeds):
             break
@@ -147,13 +195,12 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
                 frontier[b].extend(range(start, len(tokens[b])))
     out = []
     for b in range(R):
-        order = sorted(range(len(tokens[b])), key=lambda i: (-score[b][i], i))
-        chosen: list[int] = []
-        picked = set()
-        for i in order:
-            if len(chosen) >= budgets[b] or score[b][i] < low:
+        chosen: list[int] = spine[b][:budgets[b]]
+        picked = set(chosen)
+        for i in sorted(range(len(tokens[b])), key=lambda i: (-score[b][i], i)):
+            if len(chosen) >= budgets[b] or score[b][i] < low[b]:
                 break
-            if parents[b][i] < 0 or parents[b][i] in picked:
+            if i not in picked and (parents[b][i] < 0 or parents[b][i] in picked):
                 chosen.append(i)
                 picked.add(i)
         chosen.sort(key=lambda i: (depth[b][i], i))

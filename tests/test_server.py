@@ -167,6 +167,41 @@ def test_conversation_and_sampling(client, urls):
     assert a == b  # the same seed, the same sample
 
 
+def _chat_part(part: dict, pipe_side: bool) -> dict:
+    """An OpenAI image_url part as the server gets it, or as pipe.chat takes the same image."""
+    if part["type"] != "image_url":
+        return part
+    return {"type": "image", "url": part["image_url"]["url"]} if pipe_side else part
+
+
+@pytest.mark.parametrize("shape", ["text only", "one image", "two images", "three turns"])
+def test_images_and_turns_equal_pipe_chat(client, urls, pipe, shape):
+    """0, 1 and 2 images and a multi-turn conversation: the server's answer equals pipe.chat's on the same
+    conversation (rendered with the target's chat template), streamed or not."""
+    img = [{"type": "image_url", "image_url": {"url": urls[i]}} for i in range(3)]
+    text = {"type": "text", "text": "Describe the image."}
+    messages = {"text only": [{"role": "user", "content": "Write one word."}],
+                "one image": [{"role": "user", "content": [img[0], text]}],
+                "two images": [{"role": "user", "content": [img[0], img[1], text]}],
+                "three turns": [{"role": "system", "content": "You answer questions about shapes."},
+                                {"role": "user", "content": [img[0], text]},
+                                {"role": "assistant", "content": "a red circle."},
+                                {"role": "user", "content": [img[2], {"type": "text", "text": "And this one?"}]}]
+                }[shape]
+    as_pipe = [dict(m, content=m["content"] if isinstance(m["content"], str)
+                    else [_chat_part(p, True) for p in m["content"]]) for m in messages]
+    ref = pipe.chat(as_pipe, max_new_tokens=MAX_TOKENS)
+    assert ref.error is None and ref.token_ids
+    for stream in (False, True):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stream=stream)
+        if stream:
+            got = "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        else:
+            got = r.choices[0].message.content
+            assert r.usage.prompt_tokens == len(ref.prompt_ids)
+        assert got == ref.text, (shape, stream)
+
+
 def test_sixteen_concurrent_clients(client, urls, refs, pipe):
     engine = pipe._scheduler.engine
     step, peak = engine.step, [0]
@@ -219,8 +254,10 @@ BAD_BODIES = {
     "messages not a list": (_body(messages="hi"), 400),
     "message not an object": (_body(messages=["hi"]), 400),
     "tool role": (_body(messages=[{"role": "tool", "content": "x"}]), 400),
-    "missing image": (_body(messages=[{"role": "user", "content": "Describe the image."}]), 400),
-    "two images": (_body(messages=_msgs(IMG, IMG, TXT)), 400),
+    "too many images": (_body(messages=_msgs(*[IMG] * 9, TXT)), 400),
+    "ends on an assistant turn": (_body(messages=_msgs(IMG, TXT) + [{"role": "assistant", "content": "x"}]), 400),
+    "second image undecodable": (_body(messages=_msgs(IMG, {"type": "image_url", "image_url": {
+        "url": _b64(b"not a png")}}, TXT)), 400),
     "image only, no text": (_body(messages=_msgs(IMG)), 400),
     "image in assistant turn": (_body(messages=[{"role": "assistant", "content": [IMG]},
                                                 {"role": "user", "content": "hi"}]), 400),
@@ -269,11 +306,16 @@ def _check_error(r: httpx.Response, status: int) -> dict:
     return err
 
 
-CODES = {"unknown model": "model_not_found", "missing image": "missing_image", "two images": "too_many_images",
+CODES = {"unknown model": "model_not_found", "too many images": "too_many_images",
+         "second image undecodable": "invalid_image",
          "undecodable image": "invalid_image", "truncated image": "invalid_image", "bad base64": "invalid_image",
          "remote url not allowed": "remote_images_disabled", "oversized image": "image_too_large",
          "prompt longer than the context": "context_length_exceeded", "n 2": "invalid_value",
          "logprobs": "unsupported_parameter", "image only, no text": "empty_prompt"}
+
+
+PARAMS = {"too many images": "messages", "ends on an assistant turn": "messages[1]",
+          "second image undecodable": "messages[0].content[1]", "image in assistant turn": "messages[0].content[0]"}
 
 
 @pytest.mark.parametrize("name", list(BAD_BODIES))
@@ -283,6 +325,7 @@ def test_bad_request_bodies(server, name):
         payload = dict(body, stream=True) if stream and isinstance(body, dict) and "stream" not in body else body
         err = _check_error(httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=60), status)
         assert err["code"] == CODES.get(name, err["code"]), err
+        assert err["param"] == PARAMS.get(name, err["param"]), err
         assert err["type"] == "invalid_request_error"
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
@@ -310,8 +353,9 @@ def test_openai_client_gets_the_errors(client, urls):
         client.chat.completions.create(model="gpt-4o", messages=[user_message(urls[0], "hi")])
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         client.chat.completions.create(model=MODEL, messages=[user_message(urls[0], "hi")], n=2)
-    with pytest.raises(openai.BadRequestError, match="no image"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.BadRequestError, match="at most 8"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [IMG] * 9 + [TXT]}],
+                                       stream=True)
 
 
 def test_still_answers_after_bad_input(client, urls, refs):

@@ -26,6 +26,7 @@ DRAFTER_KINDS: dict[str, str] = {
     "vlm": "mmspec.drafters.vlm:VlmDrafter",
     "eagle": "mmspec.drafters.eagle:EagleDrafter",
     "ngram": "mmspec.drafters.ngram:NgramDrafter",
+    "layerskip": "mmspec.drafters.layerskip:LayerSkipDrafter",
     "none": "mmspec.drafters.base:NoDrafter",
 }
 
@@ -39,6 +40,46 @@ def drafter_class(kind: str) -> type[Drafter]:
         return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as e:
         raise MMSpecError(f"drafter kind {kind!r} is not available in this build ({e})") from e
+
+
+def infer_kind(drafter, kind: str | None) -> str | None:
+    """The kind a local drafter folder's own files name, checked against ``kind`` (None: not given).
+
+    An EAGLE-3 head (SpecForge/vLLM or speculators ``config.json``) or mmspec's ``eagle_config.json`` is kind
+    "eagle"; an HF model folder says nothing (None, the caller's default applies). A folder with none of these,
+    or an EAGLE-3 head given another kind, is refused here rather than failing deep inside transformers. Hub
+    ids (not local folders) pass through unchanged."""
+    from pathlib import Path
+
+    folder = Path(str(drafter)) if drafter is not None else None
+    if folder is None or not folder.is_dir() or (kind is not None and not drafter_class(kind).needs_weights):
+        return kind
+    found = None
+    if (folder / "eagle_config.json").is_file():
+        found = "eagle"
+    elif (folder / "config.json").is_file():
+        from mmspec.drafters.eagle3 import read_config
+
+        config = read_config(folder)
+        if config is not None:
+            found = "eagle"
+        else:
+            import json
+
+            raw = json.loads((folder / "config.json").read_text())
+            if kind is None and (not isinstance(raw, dict) or "model_type" not in raw
+                                 or raw.get("speculators_model_type")):
+                raise MMSpecError(f"{folder} is not a drafter mmspec recognises: its config.json is neither an HF "
+                                  "model's (no model_type) nor an EAGLE-3 head's (no EAGLE-3 architecture or "
+                                  "speculators_model_type 'eagle3')", code="invalid_value", param="drafter")
+    elif kind is None:   # (a given kind's loader says what its folder lacks)
+        raise MMSpecError(f"{folder} is not a drafter mmspec recognises (no config.json or eagle_config.json)",
+                          code="invalid_value", param="drafter")
+    if found and kind not in (None, found) and drafter_class(kind).needs_weights:
+        raise MMSpecError(f"{folder} holds an eagle head, not a {kind!r} drafter: use drafter_kind={found!r} (or "
+                          "leave it out: the kind is read from the folder)", code="invalid_value",
+                          param="drafter_kind")
+    return kind or found
 
 
 def kinds_where(**attributes) -> list[str]:
@@ -65,4 +106,4 @@ def weightless_kinds() -> list[str]:
     return kinds_where(needs_weights=False)
 
 
-__all__ = ["DRAFTER_KINDS", "drafter_class", "kinds_where", "tree_kinds", "weightless_kinds"]
+__all__ = ["DRAFTER_KINDS", "drafter_class", "infer_kind", "kinds_where", "tree_kinds", "weightless_kinds"]

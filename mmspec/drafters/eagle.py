@@ -226,11 +226,17 @@ class EagleDrafter(Drafter):
         self.bad_ids = bad.to(target.device)
 
     @classmethod
-    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "EagleDrafter":
-        if not EagleHead.exists(path):
-            raise MMSpecError(f"{path} is not an eagle drafter folder (no {CONFIG_NAME}); make one with "
-                              "`mmspec train-drafter --kind eagle`")
-        return cls(target, EagleHead.from_pretrained(path), where=str(path))
+    def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> Drafter:
+        """mmspec's own head (``eagle_config.json``, the first format), or an EAGLE-3 head in either published
+        layout (``config.json``: ``mmspec.drafters.eagle3``)."""
+        if EagleHead.exists(path):
+            return cls(target, EagleHead.from_pretrained(path), where=str(path))
+        from mmspec.drafters.eagle3 import Eagle3Drafter, read_config
+
+        if read_config(path) is not None:
+            return Eagle3Drafter.from_pretrained(target, path, dtype, trust_remote_code)
+        raise MMSpecError(f"{path} is not an eagle drafter folder (neither an EAGLE-3 head's config.json nor "
+                          f"mmspec's {CONFIG_NAME}); make one with `mmspec train-drafter --kind eagle`")
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         """[..., H] predicted hidden states -> [..., vocab] float32 logits over the target's vocabulary."""

@@ -29,7 +29,7 @@ from mmspec.drafters.base import DraftBatch, Drafter, RowSpec, draft_block
 from mmspec.drafters.vocab import check_same_tokenizer, undraftable_ids
 from mmspec.kv import SlotCache
 from mmspec.targets.base import TargetAdapter
-from mmspec.trees import Draft, TreeFeeds, chain, grow_tree
+from mmspec.trees import Draft, TreeFeeds, TreeShape, chain, grow_tree
 
 
 @dataclass
@@ -55,6 +55,8 @@ class ModelDraftBatch(DraftBatch):
         self.fresh: set = set()    # rows not in ``slots`` yet
         self.base: dict = {}       # row -> its cache length before this round's drafts
         self.bad = drafter.bad_ids.to(self.device)
+        # a chain ends before a token the drafter is less sure of than this (a kind may adapt it: layerskip)
+        self.stop_threshold = drafter.stop_threshold
 
     # ----- what a kind supplies -------------------------------------------------------------------------
     def _open(self, row, spec: RowSpec):
@@ -197,7 +199,7 @@ class ModelDraftBatch(DraftBatch):
             return self._logits(out)
 
         return draft_block(first, step, [ks[r] for r in rows], [self.specs[r] for r in rows],
-                           self.drafter.target.vocab_size, self.drafter.eos_ids, self.drafter.stop_threshold)
+                           self.drafter.target.vocab_size, self.drafter.eos_ids, self.stop_threshold)
 
     def _trees(self, rows: list, last: dict, first: torch.Tensor, ks: dict, tree_nodes: dict) -> list[Draft]:
         """EAGLE-2 dynamic trees, one depth per forward; the nodes are dropped after the round."""
@@ -224,8 +226,10 @@ class ModelDraftBatch(DraftBatch):
                 result.append(logits[b, :len(nodes)] if nodes else None)
             return result
 
-        return grow_tree(first, expand, [tree_nodes[r] for r in rows], max(ks[r] for r in rows),
-                         self.drafter.eos_ids, floor=self.drafter.tree_floor)
+        shapes = [TreeShape.of(tree_nodes[r]) for r in rows]
+        return grow_tree(first, expand, [s.nodes for s in shapes], max(ks[r] for r in rows), self.drafter.eos_ids,
+                         floor=[self.drafter.tree_floor if s.floor is None else s.floor for s in shapes],
+                         spines=[min(s.spine, ks[r]) for s, r in zip(shapes, rows)])
 
 
 class ModelDrafter(Drafter):

@@ -54,9 +54,11 @@ class VisualDrafter(TextDrafter):
         return cls(target, text.model, text.tokenizer, VisualProjector.from_pretrained(path))
 
     def pooled_features(self, request: Request) -> torch.Tensor:
-        """The source features of ``request``'s image pooled to [m, in_dim] (no trained parameters)."""
+        """The source features of ``request``'s images pooled to [m, in_dim] (no trained parameters); several
+        images are pooled together, so the drafter sees m tokens whatever their number."""
         if self.encoder is not None:
-            feats, _ = self.encoder.features(request.image, self.target.vision_cache)
+            feats = torch.cat([self.encoder.features(im, self.target.vision_cache)[0].reshape(-1, self.encoder.dim)
+                               for im in request.images])
         else:
             feats = request.features
         return pool_tokens(feats.float(), self.projector.num_tokens)
@@ -71,5 +73,6 @@ class VisualDrafter(TextDrafter):
         tokens, _ = self.target.vision_cache.get_or_compute(f"{request.image_key}/{self._cache_tag}", compute)
         return tokens
 
-    def prefix_embeds(self, request: Request) -> torch.Tensor:
-        return self.visual_tokens(request)
+    def prefix_embeds(self, request: Request) -> torch.Tensor | None:
+        # a text-only request: no visual tokens, the drafter reads the text alone
+        return self.visual_tokens(request) if request.images else None

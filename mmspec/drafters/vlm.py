@@ -123,14 +123,14 @@ class VlmDrafter(ModelDrafter):
         self.processor = processor
 
     def drafter_request(self, request: Request) -> Request:
-        """The drafter's own request for the same image and prompt (its processor, its cache key)."""
+        """The drafter's own request for the same images and prompt (its processor, its cache keys)."""
         text = request.prompt_text
         if text:
-            return self.adapter.prepare(request.image, text)
+            return self.adapter.prepare(request.images, text)
         # adapters that do not record the prompt text: same family and processor, so the same inputs
-        return Request(prompt_ids=list(request.prompt_ids), image=request.image,
-                       image_key=self.adapter.image_key(request.image), model_inputs=request.model_inputs,
-                       image_token_ids=self.adapter.image_token_ids)
+        return Request(prompt_ids=list(request.prompt_ids), images=list(request.images),
+                       image_keys=[self.adapter.image_key(im) for im in request.images],
+                       model_inputs=request.model_inputs, image_token_ids=self.adapter.image_token_ids)
 
     def batch(self) -> VlmDraftBatch:
         return VlmDraftBatch(self)

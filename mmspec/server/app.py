@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mmspec.server.backend import BUNDLED_MODEL_ID, LocalBackend, served_model_id  # noqa: F401 (re-exported)
-from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_IMAGE_BYTES,  # noqa: F401
+from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_IMAGES,  # noqa: F401
                                   REMOTE_TIMEOUT_S, ServerConfig)
 from mmspec.server.metrics import ServerMetrics
 from mmspec.server.protocol import APIError, ChatRequest, bad_request, error_body, parse_chat_request, unavailable
@@ -305,7 +305,8 @@ async def chat_completions(request: Request):
     t0 = time.perf_counter()
     try:
         body = await _read_json(request, state.config.max_body_bytes)
-        chat = parse_chat_request(body, state.model_ids, state.card["image_token"], state.card["defaults"])
+        chat = parse_chat_request(body, state.model_ids, state.card["image_token"], state.card["defaults"],
+                                  state.config.max_images)
         state.admit()
     except APIError as e:
         state.metrics.finished("rejected" if e.status == 503 else "invalid", time.perf_counter() - t0)
@@ -427,7 +428,7 @@ def backend_app(backend, config: ServerConfig):
 def build_app(pipe, api_key: str | None = None, allow_remote_images: bool = False, model_id: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
               remote_timeout_s: float = REMOTE_TIMEOUT_S, max_waiting: int | None = None,
-              request_timeout_s: float | None = None, metrics_public: bool = False):
+              request_timeout_s: float | None = None, metrics_public: bool = False, max_images: int = MAX_IMAGES):
     """A FastAPI app serving ``pipe`` in this process with OpenAI's chat-completions protocol (see
     ``mmspec.server``); the keywords are ``ServerConfig``'s.
 
@@ -435,9 +436,11 @@ def build_app(pipe, api_key: str | None = None, allow_remote_images: bool = Fals
     is open, ``metrics_public`` opens ``/metrics``). ``model_id``: the id served (default:
     ``served_model_id(pipe)``); requests name it, or the target's path or hub id. ``max_waiting``: requests past
     the engine's batch that may wait (more: 503). ``request_timeout_s``: a longer request is stopped (504).
+    ``max_images``: image parts one request may hold (more: 400).
     """
     config = ServerConfig(model_id=model_id, api_key=api_key or None, allow_remote_images=allow_remote_images,
                           max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
                           remote_timeout_s=remote_timeout_s, max_waiting=max_waiting,
-                          request_timeout_s=request_timeout_s, metrics_public=metrics_public)
+                          request_timeout_s=request_timeout_s, metrics_public=metrics_public,
+                          max_images=max_images)
     return backend_app(LocalBackend(pipe, config), config)

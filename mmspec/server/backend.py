@@ -1,7 +1,8 @@
 """What answers a validated chat request: the engine side of the server.
 
-``LocalBackend`` wraps one pipeline: it loads the request's image, renders the prompt with the target's chat
-template, submits it to the pipeline's shared engine (one continuous batch) and turns the engine's rounds into
+``LocalBackend`` wraps one pipeline: it loads the request's images (0..n, in order), puts them into the
+conversation's image parts and submits the conversation to the pipeline's shared engine (which renders it with
+the target's chat template, as ``pipe.chat`` does) (one continuous batch) and turns the engine's rounds into
 *pieces*, plain dicts that cross a process boundary unchanged (``mmspec.server.replicas`` runs one
 ``LocalBackend`` per Ray Serve replica and streams its pieces to the ingress):
 
@@ -176,16 +177,15 @@ class LocalBackend:
     def replicas(self) -> list[dict]:
         return [self.snapshot()]
 
-    def render_prompt(self, messages: list[dict]) -> str:
-        try:
-            return self.pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # a template that refuses a role or an order of turns
-            raise bad_request(f"the model's chat template refuses these messages: {type(e).__name__}: {e}",
-                              "messages", "invalid_value") from None
+    def load_images(self, chat: ChatRequest) -> list[dict]:
+        """The request's messages with each image part holding its decoded image (a bad one: its part's 400)."""
+        images = iter([request_image(url, self.config, where) for where, url in chat.images])
+        return [dict(m, content=[dict(p, image=next(images)) if p["type"] == "image" else p for p in m["content"]])
+                for m in chat.messages]
 
-    def submit(self, image, prompt: str, settings: dict):
+    def submit(self, messages: list[dict], settings: dict):
         try:
-            return self.pipe.submit(image, prompt, raw_prompt=True, **settings)
+            return self.pipe.submit(messages, **settings)
         except MMSpecError as e:
             raise refused(e) from None
 
@@ -204,9 +204,8 @@ class LocalBackend:
             return event
 
     async def answer(self, chat: ChatRequest) -> AsyncIterator[dict]:
-        image = await run_in_threadpool(request_image, chat.image_url, self.config)
-        prompt = self.render_prompt(chat.messages)
-        job = await run_in_threadpool(self.submit, image, prompt, chat.settings)
+        messages = await run_in_threadpool(self.load_images, chat)
+        job = await run_in_threadpool(self.submit, messages, chat.settings)
         text, spec, first = AnswerText(chat.stops), SpecFigures(), True
         try:
             while True:

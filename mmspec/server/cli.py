@@ -14,7 +14,7 @@ import sys
 from mmspec.argtypes import int_at_least, positive_float
 from mmspec.errors import MMSpecError
 from mmspec.server.backend import BUNDLED_MODEL_ID
-from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, DRAIN_S, MAX_BODY_BYTES, MAX_IMAGE_BYTES,
+from mmspec.server.config import (DEFAULT_HOST, DEFAULT_PORT, DRAIN_S, MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_IMAGES,
                                   REMOTE_TIMEOUT_S, ServerConfig)
 
 API_KEY_ENV = "MMSPEC_API_KEY"
@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest request body (default: {MAX_BODY_BYTES})")
     parser.add_argument("--max-image-bytes", type=_positive_int, default=MAX_IMAGE_BYTES,
                         help=f"largest image, decoded or fetched (default: {MAX_IMAGE_BYTES})")
+    parser.add_argument("--max-images", type=_positive_int, default=MAX_IMAGES,
+                        help=f"images one request may hold, across its turns (default: {MAX_IMAGES})")
     parser.add_argument("--remote-timeout", type=float, default=REMOTE_TIMEOUT_S,
                         help=f"seconds to fetch a remote image (default: {REMOTE_TIMEOUT_S:g})")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
@@ -135,7 +137,7 @@ def server_config(args) -> ServerConfig:
                         allow_remote_images=args.allow_remote_images, max_body_bytes=args.max_body_bytes,
                         max_image_bytes=args.max_image_bytes, remote_timeout_s=args.remote_timeout,
                         max_waiting=args.max_waiting, request_timeout_s=args.request_timeout,
-                        metrics_public=args.metrics_public)
+                        metrics_public=args.metrics_public, max_images=args.max_images)
 
 
 def replica_options(args, replicas: int | str):

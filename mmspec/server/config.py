@@ -13,6 +13,7 @@ DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 16 * 2**20
 MAX_IMAGE_BYTES = 10 * 2**20
 REMOTE_TIMEOUT_S = 10.0
+MAX_IMAGES = 8                    # images one request may hold (the target's context may allow fewer)
 DRAIN_S = 30.0                    # on SIGTERM / Ctrl-C: how long requests in flight get to finish
 
 
@@ -31,6 +32,7 @@ class ServerConfig:
     and ``/metrics`` need ``Authorization: Bearer <key>`` (``/health`` never does; ``metrics_public`` opens
     ``/metrics``). ``max_waiting``: requests beyond the rows of the batch(es) that may wait; more get 503 with
     ``Retry-After`` (None: no bound). ``request_timeout_s``: a request running longer is ended and its row freed.
+    ``max_images``: image parts one request may hold, across its turns (more: 400 ``too_many_images``).
     """
 
     model_id: str | None = None
@@ -42,12 +44,14 @@ class ServerConfig:
     max_waiting: int | None = None
     request_timeout_s: float | None = None
     metrics_public: bool = False
+    max_images: int = MAX_IMAGES
 
     def __post_init__(self):
         if self.model_id is not None and (not isinstance(self.model_id, str) or not self.model_id.strip()):
             raise MMSpecError("the served model id must be a non-empty string")
         _positive("max_body_bytes", self.max_body_bytes, integer=True)
         _positive("max_image_bytes", self.max_image_bytes, integer=True)
+        _positive("max_images", self.max_images, integer=True)
         _positive("remote_timeout_s", self.remote_timeout_s, integer=False)
         _positive("request_timeout_s", self.request_timeout_s, integer=False, allow_none=True)
         if self.max_waiting is not None and (isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int)

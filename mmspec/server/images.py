@@ -89,15 +89,22 @@ def image_bytes(url: str, config: ServerConfig) -> bytes:
                       f"{url[:40]!r}", PARAM, "invalid_image")
 
 
-def request_image(url: str, config: ServerConfig):
-    """The ``PIL.Image`` behind an image part's URL; bytes that are no image are a 400 ``invalid_image``."""
+def request_image(url: str, config: ServerConfig, where: str = PARAM):
+    """The ``PIL.Image`` behind an image part's URL; bytes that are no image are a 400 ``invalid_image``. A
+    refusal names the part (``where``: ``messages[0].content[1]``) in its message and ``param``."""
     from vision.images import load_image
 
-    raw = image_bytes(url, config)
+    try:
+        raw = image_bytes(url, config)
+    except APIError as e:
+        if where == PARAM:
+            raise
+        raise APIError(e.status, f"{where}: {e.message}", where, e.code, e.type, e.headers) from None
     try:
         return load_image(raw)
     except MMSpecError as e:
-        raise bad_request(f"cannot use the image: {e}", PARAM, "invalid_image") from None
+        prefix = "" if where == PARAM else f"{where}: "
+        raise bad_request(f"{prefix}cannot use the image: {e}", where, "invalid_image") from None
 
 
 def data_url(image, mime: str = "image/png") -> str:

@@ -61,8 +61,10 @@ def unavailable(message: str, code: str, retry_after_s: int = 1) -> APIError:
 
 
 def refused(e: MMSpecError) -> APIError:
-    """A 400 for what the engine refuses, classified by the error's own ``code`` and ``param``."""
-    return bad_request(str(e), REQUEST_PARAMS.get(e.param), e.code or "invalid_value")
+    """A 400 for what the engine refuses, classified by the error's own ``code`` and ``param`` (a part of the
+    conversation, ``messages[1].content[0]``, is named as it is)."""
+    param = e.param if isinstance(e.param, str) and e.param.startswith("messages[") else REQUEST_PARAMS.get(e.param)
+    return bad_request(str(e), param, e.code or "invalid_value")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class ChatRequest:
     """A validated ``/v1/chat/completions`` body."""
 
     messages: list[dict]          # chat-template messages: {"role", "content": [{"type": "text"|"image"}...]}
-    image_url: str
+    images: list[tuple[str, str]]  # (where, url) of each image part, in order: ("messages[0].content[1]", "data:...")
     settings: dict                # pipe.submit keywords: max_new_tokens, temperature, top_p, seed, ...
     stream: bool = False
     include_usage: bool = False
@@ -145,8 +147,9 @@ def _parse_parts(content: list, where: str, role: str, images: list) -> list[dic
     return parts
 
 
-def _parse_messages(messages, image_token: str | None) -> tuple[list[dict], str]:
-    """Chat-template messages and the one image's URL, or an ``APIError`` naming the part that is wrong."""
+def _parse_messages(messages, image_token: str | None, max_images: int | None = None) -> tuple[list[dict], list]:
+    """Chat-template messages and each image part's (where, URL), or an ``APIError`` naming the part that is
+    wrong. Any number of images (0 included, at most ``max_images``) in any user turns."""
     if messages is None:
         raise bad_request("messages is required: a list of {role, content} objects", "messages",
                           "missing_required_parameter")
@@ -184,16 +187,17 @@ def _parse_messages(messages, image_token: str | None) -> tuple[list[dict], str]
                                   f"as an image_url part instead", where, "invalid_value")
             has_text = has_text or (role == "user" and bool(p["text"].strip()))
         out.append({"role": role, "content": parts})
-    if not images:
-        raise bad_request("the request has no image: add one {\"type\": \"image_url\", \"image_url\": {\"url\": "
-                          "\"data:image/png;base64,...\"}} part to a user message", "messages", "missing_image")
-    if len(images) > 1:
-        raise bad_request(f"the request has {len(images)} images ({', '.join(w for w, _ in images)}); this server "
-                          f"takes exactly one image per request", "messages", "too_many_images")
+    if max_images is not None and len(images) > max_images:
+        raise bad_request(f"the request has {len(images)} images; this server takes at most {max_images} per "
+                          f"request (--max-images)", "messages", "too_many_images")
+    if out[-1]["role"] != "user":
+        raise bad_request(f"messages[{len(out) - 1}]: the conversation ends on a {out[-1]['role']} turn; it must end "
+                          f"on the user's turn that the answer replies to", f"messages[{len(out) - 1}]",
+                          "invalid_value")
     if not has_text:
-        raise bad_request("the user messages hold no text; ask something about the image, e.g. 'Describe the "
-                          "image.'", "messages", "empty_prompt")
-    return out, images[0][1]
+        raise bad_request("the user messages hold no text; ask something, e.g. 'Describe the image.'", "messages",
+                          "empty_prompt")
+    return out, images
 
 
 def _parse_settings(body: dict, defaults: dict | None) -> dict:
@@ -221,7 +225,7 @@ def _parse_settings(body: dict, defaults: dict | None) -> dict:
 
 
 def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None = None,
-                       defaults: dict | None = None) -> ChatRequest:
+                       defaults: dict | None = None, max_images: int | None = None) -> ChatRequest:
     """Validate a chat-completions body (already JSON-decoded) into a ``ChatRequest``, or raise ``APIError``."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
@@ -232,7 +236,7 @@ def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None
     if model not in model_ids:
         raise APIError(404, f"the model {model!r} does not exist here; this server serves {model_ids[0]!r} "
                             f"(GET /v1/models)", "model", "model_not_found")
-    messages, image_url = _parse_messages(body.get("messages"), image_token)
+    messages, images = _parse_messages(body.get("messages"), image_token, max_images)
     n = _integer(body, "n", 1)
     if n is not None and n != 1:
         raise bad_request(f"n must be 1 (one choice per request), got {n}", "n", "invalid_value")
@@ -251,7 +255,7 @@ def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options", "invalid_type")
     include_usage = bool((options or {}).get("include_usage", False))
-    return ChatRequest(messages=messages, image_url=image_url, settings=settings, stream=bool(stream),
+    return ChatRequest(messages=messages, images=images, settings=settings, stream=bool(stream),
                        include_usage=include_usage, stops=_parse_stop(body.get("stop")))
 
 

@@ -22,22 +22,34 @@ import torch
 from PIL import Image
 
 from mmspec.errors import MMSpecError
+from mmspec.kv import SUPPORTED_LAYER_TYPES
 from vision.cache import EmbeddingCache, image_digest
 
 
 @dataclass
 class Request:
-    """One prepared request. ``prompt_ids`` holds the image placeholders the target expects."""
+    """One prepared request. ``prompt_ids`` holds the image placeholders the target expects: 0..n images, whose
+    features are concatenated in placeholder order (so the splice stays one mask), cached per image."""
 
     prompt_ids: list[int]
-    image: Image.Image
-    image_key: str
+    images: list[Image.Image]
+    image_keys: list[str]                 # one vision-cache key per image
     model_inputs: dict[str, Any]          # the processor's pixel inputs (``TargetAdapter.pixel_inputs``), on CPU
     image_token_ids: frozenset[int]
     prompt_text: str = ""                 # the formatted prompt the ids came from (a drafter VLM re-processes it)
     token_types: Any = None               # [1, L] 0 text / 1 image where the processor gives them (positions)
     features: Any = None                  # filled by ``TargetAdapter.image_features``
     vision_cache_hit: bool = False
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The first image (None for a text-only request), for callers that handle one image."""
+        return self.images[0] if self.images else None
+
+    @property
+    def image_key(self) -> str:
+        """One key for the whole set of images ("" for none): what per-request caches beside it use."""
+        return "+".join(self.image_keys)
 
     @property
     def text_only_ids(self) -> list[int]:
@@ -84,30 +96,39 @@ class TargetAdapter:
         return getattr(model.config, "model_type", None) in cls.model_types
 
     # ----- prompt ---------------------------------------------------------------------------------
-    def format_prompt(self, prompt: str) -> str:
-        """One user turn with the image then the text, generation prompt added, as the model cards do.
+    def format_prompt(self, prompt: str, n_images: int = 1) -> str:
+        """One user turn with the image(s) then the text, generation prompt added, as the model cards do.
 
-        A prompt that already holds the processor's image token (``"<image>\nWhat is this?"``, as model cards
-        write prompts) is honoured: the image goes where the token is, rendered the way the chat template renders
-        an image, and no second image is added. More than one image token is refused (one image per request).
+        A prompt that holds the processor's image token once per image (``"<image>\nWhat is this?"``, as model
+        cards write prompts) is honoured: each image goes where its token is, rendered the way the chat template
+        renders an image. Any other count of image tokens is refused.
         """
+        image_token = getattr(self.processor, "image_token", None)
+        n = prompt.count(image_token) if isinstance(image_token, str) and image_token and n_images else 0
+        if n and n != n_images:
+            raise MMSpecError(f"the prompt holds the image token {image_token!r} {n} times, but the request has "
+                              f"{n_images} image(s); keep one per image (it marks where the image goes) or none "
+                              "(the images come first)", code="invalid_value", param="prompt")
+        if n:
+            content = []
+            for i, piece in enumerate(part.strip() for part in prompt.split(image_token)):
+                content += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+        else:
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return self.render([{"role": "user", "content": content}])
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation (chat-template messages, images as ``{"type": "image"}`` parts): the
+        target's chat template with the generation prompt added, as ``apply_chat_template`` renders it."""
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise MMSpecError("this target's processor has no chat template; pass raw_prompt=True with a prompt "
                               "that already holds the image token(s)")
-        image_token = getattr(self.processor, "image_token", None)
-        n = prompt.count(image_token) if isinstance(image_token, str) and image_token else 0
-        if n > 1:
-            raise MMSpecError(f"the prompt holds the image token {image_token!r} {n} times, but a request has one "
-                              f"image; keep one (it marks where the image goes) or none (the image comes first)")
-        if n == 1:
-            before, after = (part.strip() for part in prompt.split(image_token))
-            content = ([{"type": "text", "text": before}] if before else []) + [{"type": "image"}] \
-                + ([{"type": "text", "text": after}] if after else [])
-        else:
-            content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:   # a template that raises on a shape it does not take (jinja's raise_exception)
+            raise MMSpecError(f"the target's chat template refuses this conversation: {type(e).__name__}: {e}",
+                              code="invalid_value", param="messages") from None
 
     @property
     def image_token_ids(self) -> frozenset[int]:
@@ -147,10 +168,12 @@ class TargetAdapter:
 
     def check_generation_config(self) -> None:
         text = self.model.config.get_text_config()
-        if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
-            # the engine hands every layer one explicit mask (holes, trees); a sliding window needs its own
-            raise MMSpecError("this target uses sliding-window attention layers, which mmspec's batched and tree "
-                              "masks do not model yet; its output could differ from generate()")
+        # the slot cache puts sliding windows in the mask and rolls linear-attention states back
+        # (``mmspec.kv.SlotCache``); other layer kinds (chunked attention, ...) are not modelled
+        unknown = set(getattr(text, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES)
+        if unknown:
+            raise MMSpecError(f"this target has {sorted(unknown)} layers, which mmspec's caches do not model yet "
+                              f"(supported: {list(SUPPORTED_LAYER_TYPES)}); its output could differ from generate()")
         cfg = self.model.generation_config
         for name, default in self.UNSUPPORTED_GENERATION_SETTINGS.items():
             value = getattr(cfg, name, default)
@@ -160,14 +183,27 @@ class TargetAdapter:
                                   f"pipe.target.generation_config.{name} = {default!r} if that is what you want")
 
     # ----- image --------------------------------------------------------------------------------
-    def prepare(self, image: Image.Image, prompt_text: str) -> Request:
-        """Run the processor: token ids with image placeholders expanded, and pixel inputs."""
+    def prepare(self, images, prompt_text: str) -> Request:
+        """Run the processor: token ids with image placeholders expanded, and pixel inputs. ``images``: one
+        ``PIL.Image``, a list of them (in placeholder order) or None; the prompt holds one image token per image."""
+        images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
         image_token = getattr(self.processor, "image_token", self.default_image_token)
-        if image_token not in prompt_text:
-            raise MMSpecError(f"the prompt must contain the image token {image_token!r} (raw_prompt=True passes "
-                              "the prompt unchanged; leave it False to use the chat template)")
-        outputs = self.processor(images=image, text=prompt_text, return_tensors="pt")
-        return Request(prompt_ids=outputs["input_ids"][0].tolist(), image=image, image_key=self.image_key(image),
+        n = prompt_text.count(image_token)
+        if n != len(images):
+            raise MMSpecError(f"the prompt holds the image token {image_token!r} {n} times but the request has "
+                              f"{len(images)} image(s): one token per image (raw_prompt=True passes the prompt "
+                              "unchanged; leave it False to use the chat template)", code="invalid_value",
+                              param="prompt")
+        # several images go as one sample's list, as apply_chat_template passes them (LLaVA-OneVision then skips
+        # anyres patching, as generate() does)
+        kwargs = {} if not images else {"images": images[0] if len(images) == 1 else [images]}
+        try:
+            outputs = self.processor(text=prompt_text, return_tensors="pt", **kwargs)
+        except (ValueError, TypeError, IndexError) as e:
+            raise MMSpecError(f"the target's processor refuses this request: {e}", code="invalid_value",
+                              param="messages") from None
+        return Request(prompt_ids=outputs["input_ids"][0].tolist(), images=images,
+                       image_keys=[self.image_key(im) for im in images],
                        model_inputs={k: outputs[k] for k in self.pixel_inputs if k in outputs},
                        image_token_ids=self.image_token_ids, prompt_text=prompt_text,
                        token_types=outputs.get("mm_token_type_ids"))
@@ -181,7 +217,8 @@ class TargetAdapter:
 
     @torch.inference_mode()
     def encode_images(self, requests: list[Request]) -> list | None:
-        """Features of several requests in one vision forward, or None where the family encodes one at a time."""
+        """Features of several one-image requests in one vision forward, or None where the family encodes one at
+        a time."""
         pixels = [r.model_inputs["pixel_values"] for r in requests]
         if not self.stacks_same_shape_images or len({tuple(p.shape) for p in pixels}) != 1:
             return None
@@ -206,8 +243,10 @@ class TargetAdapter:
         mask = torch.isin(ids, torch.tensor(sorted(self.feature_token_ids), device=self.device))
         n_slots, n_feats = int(mask.sum()), request.features.shape[0]
         if n_slots != n_feats:
-            raise MMSpecError(f"the prompt has {n_slots} image placeholders but the image gives {n_feats} "
+            raise MMSpecError(f"the prompt has {n_slots} image placeholders but the images give {n_feats} "
                               "features; use one image token per image in the prompt")
+        if not n_feats:   # a text-only request
+            return embeds
         return embeds.masked_scatter(mask[..., None], request.features.to(embeds.device, embeds.dtype))
 
     @property
@@ -219,21 +258,73 @@ class TargetAdapter:
         """How the row's logical positions map to the model's position ids (1-D unless overridden)."""
         return Positions()
 
+    def prompt_extras(self, request: Request):
+        """What the decoder needs beside the embeddings in the forward that holds the prompt (Qwen3-VL: the
+        DeepStack features at the image positions), or None (most families). Read by ``prefill_kwargs``."""
+        return None
+
+    def attention_groups(self, request: Request):
+        """[L] long: for each prompt position, the group of positions it also sees both ways in the prefill
+        (Gemma 3: the tokens of one image), -1 for causal only; or None (most families)."""
+        return None
+
+    def prefill_kwargs(self, extras: list, kept: list[int], width: int) -> dict:
+        """The decoder's keyword arguments for one prefill forward of several rows: ``extras[b]`` is row b's
+        ``prompt_extras``, ``kept[b]`` how many of its prompt positions (from the start) this forward holds,
+        ``width`` the padded length of the forward. Only called when some row has extras."""
+        return {}
+
     # ----- shared ---------------------------------------------------------------------------------
     def image_key(self, image: Image.Image) -> str:
         return f"{self.cache_namespace}/{image_digest(image)}"
 
+    def cache_keys(self, request: Request) -> list[str]:
+        """The vision-cache keys of the request's feature blocks: one per image (a family whose features of an
+        image depend on the other images of the request tags them, see ``llava_next``)."""
+        return list(request.image_keys)
+
     def image_features(self, request: Request) -> None:
-        """Fill ``request.features`` from the vision cache, encoding the image only on a miss."""
-        request.features, request.vision_cache_hit = self.vision_cache.get_or_compute(
-            request.image_key, lambda: self.encode_image(request))
+        """Fill ``request.features`` from the vision cache, encoding only on a miss. Several images are cached
+        per image; where the model gives one block for the request's images together (Idefics3), per set."""
+        if not request.images:
+            hidden = self.model.config.get_text_config().hidden_size
+            request.features = torch.zeros(0, hidden, dtype=self.model.dtype, device=self.device)
+            request.vision_cache_hit = False
+            return
+        if len(request.images) == 1:
+            request.features, request.vision_cache_hit = self.vision_cache.get_or_compute(
+                self.cache_keys(request)[0], lambda: self.encode_image(request))
+            return
+        keys = self.cache_keys(request)
+        joint = "+".join(keys)
+        blocks = self.vision_cache.get(joint)
+        blocks = [blocks] if blocks is not None else [self.vision_cache.get(k) for k in keys]
+        if all(b is not None for b in blocks):
+            self.vision_cache.hits += 1
+            request.features, request.vision_cache_hit = torch.cat(blocks), True
+            return
+        self.vision_cache.misses += 1
+        with torch.inference_mode():
+            out = self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True)
+        blocks = list(out.pooler_output)   # in placeholder order
+        if len(blocks) == len(keys):
+            for key, block in zip(keys, blocks):
+                self.vision_cache.put(key, block)
+            request.features = torch.cat(blocks)
+        else:
+            request.features = torch.cat(blocks)
+            self.vision_cache.put(joint, request.features)
+        request.vision_cache_hit = False
 
     def images_features(self, requests: list[Request]) -> None:
         """``image_features`` for several requests; families that can encode a stack of images at once
         (``stacks_same_shape_images``) run the misses in one vision forward."""
         misses = []
         for req in requests:
-            value = self.vision_cache.get(req.image_key)
+            if len(req.images) != 1:   # only one-image requests go through the stack below
+                self.image_features(req)
+                continue
+            value = self.vision_cache.get(self.cache_keys(req)[0])
             if value is not None:
                 self.vision_cache.hits += 1
                 req.features, req.vision_cache_hit = value, True
@@ -244,7 +335,7 @@ class TargetAdapter:
             if encoded is not None:
                 for req, feats in zip(misses, encoded):
                     self.vision_cache.misses += 1
-                    self.vision_cache.put(req.image_key, feats)
+                    self.vision_cache.put(self.cache_keys(req)[0], feats)
                     req.features, req.vision_cache_hit = feats, False
                 return
         for req in misses:

@@ -5,15 +5,44 @@ own. Everything family-specific comes from the row's adapter (``TargetAdapter.pr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from mmspec.kv import CACHE_KW, SlotCache, chain
+from mmspec.kv import CACHE_KW, SlotCache
+from mmspec.trees import chain
 
 if TYPE_CHECKING:   # annotations only: ``targets.base`` imports this module for ``TargetAdapter.session``
     from mmspec.targets.base import Request, TargetAdapter
+
+
+class AuxCapture:
+    """``want_hidden`` as HF ``hidden_states`` indices (an EAGLE-3 head's aux layers): index i < N is the
+    residual stream entering decoder layer i (a forward pre-hook reads it; the logits are untouched), N the last
+    (normed) hidden state. ``states(last)`` -> their concatenation [B, T, len(ids) * hidden], ids ascending."""
+
+    def __init__(self, decoder, ids):
+        self.ids = sorted(int(i) for i in ids)
+        self.layers = decoder.layers
+        self.got: dict = {}
+        self.handles = []
+
+    def __enter__(self):
+        for i in self.ids:
+            if i < len(self.layers):
+                hook = lambda m, args, kw, i=i: self.got.__setitem__(i, args[0] if args else kw["hidden_states"])  # noqa: E731
+                self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def states(self, last: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.got[i] if i < len(self.layers) else last for i in self.ids], dim=-1)
 
 
 @dataclass
@@ -34,7 +63,8 @@ class TargetBatch:
     its own length and positions. Rows join with ``add`` and leave with ``remove`` at any round.
 
     ``verify`` runs ONE forward of every row's new tokens (the pending token then its drafts, a chain or a tree
-    given by parents) and returns their logits, plus the last hidden states when ``want_hidden``; ``commit``
+    given by parents) and returns their logits, plus the last hidden states when ``want_hidden`` (True), or the
+    states of the HF ``hidden_states`` indices it lists (a tuple: ``AuxCapture``); ``commit``
     keeps what was accepted. A row's prefill waits for its first ``verify``: it runs in that same call (alone,
     so it costs the running rows nothing), with the prompt's last position as the pending token.
     """
@@ -51,6 +81,8 @@ class TargetBatch:
         self.want_hidden = want_hidden
         self.main = self._slots()
         self.positions: dict = {}        # row -> Positions
+        self.extras: dict = {}           # row -> ``adapter.prompt_extras`` until its prefill (Qwen3-VL DeepStack)
+        self.groups: dict = {}           # row -> ``adapter.attention_groups`` until its prefill (Gemma 3)
         self.fresh: dict = {}            # row -> (embeds of the positions before the pending one, pending's embed)
         self.prefilled: list[Prefill] = []   # prefills not yet merged into ``main``
         self.hidden: dict = {}           # row -> [n, hidden] of the last verify, when ``want_hidden``
@@ -71,24 +103,48 @@ class TargetBatch:
         embeds = self.adapter.prompt_embeds(request)            # [1, L, hidden]
         self.fresh[row] = (embeds[:, :-1], embeds[:, -1:])
         self.positions[row] = self.adapter.positions(request)
+        extra = self.adapter.prompt_extras(request)
+        if extra is not None:
+            self.extras[row] = extra
+        groups = self.adapter.attention_groups(request)
+        if groups is not None:
+            self.groups[row] = groups
 
     def remove(self, rows) -> None:
         for r in rows:
             self.fresh.pop(r, None)
             self.positions.pop(r, None)
+            self.extras.pop(r, None)
+            self.groups.pop(r, None)
             self.hidden.pop(r, None)
         self.main.remove(rows)
 
-    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list, **tree) -> tuple:
+    def _forward(self, slots, embeds: torch.Tensor, parents: list[list[int]], rows: list,
+                 decoder_kwargs: dict | None = None, **tree) -> tuple:
         """embeds [B, T, hidden] of ``rows`` (the order of ``slots.rows``) -> logits [B, T, vocab], hidden.
         ``tree``: ``SlotCache.extend``'s keywords for nodes grown over several forwards (``forward_nodes``)."""
         mask, logical = slots.extend(parents, **tree)
         pos = torch.stack([self.positions[r](logical[b]) for b, r in enumerate(rows)], dim=1)  # [P, B, T]
         pos = pos[0] if pos.shape[0] == 1 else pos
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{CACHE_KW: slots.cache})
+        aux = None if self.want_hidden in (False, True) else AuxCapture(self.decoder, self.want_hidden)
+        with aux or nullcontext():
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{CACHE_KW: slots.cache}, **(decoder_kwargs or {}))
         hidden = out.last_hidden_state
-        return self.head(hidden).float(), hidden
+        return self.head(hidden).float(), hidden if aux is None else aux.states(hidden)
+
+    def _prefill_groups(self, joining: list, lengths: list[int], width: int) -> dict:
+        """``SlotCache.extend``'s ``groups`` for a prefill of ``joining`` (padded to ``width``): each prompt
+        position's image-attention group (-1: causal only), or nothing when no row has any."""
+        groups = [self.groups.pop(r, None) for r in joining]
+        if all(g is None for g in groups):
+            return {}
+        out = torch.full((len(joining), width), -1, dtype=torch.long)
+        for b, g in enumerate(groups):
+            if g is not None:
+                n = min(len(g), lengths[b])      # a truncated prompt keeps its first positions
+                out[b, :n] = g[:n]
+        return {"groups": out}
 
     def verify(self, ids: dict, parents: dict | None = None) -> dict:
         """ids: row -> [n] (the pending token then the drafts); parents: row -> n parent indices (``-1`` for
@@ -102,7 +158,7 @@ class TargetBatch:
             slots = self._slots()
             for r in joining:
                 slots.add_empty(r)
-            embeds, full, starts = [], [], []
+            embeds, full, starts, kept = [], [], [], []
             for r in joining:
                 prompt, first = self.fresh.pop(r)
                 new = ids[r].to(self.device)
@@ -114,11 +170,16 @@ class TargetBatch:
                 par = parents.get(r) or chain(len(new))
                 full.append(chain(L) + [p + L if p >= 0 else L - 1 for p in par])
                 starts.append(L)
+                kept.append(L + (first is not None))   # prompt positions in this forward
             T = max(e.shape[0] for e in embeds)
             batch = torch.zeros(len(joining), T, embeds[0].shape[-1], dtype=embeds[0].dtype, device=self.device)
             for b, e in enumerate(embeds):
                 batch[b, : e.shape[0]] = e
-            logits, hidden = self._forward(slots, batch, full, joining)
+            extras = [self.extras.pop(r, None) for r in joining]
+            kw = self.adapter.prefill_kwargs(extras, kept, T) if any(e is not None for e in extras) else None
+            block = self._prefill_groups(joining, [e.shape[0] for e in embeds], T)
+            slots.min_keep = min(starts)    # a recurrent model records states from there on only
+            logits, hidden = self._forward(slots, batch, full, joining, decoder_kwargs=kw, **block)
             self.prefilled.append(Prefill(slots, starts))
             for b, r in enumerate(joining):
                 n = int(ids[r].shape[0])

@@ -5,11 +5,14 @@ depends on the image size; the processor expands them. Features come from the mo
 with ``image_sizes`` (and OneVision's ``batch_num_images``: one image per sample gets anyres patching): tiles
 through the vision tower and projector, then the model's packing (unpadding, one ``image_newline`` per row), so the
 rows equal what ``generate()`` splices into the placeholders. Positions are 1-D.
+
+Several images in one OneVision request skip anyres patching (one base tile each, as ``generate()`` does for a
+multi-image sample), so their features are cached under keys of their own.
 """
 
 from __future__ import annotations
 
-from mmspec.targets.base import TargetAdapter
+from mmspec.targets.base import Request, TargetAdapter
 
 
 class LlavaNextAdapter(TargetAdapter):
@@ -17,3 +20,9 @@ class LlavaNextAdapter(TargetAdapter):
     model_types = ("llava_next", "llava_onevision")
     pixel_inputs = ("pixel_values", "image_sizes", "batch_num_images")
     config_feature_kwargs = ("vision_feature_layer", "vision_feature_select_strategy")
+
+    def cache_keys(self, request: Request) -> list[str]:
+        keys = super().cache_keys(request)
+        if self.model.config.model_type == "llava_onevision" and len(keys) > 1:
+            return [f"{k}/in-set" for k in keys]
+        return keys

@@ -60,7 +60,8 @@ class Qwen2VLAdapter(TargetAdapter):
         if types is None:   # a processor that does not give ``mm_token_type_ids``: the placeholders are the image
             types = torch.isin(ids, torch.tensor(sorted(self.image_token_ids), device=self.device)).long()
         types = types.to(self.device)
-        grid = request.model_inputs["image_grid_thw"].to(self.device)
+        grid = request.model_inputs.get("image_grid_thw")   # None for a text-only request
+        grid = None if grid is None else grid.to(self.device)
         positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
         return positions, int(deltas.view(-1)[0])
 

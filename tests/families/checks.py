@@ -1,0 +1,127 @@
+"""Checks shared by the issue-26 family tests (tests/test_family_<name>.py): one pipeline per drafter kind on a
+tiny target of the family, then the shared checks of ``tests.tiny_families`` (greedy, batched, trees, cache,
+self-drafting) plus a drafter that is never right. Builders come from ``mmspec.tiny`` (re-exported by
+``tests.families``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.tiny import sample_image
+from tests.tiny_families import PROMPTS, hf_greedy, load_pipes
+
+
+def images():
+    """Three sizes (token counts differ per family): 48x48, 64x32, 40x40."""
+    return [sample_image(0, 48), sample_image(1, 40).resize((64, 32)), sample_image(2, 40)]
+
+
+def build_text_drafter(target: Path, folder: Path, seed: int = 1, extra_rows: int = 0) -> Path:
+    """A one-layer Qwen2 LM with the target's own tokenizer (as Qwen3-0.6B for Qwen3-VL); ``extra_rows`` pads or
+    (negative) trims its vocabulary against the tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    cfg = Qwen2Config(vocab_size=len(tok) + extra_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def family_pipes(build, root: Path, own: dict | None = None) -> dict:
+    """Pipelines over one tiny target built by ``build(folder, **options)``: kinds text, ngram, none, eagle (a
+    random head), "vlm" (the target drafting for itself: always right), "vlm-own" (a one-layer VLM of the family
+    with its own vision side, built with ``own`` options)."""
+    target = build(root / "target")
+    text = build_text_drafter(target, root / "text")
+    vlm_own = build(root / "vlm-own", layers=1, **(own or {}))
+    return load_pipes(target, {"text": text, "ngram": None, "none": None, "vlm": target, "vlm-own": vlm_own})
+
+
+def check_never_right(base, image, max_new: int, k: int = 4) -> None:
+    """A drafter whose every draft is wrong: each round accepts nothing and emits the target's own token."""
+    from mmspec.pipeline import Pipeline
+    from tests.test_greedy_equality import ScriptedDrafter
+
+    expected = hf_greedy(base, image, PROMPTS[0], max_new)
+    pipe = Pipeline(base.adapter, ScriptedDrafter(base.adapter, expected, 0, k))
+    res = pipe.generate(image, PROMPTS[0], max_new_tokens=max_new, num_draft_tokens=k)
+    assert res.token_ids == expected
+    assert all(r.n_accepted == 0 for r in res.rounds) and res.stats.target_forwards == len(expected)
+
+
+def check_self_drafting_accepts(pipe, image, max_new: int) -> None:
+    """The target as its own vlm drafter: output equals generate(), and most drafts are accepted (rejections
+    only where the drafter may not propose a token)."""
+    expected = hf_greedy(pipe, image, PROMPTS[1], max_new)
+    res = pipe.generate(image, PROMPTS[1], max_new_tokens=max_new, num_draft_tokens=4)
+    assert res.token_ids == expected
+    assert pipe.strategy.shared_vision
+    assert res.stats.mean_accepted > 2.5 or res.stats.stop_reason == "eos", res.rounds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tests every family file runs: ``from tests.families.checks import *`` next to a module-scoped ``pipes``
+# fixture (``family_pipes``) collects them there, so each family's file adds only what is its own.
+
+MAX_NEW = 12          # > 2 (k + 1) for k = 3
+KINDS = ["text", "ngram", "none", "vlm", "vlm-own", "eagle"]
+
+
+def test_image_token_count_varies_with_size(pipes):
+    adapter = pipes["none"].adapter
+    counts = {sum(t in adapter.feature_token_ids for t in adapter.prepare(im, adapter.format_prompt("x")).prompt_ids)
+              for im in images()}
+    assert len(counts) > 1
+
+
+def test_text_drafter_prompt_has_no_image_slots(pipes):
+    adapter = pipes["text"].adapter
+    req = adapter.prepare(images()[0], adapter.format_prompt(PROMPTS[1]))
+    assert not set(req.text_only_ids) & adapter.image_token_ids and len(req.text_only_ids) < len(req.prompt_ids)
+
+
+def _param(kind_k):
+    import pytest
+
+    return pytest.mark.parametrize("kind", kind_k)
+
+
+@_param(KINDS)
+def test_every_kind_matches_hf_greedy(pipes, kind):
+    from tests.tiny_families import check_greedy
+
+    check_greedy(pipes[kind], images()[:2], 3, MAX_NEW)
+
+
+@_param(["text", "vlm", "vlm-own", "eagle"])
+def test_batched_rows_equal_their_own_generate(pipes, kind):
+    from tests.tiny_families import check_batch
+
+    check_batch(pipes[kind], images(), 3, MAX_NEW)
+
+
+@_param(["vlm-own", "eagle"])
+def test_tree_drafts_equal_generate(pipes, kind):
+    from tests.tiny_families import check_trees
+
+    check_trees(pipes[kind], images()[:2], MAX_NEW)
+
+
+def test_always_right_drafter(pipes):
+    check_self_drafting_accepts(pipes["vlm"], images()[1], MAX_NEW)
+
+
+def test_never_right_drafter(pipes):
+    check_never_right(pipes["none"], images()[2], MAX_NEW)
+
+
+def test_vision_cache_serves_the_family(pipes):
+    from tests.tiny_families import check_cache_hit
+
+    check_cache_hit(pipes["vlm-own"], "vlm-own", sample_image(7, 48))

@@ -1,0 +1,114 @@
+"""Gemma 3 (``gemma3``) as an mmspec target: a tiny random config built offline (``tests.families.gemma3``: 4 layers,
+sliding (window 8) and global alternating, 16 soft tokens per image, prompts of ~30 tokens so the window matters).
+
+The shared family tests (``tests.families.checks``: every drafter kind against ``generate(do_sample=False)`` at
+batch 1 and batched with rows of other image sizes, trees, always-right and never-right drafters, the vision cache)
+plus what is Gemma 3's own: a Gemma 3 text drafter (sliding layers too: its slot cache applies the window as well),
+the window and the bidirectional image block each shown to matter (leave one out and some output differs from
+generate(), so these tests would notice its loss), and sampling that follows the target (chi-square, p > 1e-4 as in
+tests/test_sampling.py; seeded, so deterministic).
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import mmspec
+from mmspec.kv import SlotCache
+from mmspec.targets.gemma3 import Gemma3Adapter
+from tests.families import gemma3
+from tests.families.checks import *  # noqa: F401,F403  (the shared family tests)
+from tests.families.checks import MAX_NEW, family_pipes, images
+from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
+from tests.tiny_families import PROMPTS, check_greedy, hf_greedy
+
+
+def build_gemma_text_drafter(target, folder, seed: int = 2):
+    """A two-layer Gemma 3 text LM (one sliding layer, window 4) with the target's tokenizer, as Gemma 3 1B drafts
+    for 4B: its decoder takes a mask per layer type too."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    Gemma3ForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3")
+    out = family_pipes(gemma3.build, root, own=dict(seed=5, vocab_pad=9))
+    target = out["none"].target.config._name_or_path
+    out["text-gemma"] = mmspec.load(target, drafter=str(build_gemma_text_drafter(target, root / "text-gemma")),
+                                    drafter_kind="text")
+    return out
+
+
+def test_adapter_and_window(pipes):
+    adapter = pipes["none"].adapter
+    assert isinstance(adapter, Gemma3Adapter)
+    adapter.check_generation_config()          # sliding layers are no longer refused
+    slots = SlotCache(adapter.model.config.get_text_config(), adapter.device, torch.float32)
+    assert slots.window == 8 and slots.layer_types == ["full_attention", "sliding_attention"]
+    req = adapter.prepare(images()[0], adapter.format_prompt(PROMPTS[0]))
+    assert len(req.prompt_ids) > 3 * slots.window    # the window is smaller than the prompt
+    groups = adapter.attention_groups(req)
+    image = torch.tensor(req.prompt_ids) == adapter.model.config.image_token_id
+    assert (groups >= 0).equal(image) and int(groups.max()) == 0     # one image, one group
+
+
+def test_image_token_count_varies_with_size(pipes):
+    """Overrides the shared test: Gemma 3 resizes every image to its tower's size (pan-and-scan off), so each
+    image size gives ``mm_tokens_per_image`` soft tokens."""
+    adapter = pipes["none"].adapter
+    image_id = adapter.model.config.image_token_id
+    counts = {adapter.prepare(im, adapter.format_prompt("x")).prompt_ids.count(image_id) for im in images()}
+    assert counts == {adapter.model.config.mm_tokens_per_image}
+
+
+def test_gemma_text_drafter_matches_hf_greedy(pipes):
+    pipe = pipes["text-gemma"]
+    slots = pipe.strategy.batch().slots
+    assert slots.window == 4 and not pipe.strategy.lean_step
+    check_greedy(pipe, images()[:2], 3, MAX_NEW)
+
+
+def _outputs(pipe):
+    return [pipe.generate(im, PROMPTS[i % 2], max_new_tokens=MAX_NEW, num_draft_tokens=3).token_ids
+            for i, im in enumerate(images())]
+
+
+def test_window_and_image_block_matter(pipes):
+    """Each of the two Gemma-3 mask terms, left out, changes some output against generate()."""
+    pipe = pipes["vlm"]
+    expected = [hf_greedy(pipe, im, PROMPTS[i % 2], MAX_NEW) for i, im in enumerate(images())]
+    assert _outputs(pipe) == expected
+    everywhere = lambda self, positions: torch.ones(1, dtype=torch.bool, device=self.device)  # noqa: E731
+    with mock.patch.object(SlotCache, "_in_window", everywhere):
+        assert _outputs(pipe) != expected
+    with mock.patch.object(Gemma3Adapter, "attention_groups", lambda self, request: None):
+        assert _outputs(pipe) != expected
+
+
+def test_sampling_follows_the_target(pipes):
+    pipe = pipes["text"]
+    image, prompt, temperature, top_p = images()[0], PROMPTS[1], 1.0, 0.95
+    p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
+    firsts, seconds = [], []
+    for seed in range(400):
+        ids = pipe.generate(image, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
+                            num_draft_tokens=3, seed=seed).token_ids
+        firsts.append(ids[0])
+        seconds.extend(ids[1:])
+    assert _chi2_p(np.bincount(firsts, minlength=len(p1)), p1) > P_MIN
+    assert _chi2_p(np.bincount(seconds, minlength=len(p2)), p2) > P_MIN
