@@ -5,7 +5,8 @@ before any work starts, and left as it was. One mechanism for every subcommand t
   in a folder that exists, or may be created, and takes new files);
 - a ``FileKind`` tells from a file's first bytes whether an existing file is one mmspec wrote (``recognise``);
   ``check_own_file`` is the two together;
-- ``check_own_folder``: a folder is new, empty, or holds a file that mmspec writes there;
+- ``check_own_folder``: a folder is new, empty, or one mmspec wrote: ``claim_folder`` records that in it (the
+  ``.mmspec-output`` marker), and only such folders are written into again;
 - every refusal of a file that is not ours says the same thing (``refuse``).
 
 The kinds ``mmspec bench`` writes are here (``KINDS``); ``mmspec caption`` defines its JSONL and CSV next to
@@ -136,12 +137,30 @@ def check_own_file(path, flag: str, kind: str | FileKind) -> None:
         recognise(path, flag, kind)
 
 
-def check_own_folder(path, flag: str, markers: tuple[str, ...]) -> None:
-    """``path`` is new, empty, or a folder mmspec wrote (it holds one of ``markers``)."""
+MARKER = ".mmspec-output"   # in every folder mmspec writes (engines ignore dot files: a head stays loadable)
+
+
+def claim_folder(path, what: str) -> None:
+    """Create ``path`` (if needed) and record it as mmspec's own, so a later run may write into it again."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"written_by": "mmspec", "what": what}) + "\n")
+
+
+def is_own_folder(path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def check_own_folder(path, flag: str) -> None:
+    """``path`` is new, empty, or a folder mmspec wrote (``claim_folder`` recorded it): anything else -- a
+    downloaded model, an earlier head mmspec did not record, the user's own files -- is refused untouched."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise refuse(flag, path, "exists and is not a folder")
-    if any(path.iterdir()) and not any((path / m).exists() for m in markers):
-        raise refuse(flag, path, "is a folder with other files in it", thing="folder")
+    if any(path.iterdir()) and not is_own_folder(path):
+        raise refuse(flag, path, f"is a folder mmspec did not write (it has files and no {MARKER} record)",
+                     thing="folder")

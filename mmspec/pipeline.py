@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from mmspec.config import DecodeConfig
-from mmspec.conversation import is_conversation, load_images, parse_conversation
+from mmspec.conversation import load_images, parse_conversation
 from mmspec.drafters import drafter_class, infer_kind, tree_kinds
 from mmspec.drafters.base import Drafter
 from mmspec.errors import MMSpecError
@@ -151,7 +151,7 @@ class Pipeline:
         start = time.perf_counter()
         self.adapter.check_generation_config()
         if prompt is None:
-            if not isinstance(image, (list, tuple)) or (image and not is_conversation(image)):
+            if not isinstance(image, (list, tuple)) or (image and not any(isinstance(m, dict) for m in image)):
                 raise MMSpecError("no prompt: give a prompt, or a conversation (a list of {role, content} messages) "
                                   "in its place", code="invalid_value", param="prompt")
             messages, images = parse_conversation(image, self.max_images)

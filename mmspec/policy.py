@@ -6,7 +6,7 @@ The policy must never talk itself out of drafting for good: a busy machine's slo
 look dear, and a round that drafts nothing measures nothing about drafting. So (issue 31) it keeps measuring:
 every ``PROBE_EVERY`` rounds in which it would draft less than the prior costs say it should, it drafts that
 much anyway (a probe, on a round counter: no random numbers, so seeded rows stay reproducible); a timing far
-below what a fit predicted fades the fit's old evidence at once (``LinearFit.SURPRISE``); and estimates fade
+below what a fit predicted restarts the fit from its prior's shape (``LinearFit.SURPRISE``); and estimates fade
 towards the drafter's prior in rounds that measure nothing."""
 
 from __future__ import annotations
@@ -34,17 +34,21 @@ class LinearFit:
     the machine it runs on), starting from prior pseudo-observations; a and b are kept positive.
 
     An observation under 1 / ``SURPRISE`` of the prediction means the old evidence is wrong (a busy spell is
-    over, or absurd timings were fed): it then fades by ``FORGET`` instead of ``DECAY``, so a fit that made
-    drafting look dear is corrected by one probe instead of hundreds of rounds."""
+    over, or absurd timings were fed): the fit then starts again from the prior's shape scaled through that
+    observation (old evidence at any x could keep an absurd slope alive), so a fit that made drafting look dear
+    is corrected by one probe instead of hundreds of rounds."""
 
     DECAY = 0.98
     SURPRISE = 4.0
-    FORGET = 0.02
 
     def __init__(self, prior: tuple[tuple[float, float], ...]):
+        self.prior = prior
+        self._start(1.0)
+
+    def _start(self, scale: float) -> None:
         self.n, self.sx, self.sy, self.sxx, self.sxy = 0.0, 0.0, 0.0, 0.0, 0.0
-        for x, y in prior:
-            self._add(x, y)
+        for x, y in self.prior:
+            self._add(x, scale * y)
 
     def _add(self, x: float, y: float) -> None:
         self.n += 1.0
@@ -54,8 +58,13 @@ class LinearFit:
         self.sxy += x * y
 
     def observe(self, x: float, y: float) -> None:
-        d = self.FORGET if y * self.SURPRISE < self(x) else self.DECAY
-        self.n, self.sx, self.sy, self.sxx, self.sxy = (v * d for v in (self.n, self.sx, self.sy, self.sxx, self.sxy))
+        if y * self.SURPRISE < self(x):
+            a, b = LinearFit(self.prior).coefficients()
+            self._start(y / (a + b * x))
+        else:
+            d = self.DECAY
+            self.n, self.sx, self.sy, self.sxx, self.sxy = (v * d for v in (self.n, self.sx, self.sy, self.sxx,
+                                                                             self.sxy))
         self._add(x, y)
 
     def coefficients(self) -> tuple[float, float]:

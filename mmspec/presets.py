@@ -45,6 +45,32 @@ PRESETS: dict[str, Preset] = {
                             "vlm", dtype="bfloat16", family="smolvlm",
                             needs="~6 GB GPU memory in bfloat16 (2.2B + 0.26B parameters); runs on CPU too "
                                   "(~10 GB RAM in float32)"),
+    # issue 26 (part A). Ids, parameter counts and vocabularies from the model cards and configs; checked on paper
+    # only (no hub here): the adapters were tested on tiny random configs of each family (docs/FAMILIES.md).
+    "qwen3-vl-8b": Preset("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct", "vlm", dtype="bfloat16",
+                          family="qwen3_vl",
+                          needs="~24 GB GPU memory in bfloat16 (8.8B + 2.1B parameters, both 151,936-row "
+                                "vocabularies); a 40 GB GPU for large images"),
+    "qwen3-vl-8b-text": Preset("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-0.6B", "text", dtype="bfloat16",
+                               family="qwen3_vl",
+                               needs="~20 GB GPU memory in bfloat16 (8.8B + 0.6B parameters); a 24 GB GPU"),
+    "qwen3-vl-30b-a3b": Preset("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-2B-Instruct", "vlm",
+                               dtype="bfloat16", family="qwen3_vl_moe",
+                               needs="~70 GB GPU memory in bfloat16 (31B MoE with 3B active + 2.1B parameters); "
+                                     "one 80 GB GPU"),
+    "internvl3-8b": Preset("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-1B-hf", "vlm", dtype="bfloat16",
+                           family="internvl",
+                           needs="~20 GB GPU memory in bfloat16 (7.9B + 0.9B parameters, Qwen2.5 language models "
+                                 "with 151,674-token vocabularies); a 24 GB GPU"),
+    "glm-4.1v-9b": Preset("zai-org/GLM-4.1V-9B-Thinking", None, "ngram", dtype="bfloat16", family="glm4v",
+                          needs="~24 GB GPU memory in bfloat16 (10.3B parameters; no smaller GLM-4.1V exists, so "
+                                "n-gram drafting, or an EAGLE head trained with `mmspec train-drafter --kind "
+                                "eagle`); a 40 GB GPU for large images"),
+    "mistral-small-3.1-24b": Preset("mistralai/Mistral-Small-3.1-24B-Instruct-2503", None, "ngram",
+                                    dtype="bfloat16", family="mistral3",
+                                    needs="~55 GB GPU memory in bfloat16 (24B parameters, 131,072-token Tekken "
+                                          "vocabulary; no small Mistral 3 VLM shares it, so n-gram drafting or a "
+                                          "trained EAGLE head); one 80 GB GPU"),
 }
 
 

@@ -88,8 +88,9 @@ def test_every_shape_equals_generate(llava, llava_refs, kind):
     for name, conv in conversations().items():
         res = pipe.chat(conv, max_new_tokens=MAX_NEW, num_draft_tokens=3)
         assert res.token_ids == llava_refs[name], (kind, name, res.rounds)
-        assert len(res.prompt_ids) == len(pipe.processor.apply_chat_template(
-            conv, add_generation_prompt=True, tokenize=True)[0]) or True
+        ids = pipe.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                 return_tensors="pt")["input_ids"]
+        assert res.prompt_ids == ids[0].tolist()
 
 
 def test_generate_takes_none_and_lists(llava, llava_refs):
@@ -153,7 +154,7 @@ def bad_conversations():
     a = ims()[0]
     return {
         "empty": ([], "messages", "empty"),
-        "not messages": ([{"content": "hi"}], "prompt", "conversation"),
+        "not messages": ([{"content": "hi"}], "messages[0].role", "role"),
         "ends on assistant": ([user(a, "hi"), {"role": "assistant", "content": "x"}], "messages[1]", "assistant"),
         "image in assistant turn": ([{"role": "assistant", "content": [{"type": "image", "image": a}]}, user("hi")],
                                     "messages[0].content[0]", "user turns"),

@@ -226,7 +226,6 @@ def test_a_closed_page_frees_its_row(app, monkeypatch, rows_per_round):
 
 @pytest.mark.parametrize("image, prompt, kind, k, temp, n, message", [
     (b"this is not an image at all", PROMPT, "ngram", 0, 0.0, 8, "not an image"),
-    (None, PROMPT, "ngram", 0, 0.0, 8, "no image"),
     ("/nonexistent/picture.png", PROMPT, "ngram", 0, 0.0, 8, "image not found"),
     (sample_image(0), "   ", "ngram", 0, 0.0, 8, "prompt is empty"),
     (sample_image(0), PROMPT, "ngram", 0, -1.0, 8, "temperature"),
@@ -240,6 +239,52 @@ def test_bad_input_becomes_a_message_not_an_exception(app, image, prompt, kind, 
     tokens_html, table, stats, final, error = outs[-1]
     assert message in html.unescape(error), error
     assert "Traceback" not in error and final == ""
+
+
+def _component(app, elem_id):
+    return next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == elem_id)
+
+
+def test_draft_length_means_what_the_api_means_and_max_new_tokens_stays_in_the_context(app, pipe):
+    assert "0 = no drafting" in _component(app, "num-draft").label
+    assert _component(app, "adaptive").value is True
+    assert _component(app, "max-new-tokens").maximum == pipe.adapter.context_length
+    img = sample_image(1)
+    outs = run_handler(app, img, PROMPT, "ngram", 0, 0.0, 12, False, 0)
+    assert outs[-1][4] == "" and "tok-accepted" not in outs[-1][0].split("</div>", 1)[1]   # 0: nothing drafted
+    settings = app.mmspec_backend._settings(3, 0.0, 12, 0, 0, True)
+    assert settings["num_draft_tokens"] is None           # adaptive: the API's None
+    assert app.mmspec_backend._settings(0, 0.0, 12, 0)["num_draft_tokens"] == 0
+    error = run_handler(app, img, PROMPT, "ngram", 0, 0.0, pipe.adapter.context_length + 1, False, 0)[-1][4]
+    assert "context" in error
+
+
+def _chat(app, state, image, prompt, n=12):
+    outs = list(app.mmspec_backend.chat(image, prompt, "text", None, 0.0, n, False, 0, 0, True, state))
+    assert outs[-1][4] == "", outs[-1][4]
+    return outs[-1]
+
+
+def test_chat_follow_ups_second_image_and_text_only(app, pipe):
+    a, b = sample_image(1), sample_image(2)
+    first = _chat(app, None, a, PROMPT)
+    follow = _chat(app, first[5], a, "what color is the circle ?")   # the same image: not sent again
+    added = _chat(app, follow[5], b, "and this one ?")
+    messages = added[5]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert [sum(p["type"] == "image" for p in m["content"]) for m in messages[::2]] == [1, 0, 1]
+    # each answer is pipe.chat's on the conversation up to its turn
+    for out, upto in ((first, 1), (follow, 3), (added, 5)):
+        assert out[3] == pipe.chat(messages[:upto], max_new_tokens=12).text
+    assert "[image 2]" in added[6] and "and this one ?" in added[6]
+    text_only = _chat(app, None, None, PROMPT)
+    assert text_only[3] == pipe.generate(None, PROMPT, max_new_tokens=12).text
+    # the token view is per answer: its emitted tokens are this answer's alone
+    spans = [int(t) for k, t, _, _ in SPAN.findall(added[0]) if k != "rejected"]
+    assert spans == pipe.chat(messages[:5], max_new_tokens=12).token_ids
+    # an error keeps the conversation as it was
+    bad = list(app.mmspec_backend.chat(b"not an image", PROMPT, "text", None, 0.0, 8, False, 0, 0, True, added[5]))
+    assert "not an image" in bad[-1][4] and bad[-1][5] is added[5]
 
 
 def test_bad_file_on_disk_becomes_a_message(app, tmp_path):

@@ -244,3 +244,146 @@ def test_export_then_load_round_trips_bit_for_bit(base6, target6, tmp_path, layo
     for name, t in again.state_dict().items():
         if name != "embed_tokens.weight":
             assert torch.equal(t, head.state_dict()[name]), name
+
+
+# ----- training and exporting our own EAGLE-3 heads ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scene_data(tmp_path_factory):
+    """A JSONL of images and prompts in the tiny tokenizer's words."""
+    folder = tmp_path_factory.mktemp("eagle3-data")
+    lines = []
+    for seed in range(8):
+        sample_image(seed).save(folder / f"img{seed}.png")
+        lines.append(json.dumps({"image": f"img{seed}.png", "prompt": PROMPTS[seed % 2]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def train(target, data, out, steps, *extra):
+    from mmspec.cli import main
+
+    return main(["train-drafter", "--kind", "eagle", "--target", str(target), "--drafter", "none",
+                 "--drafter-kind", "none", "--data", str(data), "--out", str(out), "--steps", str(steps),
+                 "--batch-size", "4", "--checkpoint-every", "20", "--max-new-tokens", str(MAX_NEW),
+                 "--heldout", "2", "--lr", "3e-3", "--save-dtype", "float32", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(target6, scene_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eagle3-trained") / "head"
+    assert train(target6, scene_data, out, 120, "--draft-vocab", "30") == 0
+    return out
+
+
+def test_a_trained_head_accepts_stays_lossless_and_loads_as_published(base6, target6, trained):
+    from mmspec.drafters.eagle3 import flat_config
+
+    cfg = json.loads((trained / "config.json").read_text())
+    assert flat_config(cfg)["layout"] == "specforge" and cfg["target"] == str(target6)
+    assert cfg["draft_vocab_size"] <= 30 + 2 and not (trained / "eagle_config.json").exists()
+    ref = load_reference(trained)      # the reference (vLLM's reading) loads what we export
+    assert ref.aux_indices(LAYERS) == (3, 4, 5) and ref.Vd == cfg["draft_vocab_size"]
+    pipe = mmspec.load(str(target6), drafter=str(trained))
+    tokens = forwards = 0
+    for seed in range(8):
+        image, prompt = sample_image(seed), PROMPTS[seed % 2]
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+        assert res.token_ids == hf_greedy(base6, image, prompt)
+        tokens, forwards = tokens + res.stats.new_tokens, forwards + res.stats.target_forwards
+    assert tokens / forwards > 1.3, "a head trained on these very prompts drafts some tokens right"
+    report = json.loads((trained / "train_report.json").read_text())
+    assert report["kind"] == "eagle" and report["outputs_differing_from_target"] == 0
+    assert cfg.get("acceptance") == (report["acceptance_rate"] if report["acceptance_rate"] > 0 else None)
+    # what we draft equals what the reference drafts from the same hidden states (so vLLM would draft it too)
+    req, committed, nxt, draft, logits = mmspec_draft(pipe, sample_image(1), PROMPTS[1], 3, 1)
+    check_matches_reference(logits, draft, reference_for(pipe, trained, req, committed, nxt, 3))
+
+
+def test_sampling_follows_the_target(base6, target6, trained):
+    import numpy as np
+
+    from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
+
+    pipe = mmspec.load(str(target6), drafter=str(trained))
+    image, prompt, temperature, top_p = sample_image(3), PROMPTS[1], 1.0, 0.95
+    p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
+    results = pipe.generate_batch([image] * 400, prompt, batch_size=8, max_new_tokens=3, temperature=temperature,
+                                  top_p=top_p, num_draft_tokens=2, seed=0)
+    firsts = [r.token_ids[0] for r in results]
+    seconds = [r.token_ids[1] for r in results if len(r.token_ids) > 1]
+    assert sum(len(r.rounds[1].draft_ids) for r in results if len(r.rounds) > 1) > 0
+    assert _chi2_p(np.bincount(firsts, minlength=len(p1)), p1) > P_MIN
+    assert _chi2_p(np.bincount(seconds, minlength=len(p2)), p2) > P_MIN
+
+
+def test_training_resumes_and_exports_the_speculators_layout(target6, scene_data, tmp_path, capsys):
+    from mmspec.drafters.eagle3 import Eagle3Head
+
+    out = tmp_path / "spec"
+    assert train(target6, scene_data, out, 20, "--format", "speculators") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3" and cfg["speculators_config"]["verifier"]["name_or_path"]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [3, 4, 5] and cfg["norm_before_residual"] is False
+    first = Eagle3Head.from_pretrained(out).state_dict()
+    assert train(target6, scene_data, out, 40, "--format", "speculators", "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    second = Eagle3Head.from_pretrained(out).state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert mmspec.load(str(target6), drafter=str(out)).strategy.kind == "eagle"
+
+
+# ----- the trainer, tried as a new user would --------------------------------------------------------------------------
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_onto_a_folder_mmspec_did_not_write_is_refused_untouched(base6, target6, tiny_drafter, scene_data,
+                                                                     tmp_path, capsys):
+    import shutil
+
+    downloaded = tmp_path / "downloaded-drafter"          # an HF model folder (config.json, weights, tokenizer)
+    shutil.copytree(tiny_drafter, downloaded)
+    head = write(tmp_path / "public-head", base6, "specforge")   # a public EAGLE-3 head
+    for folder in (downloaded, head):
+        before = _snapshot(folder)
+        assert train(target6, scene_data, folder, 2) == 2
+        assert "did not write" in capsys.readouterr().err
+        assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize("line,message", [
+    ('["img0.png", "describe"]', "got an array"),
+    ('"img0.png"', "got a string"),
+    ('{"image": 7, "prompt": "describe"}', '"image" must be an image file path.*got a number'),
+    ('{"image": null}', '"image" must be an image file path.*got null'),
+    ('{"image": "img0.png", "prompt": 42}', '"prompt" must be a string, got a number'),
+])
+def test_bad_data_rows_are_refused_with_their_line_and_leave_nothing(target6, scene_data, tmp_path, capsys,
+                                                                     line, message):
+    import re
+
+    data = tmp_path / "data.jsonl"
+    good = scene_data.read_text().splitlines()
+    data.write_text("\n".join(good[:2] + [line] + good[2:]) + "\n")
+    (tmp_path / "img0.png").write_bytes((scene_data.parent / "img0.png").read_bytes())
+    out = tmp_path / "out"
+    assert train(target6, data, out, 2) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and re.search(message, err) and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_work(target6, scene_data, tmp_path, capsys, monkeypatch):
+    import mmspec.training as training
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_eagle", interrupted)   # after the distillation data was written
+    out = tmp_path / "out"
+    assert train(target6, scene_data, out, 2) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert any((out / "distill").rglob("shard_*.pt")), "what was computed stays for --resume"
+    monkeypatch.setattr(training, "read_examples", interrupted)    # before anything was computed
+    assert train(target6, scene_data, tmp_path / "early", 2) == 130
+    assert not (tmp_path / "early").exists()

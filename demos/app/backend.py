@@ -1,6 +1,7 @@
 """The demo's backend: the loaded pipeline and, on the same target, one per weightless drafter kind, and the
-generation handler the Generate button calls (``DemoBackend.generate``), which runs each request on the shared
-batched engine of its drafter kind's pipeline."""
+handlers: ``DemoBackend.generate`` answers one request (an image or none, and a prompt), ``DemoBackend.chat`` one
+turn of a conversation (follow-up questions about the same image(s), a new image added to a turn, or text only).
+Each request runs on the shared batched engine of its drafter kind's pipeline; the token view is per answer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from contextlib import closing
 from typing import TYPE_CHECKING, Iterator
 
-from demos.app.render import TokenRenderer, error_html, stats_html
+from demos.app.render import TokenRenderer, conversation_html, error_html, stats_html
 from mmspec.drafters import weightless_kinds
 from mmspec.errors import MMSpecError
 from mmspec.types import StreamEvent
@@ -32,6 +33,8 @@ class DemoBackend:
         self.pipe = pipe
         self.pipelines: dict[str, Pipeline] = {pipe.drafter_kind: pipe}
         self._lock = threading.Lock()
+        # an answer cannot run past the target's context (the page's slider stops there too)
+        self.max_new_tokens_limit = max(1, min(MAX_NEW_TOKENS_LIMIT, int(pipe.adapter.context_length)))
 
     @property
     def kinds(self) -> list[str]:
@@ -47,8 +50,9 @@ class DemoBackend:
                 self.pipelines[kind] = self.pipe.with_drafter_kind(kind)
             return self.pipelines[kind]
 
-    @staticmethod
-    def _settings(num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes=0) -> dict:
+    def _settings(self, num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes=0, adaptive=False) -> dict:
+        """The API's settings: ``num_draft_tokens`` as the API means it (0 = no drafting), None when ``adaptive``
+        (the engine picks each round's length from measured costs)."""
         def as_int(value, name):
             try:
                 f = float(value)
@@ -58,51 +62,84 @@ class DemoBackend:
                 raise MMSpecError(f"{name} must be a whole number, got {value!r}")
             return int(f)
 
-        k = as_int(num_draft_tokens if num_draft_tokens is not None else 0, "number of draft tokens")
+        k = None if adaptive or num_draft_tokens is None else as_int(num_draft_tokens, "number of draft tokens")
         try:
             temp = float(temperature if temperature is not None else 0.0)
         except (TypeError, ValueError):
             raise MMSpecError(f"temperature must be a number, got {temperature!r}") from None
         n = as_int(max_new_tokens, "max new tokens")
-        if n > MAX_NEW_TOKENS_LIMIT:
-            raise MMSpecError(f"max new tokens is limited to {MAX_NEW_TOKENS_LIMIT} in the demo, got {n}")
+        if n > self.max_new_tokens_limit:
+            raise MMSpecError(f"max new tokens is limited to {self.max_new_tokens_limit} here (the target's context "
+                              f"and the demo's limit), got {n}")
         s = None if seed in (None, "") else as_int(seed, "seed")
         t = as_int(tree_nodes if tree_nodes is not None else 0, "tree nodes")
-        return dict(num_draft_tokens=None if k == 0 else k, temperature=temp, max_new_tokens=n, seed=s,
+        return dict(num_draft_tokens=k, temperature=temp, max_new_tokens=n, seed=s,
                     tree_nodes=None if t == 0 else t)
 
     @staticmethod
     def _image(image):
-        if image is None:
-            raise MMSpecError("no image: upload one or click a sample image below")
+        """The upload as mmspec takes it (a path, bytes or PIL.Image), or None for text only."""
         if isinstance(image, dict):  # a FileData-like payload
             image = image.get("path") or image.get("url")
         return image
 
-    def generate(self, image, prompt, drafter_kind, num_draft_tokens=0, temperature=0.0, max_new_tokens=64,
-                 compare=False, seed=0, tree_nodes=0) -> Iterator[tuple[str, list, str, str, str]]:
-        """Yields (tokens_html, rounds_table, stats_html, final_text, error_html) after every round.
-        ``tree_nodes`` > 0 drafts a tree per round (0 = a chain)."""
+    def generate(self, image, prompt, drafter_kind, num_draft_tokens=None, temperature=0.0, max_new_tokens=64,
+                 compare=False, seed=0, tree_nodes=0, adaptive=False) -> Iterator[tuple[str, list, str, str, str]]:
+        """Yields (tokens_html, rounds_table, stats_html, final_text, error_html) after every round. ``image``
+        None asks text only. ``num_draft_tokens``: drafts per round as the API means it (0 = no drafting; None or
+        ``adaptive`` = the engine picks); ``tree_nodes`` > 0 drafts a tree per round (0 = a chain)."""
+        yield from self._guarded(lambda: self._generate((self._image(image), prompt), drafter_kind, num_draft_tokens,
+                                                        temperature, max_new_tokens, compare, seed, tree_nodes,
+                                                        adaptive))
+
+    @staticmethod
+    def _guarded(run) -> Iterator[tuple]:
         try:
-            yield from self._generate(image, prompt, drafter_kind, num_draft_tokens, temperature, max_new_tokens,
-                                      compare, seed, tree_nodes)
+            yield from run()
         except MMSpecError as e:
             yield "", [], "", "", error_html(str(e))
         except Exception as e:  # never a stack trace in the page; the log keeps it
             log.exception("demo request failed")
             yield "", [], "", "", error_html(f"internal error ({type(e).__name__}: {e}); see the server log")
 
-    def _generate(self, image, prompt, drafter_kind, num_draft_tokens, temperature, max_new_tokens, compare, seed,
-                  tree_nodes=0):
-        settings = self._settings(num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes)
+    def chat(self, image, prompt, drafter_kind, num_draft_tokens=None, temperature=0.0, max_new_tokens=64,
+             compare=False, seed=0, tree_nodes=0, adaptive=False, state=None) -> Iterator[tuple]:
+        """One turn of a conversation: ``generate``'s five outputs, then the conversation state and its HTML.
+
+        ``state`` (``{"messages": [...], "images": [...]}``, None to start) holds the turns so far in transformers'
+        message format. The image in the box joins this turn only when it is not in the conversation yet, so a
+        follow-up question about the same image sends no second copy; no image asks text only. The turn and the
+        answer join the state when the answer is done (an error leaves the state as it was)."""
+        state = state or {"messages": [], "images": []}
+        image = self._image(image)
+        new_images = [image] if image is not None and not any(_same(image, x) for x in state["images"]) else []
+        if not isinstance(prompt, str) or not prompt.strip():
+            yield "", [], "", "", error_html("the prompt is empty; ask something"), state, \
+                conversation_html(state["messages"])
+            return
+        turn = {"role": "user", "content": [{"type": "image", "image": im} for im in new_images]
+                + [{"type": "text", "text": prompt}]}
+        messages = state["messages"] + [turn]
+        out = None
+        for out in self._guarded(lambda: self._generate((messages, None), drafter_kind, num_draft_tokens, temperature,
+                                                        max_new_tokens, compare, seed, tree_nodes, adaptive)):
+            yield (*out, state, conversation_html(state["messages"] + [turn]))
+        if out is not None and not out[4]:
+            answer = {"role": "assistant", "content": [{"type": "text", "text": out[3]}]}
+            state = {"messages": messages + [answer], "images": state["images"] + new_images}
+            yield (*out, state, conversation_html(state["messages"]))
+
+    def _generate(self, request: tuple, drafter_kind, num_draft_tokens, temperature, max_new_tokens, compare, seed,
+                  tree_nodes=0, adaptive=False):
+        """``request``: (image or None, prompt), or (conversation, None)."""
+        settings = self._settings(num_draft_tokens, temperature, max_new_tokens, seed, tree_nodes, adaptive)
         if settings["temperature"] == 0:
             settings["seed"] = None
         pipe = self.pipeline(drafter_kind or self.pipe.drafter_kind)
-        image = self._image(image)
         renderer = TokenRenderer(pipe.processor.tokenizer if hasattr(pipe.processor, "tokenizer")
                                  else pipe.processor)
         event = None
-        with closing(self._events(pipe, image, prompt, settings)) as events:  # closed with this handler: row freed
+        with closing(self._events(pipe, request, settings)) as events:  # closed with this handler: row freed
             for event, more_waiting in events:
                 renderer.add_round(event.round)
                 if event.done:
@@ -121,7 +158,7 @@ class DemoBackend:
                    result.text, "")
             base = None
             plain = dict(settings, tree_nodes=None)
-            with closing(self._events(self.pipeline("none"), image, prompt, plain)) as events:
+            with closing(self._events(self.pipeline("none"), request, plain)) as events:
                 for base, _ in events:
                     pass
             base = base.result
@@ -141,14 +178,14 @@ class DemoBackend:
                                                            cmp, note), result.text, "")
 
     @staticmethod
-    def _events(pipe: Pipeline, image, prompt: str, settings: dict) -> Iterator[tuple[StreamEvent, bool]]:
+    def _events(pipe: Pipeline, request: tuple, settings: dict) -> Iterator[tuple[StreamEvent, bool]]:
         """(event, more_waiting) per round of the request on ``pipe``'s shared batched engine, where it runs in one
         batch with the other users' requests (``pipe.submit``; bad input raises ``MMSpecError`` at once);
         ``more_waiting``: further rounds are already there. If the caller stops early (the page was closed, the
         request cancelled: Gradio closes the handler's generator), the row is freed at the next round."""
         from mmspec.scheduler import iter_job_events
 
-        job = pipe.submit(image, prompt, **settings)
+        job = pipe.submit(*request, **settings)
         try:
             for event in iter_job_events(job, timeout=ROUND_TIMEOUT_S):
                 if event.done and event.result is not None and event.result.error is not None:
@@ -159,3 +196,8 @@ class DemoBackend:
         finally:
             if not job.done:
                 job.cancelled = True
+
+
+def _same(a, b) -> bool:
+    """The same upload: the same path or bytes, or the same image object."""
+    return a is b or (isinstance(a, (str, bytes)) and type(a) is type(b) and a == b)

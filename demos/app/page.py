@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from demos.app.backend import MAX_NEW_TOKENS_LIMIT, DemoBackend
+from demos.app.backend import DemoBackend
 from demos.app.render import CSS, LEGEND
 from mmspec.config import MAX_DRAFT_TOKENS, MAX_TREE_NODES
 from mmspec.drafters import tree_kinds
@@ -62,7 +62,8 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
 
     ``examples``: ``[[image_path], ...]`` or ``[[image_path, prompt], ...]`` shown as clickable samples
     (default: the bundled ``assets/images/*.png``).
-    The handler is ``app.mmspec_backend.generate``.
+    The Send button calls ``app.mmspec_backend.chat`` (one turn of the conversation kept in a ``gr.State``);
+    "New conversation" clears it. ``app.mmspec_backend.generate`` answers one request on its own.
     """
     import gradio as gr
 
@@ -70,6 +71,7 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
 
     pipe = pipe_or_factory if isinstance(pipe_or_factory, Pipeline) else pipe_or_factory()
     backend = DemoBackend(pipe)
+    max_new_limit = backend.max_new_tokens_limit
     if examples is None:
         examples = sample_examples()
     name_or_path = str(getattr(pipe.target.config, "_name_or_path", "") or "target")
@@ -84,24 +86,30 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                     + (BUNDLED_NOTE if Path(name_or_path) == BUNDLED_TARGET else ""))
         with gr.Row():
             with gr.Column(scale=1):
-                image = raw_image_input(label="Image", sources=["upload", "clipboard"], elem_id="image-input",
-                                        height=260)
-                prompt = gr.Textbox(label="Prompt", value=default_prompt, lines=2, elem_id="prompt")
+                image = raw_image_input(label="Image (optional: none asks text only; a new one joins the next turn)",
+                                        sources=["upload", "clipboard"], elem_id="image-input", height=260)
+                prompt = gr.Textbox(label="Prompt (follow-up questions keep the conversation)", value=default_prompt,
+                                    lines=2, elem_id="prompt")
                 with gr.Accordion("Settings", open=True):
                     kind = gr.Dropdown(backend.kinds, value=pipe.drafter_kind, label="Drafter kind",
                                        elem_id="drafter-kind")
-                    k = gr.Slider(0, MAX_DRAFT_TOKENS, value=0, step=1, elem_id="num-draft",
-                                  label="Draft tokens per round (0 = adaptive)")
+                    adaptive = gr.Checkbox(True, elem_id="adaptive",
+                                           label="Adaptive draft length (the engine picks it each round)")
+                    k = gr.Slider(0, MAX_DRAFT_TOKENS, value=4, step=1, elem_id="num-draft",
+                                  label="Draft tokens per round when not adaptive (0 = no drafting)")
                     tree = gr.Slider(0, MAX_TREE_NODES, value=0, step=1, elem_id="tree-nodes",
                                      label=f"Tree nodes per round (0 = a chain; {_listed(tree_kinds())} drafters)")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, elem_id="temperature",
                                             label="Temperature (0 = greedy)")
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
-                                        label="Max new tokens", elem_id="max-new-tokens")
+                    max_new = gr.Slider(1, max_new_limit, value=min(default_max_new_tokens, max_new_limit), step=1,
+                                        label=f"Max new tokens (up to the target's context, {max_new_limit})",
+                                        elem_id="max-new-tokens")
                     seed = gr.Number(value=0, precision=0, label="Seed (sampling only)", elem_id="seed")
                     compare = gr.Checkbox(False, label="Compare with plain decoding (measures the speedup)",
                                           elem_id="compare")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    button = gr.Button("Send", variant="primary", elem_id="generate")
+                    reset = gr.Button("New conversation", elem_id="new-conversation")
                 if examples:
                     with_prompts = any(len(e) > 1 for e in examples)
                     gr.Examples(examples=[list(e[:2]) if with_prompts else [e[0]] for e in examples],
@@ -109,14 +117,19 @@ def build_app(pipe_or_factory: Pipeline | Callable[[], Pipeline], examples: list
                                 label="Sample images (click one)", cache_examples=False, examples_per_page=16)
             with gr.Column(scale=2):
                 error = gr.HTML("", elem_id="error-box")
+                conversation = gr.HTML("", label="Conversation", elem_id="conversation")
                 tokens = gr.HTML(LEGEND, label="Tokens, round by round", elem_id="tokens")
                 final = gr.Textbox(label="Final text", elem_id="final-text", lines=3, interactive=False,
                                    buttons=["copy"])
                 stats = gr.HTML("", label="Stats", elem_id="stats")
                 table = gr.Dataframe(headers=["round", "draft", "accepted", "VLM token"], value=[],
                                      label="Rounds", elem_id="rounds", interactive=False, wrap=True, max_height=360)
-        button.click(backend.generate, inputs=[image, prompt, kind, k, temperature, max_new, compare, seed, tree],
-                     outputs=[tokens, table, stats, final, error], api_name="generate")
+        state = gr.State(None)
+        button.click(backend.chat, inputs=[image, prompt, kind, k, temperature, max_new, compare, seed, tree, adaptive,
+                                           state],
+                     outputs=[tokens, table, stats, final, error, state, conversation], api_name="generate")
+        reset.click(lambda: (None, "", LEGEND, [], "", "", ""), outputs=[state, conversation, tokens, table, stats,
+                                                                       final, error], api_name="new_conversation")
     # several requests at once, so they share the engine's batch (``launch`` sets the limit from --concurrency)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     demo.mmspec_backend = backend

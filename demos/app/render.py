@@ -161,3 +161,23 @@ def stats_html(stats: Stats, wall_s: float, kind: str, done: bool, compare: dict
 def error_html(message: str) -> str:
     return (f"<div role='alert' style='border:1px solid #d33;background:#fdecec;color:#8a1010;padding:8px;"
             f"border-radius:6px'><b>Cannot run this request:</b> {html.escape(message)}</div>")
+
+
+def conversation_html(messages: list[dict]) -> str:
+    """The conversation so far: one line per turn, its images as numbered markers (in the order the model gets
+    them), its text escaped."""
+    if not messages:
+        return ""
+    lines, n = [], 0
+    for m in messages:
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        bits = []
+        for p in parts:
+            if p.get("type") == "image":
+                n += 1
+                bits.append(f"<span class='conv-image'>[image {n}]</span>")
+            else:
+                bits.append(html.escape(p.get("text", "")))
+        who = "You" if m["role"] == "user" else "VLM" if m["role"] == "assistant" else m["role"]
+        lines.append(f"<div class='conv-turn conv-{html.escape(m['role'])}'><b>{who}:</b> {' '.join(bits)}</div>")
+    return "<div class='conversation'>" + "".join(lines) + "</div>"

@@ -174,8 +174,11 @@ class EagleHead(nn.Module):
 
 
 def record_acceptance(folder, rate: float) -> None:
-    """Write a head's measured held-out acceptance into its config (the draft-length policy's prior)."""
+    """Write a head's measured held-out acceptance into its config (the draft-length policy's prior): mmspec's
+    first format's ``eagle_config.json``, else an EAGLE-3 head's ``config.json`` (engines ignore the key)."""
     path = Path(str(folder)) / CONFIG_NAME
+    if not path.is_file():
+        path = Path(str(folder)) / "config.json"
     cfg = json.loads(path.read_text())
     cfg["acceptance"] = round(float(rate), 3)
     path.write_text(json.dumps(cfg, indent=2) + "\n")

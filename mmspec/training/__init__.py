@@ -2,14 +2,16 @@
 
 1. Self-distillation data: the target answers every (image, prompt) greedily; the answer ids, the target's
    top-K next-token distributions along the answer, and (visual) the pooled source features, or (eagle) the
-   target's last hidden states along prompt and answer, are written to ``OUT/distill/`` in shards, so an
-   interrupted run keeps what it computed.
+   target's aux hidden states (three layers) and last hidden state along prompt and answer, are written to
+   ``OUT/distill/`` in shards, so an interrupted run keeps what it computed.
 2. Training: the drafter (and, for ``visual``, the projector that turns pooled features into ``m`` visual
-   tokens) learns the target's distributions with KL or total-variation loss (DistillSpec / TVD++); an eagle
-   head learns the target's next hidden state and next-token distribution on the target's hidden states (with
-   training-time test, EAGLE-3). Periodic checkpoints in ``OUT/checkpoint.pt`` and ``--resume``.
+   tokens) learns the target's distributions with KL or total-variation loss (DistillSpec / TVD++); an EAGLE-3
+   head learns the target's next-token distribution from the target's aux hidden states (with
+   training-time test, EAGLE-3; ``eagle_head``). Periodic checkpoints in ``OUT/checkpoint.pt`` and ``--resume``.
 3. Export: an HF folder (weights in safetensors, tokenizer, projector) that ``mmspec.load(drafter=OUT,
-   drafter_kind=...)`` takes directly, then the held-out acceptance measured through the real engine.
+   drafter_kind=...)`` takes directly -- for ``eagle`` an EAGLE-3 head vLLM and SGLang load unchanged
+   (``--format``) -- then the held-out acceptance measured through the real engine. OUT is recorded as
+   mmspec's own (``mmspec.outputs.claim_folder``); no other existing folder is written into.
 
 Rooms: ``data`` (step 1), ``loop`` (the training loop of step 2), ``causal_lm`` and ``eagle_head`` (what step 2
 trains for each kind), ``export`` (step 3); this file is the subcommand (its flags, and a run through the steps).
@@ -73,10 +75,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="end a row's draft before a token the head gives less probability than this (0 = never)")
     e.add_argument("--eagle-intermediate-size", type=int, default=None,
                    help="MLP width of the head's layer (default: the target's)")
+    e.add_argument("--format", choices=("specforge", "speculators"), default="specforge",
+                   help="layout of the EAGLE-3 head written: SpecForge/vLLM (vLLM and SGLang load it) or "
+                        "vllm-project/speculators (vLLM)")
     g.add_argument("--seed", type=int, default=0)
 
 
+INTERRUPT_HINT = "what was computed is kept in --out: run the same command again with --resume to continue"
+
+
 def run(args) -> int:
+    """Refuse bad flags, an --out mmspec did not write and bad --data rows before anything is written; a run that
+    stops before it computed anything leaves no folder behind."""
+    import shutil
+
+    from mmspec.outputs import MARKER, check_own_folder, claim_folder
+
+    out = Path(args.out)
+    # a folder train-drafter wrote (to resume or redo) or a new one; never a folder of the user's own files
+    check_own_folder(out, "--out")
+    created = not out.exists()
+    try:
+        claim_folder(out, "mmspec train-drafter")
+        return _run(args, out)
+    except BaseException:
+        if created and not any(p.is_file() and p.name != MARKER for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)   # this run did no work: nothing to resume, nothing left
+        raise
+
+
+def _run(args, out: Path) -> int:
     import torch
 
     import mmspec
@@ -87,19 +115,16 @@ def run(args) -> int:
         raise MMSpecError("--ttt-steps and --draft-vocab must be >= 0 and --stop-threshold in [0, 1)")
     args.prompt = args.prompt or ["Describe the image."]
     torch.manual_seed(args.seed)
-    from mmspec.outputs import check_own_folder
-
-    out = Path(args.out)
-    # a folder train-drafter wrote (to resume or redo) or a new one; never a folder of the user's own files
-    check_own_folder(out, "--out", ("checkpoint.pt", "distill", "train_report.json", "config.json",
-                                    "eagle_config.json"))
-    out.mkdir(parents=True, exist_ok=True)
+    train_ex, held_ex = read_examples(args)   # every --data row checked before the target loads
     # The target answers through mmspec itself (lossless, so the answers are the target's greedy ones, only
     # sooner); --drafter/--drafter-kind pick the helper drafter (kinds text, ngram and none; another kind counts
     # as not given), by default the bundled target's own default drafter, or ngram with another target.
     kind = args.drafter_kind if args.drafter_kind in (None, "text", "ngram", "none") else None
     pipe = mmspec.load(**dict(load_kwargs(args), drafter_kind=kind))
-    train_ex, held_ex = read_examples(args)
+    if args.kind == "eagle":
+        from mmspec.training.eagle_head import aux_ids_for
+
+        aux_ids_for(pipe.adapter)   # a target too shallow for EAGLE-3 is refused before the data is computed
     m = args.num_visual_tokens if args.kind == "visual" else None
     t0 = time.time()
     data_dir = out / "distill" / (f"{args.visual_source}-m{m}" if m else args.kind if args.kind == "eagle" else "text")
@@ -111,7 +136,7 @@ def run(args) -> int:
         drafter, projector = train_eagle(args, pipe, rows, out), None
     else:
         drafter, projector = train_causal_lm(args, pipe, rows, out)
-    export(drafter, projector, pipe, out, args.save_dtype)
+    export(drafter, projector, pipe, out, args.save_dtype, args.format)
     report = evaluate(pipe, out, args.kind, held_ex, args.max_new_tokens)
     if args.kind == "eagle" and report["examples"] and report["acceptance_rate"] > 0:
         from mmspec.drafters.eagle import record_acceptance

@@ -30,6 +30,32 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 
+def _kind(value) -> str:
+    return {list: "an array", str: "a string", dict: "an object", bool: "true/false", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _jsonl_row(line: str, where: str) -> tuple[Path, str | None]:
+    """One --data JSONL row -> (image path, prompt or None): a JSON object whose "image" is a non-empty string
+    (a path) and whose optional "prompt" is a string; anything else is refused with its line number."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise MMSpecError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise MMSpecError(f"{where}: expected a JSON object like {{\"image\": \"a.png\", \"prompt\": \"...\"}}, "
+                          f"got {_kind(row)}")
+    if "image" not in row:
+        raise MMSpecError(f"{where}: the object has no \"image\" (an image file path)")
+    image, prompt = row["image"], row.get("prompt")
+    if not isinstance(image, str) or not image.strip():
+        raise MMSpecError(f"{where}: \"image\" must be an image file path (a non-empty string), got "
+                          f"{_kind(image) if image != '' else 'an empty string'}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise MMSpecError(f"{where}: \"prompt\" must be a string, got {_kind(prompt)}")
+    return Path(image), prompt
+
+
 def read_examples(args) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples from --data, or from the bundled synthetic world by default."""
     if args.data is None:
@@ -58,13 +84,9 @@ def read_examples(args) -> tuple[list[Example], list[Example]]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                img = Path(row["image"])
-                img = img if img.is_absolute() else path.parent / img
-                examples.append(Example(str(img), row.get("prompt") or args.prompt[0], f"{img}:{row.get('prompt')}"))
-            except (ValueError, KeyError) as e:
-                raise MMSpecError(f"{path}:{n}: expected a JSON object with 'image' (and optional 'prompt'): {e}")
+            img, prompt = _jsonl_row(line, f"--data {path}, line {n}")
+            img = img if img.is_absolute() else path.parent / img
+            examples.append(Example(str(img), prompt or args.prompt[0], f"{img}:{prompt}"))
     else:
         raise MMSpecError(f"--data {path} is neither a folder nor a JSONL file")
     if len(examples) < 2:

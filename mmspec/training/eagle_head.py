@@ -1,6 +1,8 @@
-"""Training an eagle head (kind ``eagle``) over the target's last hidden states: its data rows (the hidden
-states along the target's answers), the training-time-test attention mask and loss (EAGLE-3), the head's
-training."""
+"""Training an EAGLE-3 head (kind ``eagle``, ``mmspec.drafters.eagle3``): its data rows (the target's aux hidden
+states and last hidden state along prompt + answer), the training-time-test attention mask, the loss, and the
+head's training. The head learns exactly what it runs: row t = (token t+1 embedded, fc(aux_t)), the k-th unrolled
+copy fed the (k-1)-th copy's pre-norm output, loss = KL to the target's next-token distribution over the draft
+vocabulary (SpecForge's target_p restricted by t2d)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,24 @@ if TYPE_CHECKING:
     import torch  # for annotations: functions import torch themselves, so `mmspec train-drafter --help` stays light
 
 
+def aux_ids_for(adapter) -> tuple[int, ...]:
+    """The aux layers our heads read: the ecosystem default (2, N // 2, N - 3) (what every engine assumes when
+    a config names none), or the last three layer inputs for targets too shallow for it."""
+    from mmspec.drafters.eagle3 import aux_layer_ids
+    from mmspec.errors import MMSpecError
+
+    n = int(adapter.model.config.get_text_config().num_hidden_layers)
+    if n < 4:
+        raise MMSpecError(f"an EAGLE-3 head reads the inputs of three distinct target layers (1 .. N-1): this target "
+                          f"has {n} decoder layers, it needs at least 4")
+    default = (2, n // 2, n - 3)
+    ids = default if len(set(default)) == 3 else (n - 3, n - 2, n - 1)
+    return aux_layer_ids({"eagle_aux_hidden_state_layer_ids": list(ids)}, n)
+
+
 def eagle_example(pipe, ex: Example, args, pool_m=None) -> dict | None:
-    """The target's greedy answer and its last hidden state at every position of prompt + answer."""
+    """The target's greedy answer, its aux hidden states and last hidden state at every position of prompt +
+    answer, and the positions the head takes there (the target's own: 3-D for Qwen-VL)."""
     import torch
 
     from mmspec.targets.batch import TargetBatch
@@ -25,14 +43,17 @@ def eagle_example(pipe, ex: Example, args, pool_m=None) -> dict | None:
     if got is None:
         return None
     res, request = got
+    n = int(adapter.model.config.get_text_config().num_hidden_layers)
     with torch.inference_mode():
-        batch = TargetBatch(adapter, want_hidden=True)
+        batch = TargetBatch(adapter, want_hidden=aux_ids_for(adapter) + (n,))
         batch.add(0, request)
         ids = torch.tensor([request.prompt_ids[-1]] + res.token_ids, device=adapter.device)
         batch.verify({0: ids})
-        hidden = batch.hidden[0]                        # [L + answer, H]
+        states = batch.hidden[0]                        # [L + answer, 4H]: three aux states, then the last
+        T = len(request.prompt_ids) + len(res.token_ids)
+        positions = adapter.positions(request)(torch.arange(T, device=adapter.device))
     return {"ids": request.prompt_ids + res.token_ids, "prompt_len": len(request.prompt_ids),
-            "hidden": hidden.half().cpu(), "features": request.features.half().cpu(), "name": ex.name}
+            "states": states.half().cpu(), "positions": positions.cpu(), "name": ex.name}
 
 
 def ttt_mask(M: int, steps: int) -> "torch.Tensor":
@@ -56,49 +77,44 @@ def ttt_mask(M: int, steps: int) -> "torch.Tensor":
     return allowed
 
 
-def eagle_loss(head, drafter_parts, rows: list[dict], steps: int, reg_weight: float = 1.0) -> "torch.Tensor":
-    """Regression to the target's next hidden state plus KL to its next-token distribution, at answer
-    positions, for the true features and ``steps`` rounds of the head's own predictions (``ttt_mask``)."""
+def eagle_loss(head, parts, rows: list[dict], steps: int) -> "torch.Tensor":
+    """KL from the target's next-token distribution (over the draft vocabulary) to the head's, at the positions
+    that draft answer tokens, for the true features and ``steps`` rounds of the head's own outputs
+    (``ttt_mask``; copy s weighted 0.8^s as EAGLE-3)."""
     import torch
 
-    embed, lm_head, image_ids = drafter_parts
+    embed, lm_head = parts
+    vocab = head.draft_to_target
+    H = head.H
     total, count = 0.0, 0
     for r in rows:
         ids = torch.tensor(r["ids"])
-        h = r["hidden"].float()
-        N = ids.shape[0]
-        M = N - 1
+        states = r["states"].float()
+        aux, last = states[:, :3 * H], states[:, 3 * H:]
+        M = ids.shape[0] - 1
         with torch.no_grad():
-            tok = embed(ids).float()
-            is_image = torch.isin(ids, image_ids)
-            feats = torch.zeros_like(tok)
-            if bool(is_image.any()):
-                feats[is_image] = r["features"].float()
-            target_logp = lm_head(h[1:]).float().log_softmax(-1)          # [M, vocab] predicts x_{t+2}
-        u = head.inputs(tok, feats, is_image)[1:]                          # [M, H] input of position t+1
-        start = max(r["prompt_len"] - 2, 0)                                # head outputs that predict answer tokens
-        hidden_in = h[:-1]
+            tok = embed(ids[1:]).float()                                     # row t: token t+1
+            target_logp = lm_head(last[1:])[:, vocab].float().log_softmax(-1)  # row t predicts token t+2
+        pos = r["positions"]
+        pos = (pos[1:] if head.mrope_section is not None and pos.shape[0] == 4 else pos[:1])[..., :M]
+        positions = pos.repeat(1, steps + 1)[:, None] if pos.shape[0] == 3 else pos.repeat(1, steps + 1)
+        start = max(r["prompt_len"] - 2, 0)
         allowed = ttt_mask(M, steps)
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
-        positions = torch.arange(M).repeat(steps + 1)[None]
+        fused = head.fc(aux[:-1])                                            # [M, H]
         outs = []
         for s in range(steps + 1):
-            # copy j's hidden input at p is copy j-1's prediction at p-1 (copy 0: the target's own)
-            hid = [hidden_in]
-            for prev in outs:
-                hid.append(torch.cat([hidden_in[:1], prev[:-1]]))
+            hid = [fused] + [torch.cat([fused[:1], prev[:-1]]) for prev in outs]   # copy j at p: copy j-1 at p-1
             n = len(hid) * M
-            f = head(torch.cat(hid)[None], u.repeat(len(hid), 1)[None], mask[..., :n, :n], positions[:, :n])[0]
+            f = head(tok.repeat(len(hid), 1)[None], torch.cat(hid)[None], mask[..., :n, :n], positions[..., :n])[0]
             outs = [f[j * M:(j + 1) * M] for j in range(len(hid))]
         for s, f in enumerate(outs):
             lo = max(start, s)
             if lo >= M:
                 continue
-            logq = lm_head(f[lo:]).float().log_softmax(-1)
+            logq = head.draft_logits(f[lo:]).float().log_softmax(-1)
             p = target_logp[lo:].exp()
-            kl = (p * (target_logp[lo:] - logq)).sum(-1)
-            reg = torch.nn.functional.smooth_l1_loss(f[lo:], h[1:][lo:], reduction="none").mean(-1)
-            total = total + (kl + reg_weight * reg).sum() / (s + 1)
+            total = total + (0.8 ** s) * (p * (target_logp[lo:] - logq)).sum()
             count += M - lo
     return total / max(count, 1)
 
@@ -106,26 +122,25 @@ def eagle_loss(head, drafter_parts, rows: list[dict], steps: int, reg_weight: fl
 def train_eagle(args, pipe, rows: list[dict], out: Path):
     import torch
 
-    from mmspec.drafters.eagle import EagleHead, head_config_for
+    from mmspec.drafters.eagle3 import head_for_target
 
     adapter = pipe.adapter
-    cfg = head_config_for(adapter, args.eagle_intermediate_size)
+    vocab = None
     if args.draft_vocab:
-        # VocabTrim: the tokens the target emits most in its own answers (and every end-of-sequence id)
+        # VocabTrim: the tokens the target emits most in its own answers (and every end-of-sequence id), sorted
         counts = torch.zeros(adapter.vocab_size)
         for r in rows:
             counts.index_add_(0, torch.tensor(r["ids"][r["prompt_len"]:]), torch.ones(len(r["ids"]) - r["prompt_len"]))
         keep = set(counts.topk(min(args.draft_vocab, int((counts > 0).sum()))).indices.tolist()) | set(adapter.eos_token_ids)
-        cfg["draft_vocab"] = sorted(keep)
-    cfg["stop_threshold"] = args.stop_threshold
+        vocab = sorted(keep)
     torch.manual_seed(args.seed)
-    head = EagleHead(cfg).float()
+    head = head_for_target(adapter, vocab, args.eagle_intermediate_size, aux_ids_for(adapter)).float()
     embed = adapter.model.get_input_embeddings().float()
     lm_head = adapter.model.get_output_embeddings().float()
+    with torch.no_grad():   # start from the target's own output rows (the head's norm starts as the identity)
+        head.lm_head.weight.copy_(lm_head.weight[head.draft_to_target])
     for p in list(embed.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
-    image_ids = torch.tensor(sorted(adapter.feature_token_ids))
-    parts = (embed, lm_head, image_ids)
-    train(args, {"head": head}, lambda batch: eagle_loss(head, parts, batch, args.ttt_steps), rows, out,
+    train(args, {"head": head}, lambda batch: eagle_loss(head, (embed, lm_head), batch, args.ttt_steps), rows, out,
           "train eagle head")
     return head

@@ -9,14 +9,20 @@ from mmspec.errors import MMSpecError
 from mmspec.training.data import Example
 
 
-def export(drafter, projector, pipe, out: Path, save_dtype: str) -> None:
+def export(drafter, projector, pipe, out: Path, save_dtype: str, layout: str = "specforge") -> None:
     """``drafter`` (and its ``projector``) saved in ``out`` in ``save_dtype``: an HF folder with weights in
-    safetensors and the tokenizer, or, for an eagle head, its weights and its own config."""
+    safetensors and the tokenizer, or, for an EAGLE-3 head, a folder vLLM and SGLang load as it is (``layout``
+    "specforge": SpecForge/vLLM; "speculators"), the target recorded in its config."""
     import torch
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
-    if projector is None and not hasattr(drafter, "config"):   # an eagle head: weights + its own config
-        drafter.save_pretrained(out, dtype)
+    if projector is None and not hasattr(drafter, "config"):   # an EAGLE-3 head
+        from mmspec.drafters.eagle3 import export_head
+        from mmspec.training.eagle_head import aux_ids_for
+
+        target = str(pipe.target.config._name_or_path)
+        export_head(drafter, out, layout, target, pipe.target.config, aux_ids_for(pipe.adapter), dtype,
+                    extra={"mmspec_family": pipe.adapter.family})
         return
     drafter.to(dtype).save_pretrained(out, safe_serialization=True)
     pipe.processor.tokenizer.save_pretrained(out)
