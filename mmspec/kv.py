@@ -7,6 +7,11 @@ the models take as is), positions are given explicitly, so a row's numbers never
 Trailing holes are cropped, and when holes pile up the rows are gathered back into consecutive slots
 (compaction, EAGLE's ``retrieve_indices`` gather for a tree's accepted path). Batch 1 and chains are cases of
 the same code: one row, parents ``[-1, 0, 1, ...]``.
+
+Decoders of several layer types get one mask per type (``{layer_type: mask}``): a sliding window is one more mask
+term over exact positions (the cache keeps every key), and linear-attention layers (Qwen3.5), which hold a conv and
+a recurrent state per row instead of keys, take none; their state is rolled back by keeping the state after each
+position a row may keep (``_record`` before a forward, ``_settle`` after acceptance, ``_restore`` on truncation).
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ class SlotCache:
     def _new_cache(self) -> DynamicCache:
         # DynamicCache(config=...) makes sliding layers that drop old keys (rollback and holes need them all):
         # plain layers then, the window lives in the mask; linear-attention layers need the config's layer objects
-        return DynamicCache() if self.window else DynamicCache(config=self.config)
+        windowed = any(t in WINDOWED for t in self.layer_types)
+        return DynamicCache() if windowed else DynamicCache(config=self.config)
 
     def _kv_layers(self) -> list:
         return [layer for layer in self.cache.layers if not isinstance(layer, LinearAttentionCacheLayerMixin)]

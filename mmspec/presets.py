@@ -71,6 +71,23 @@ PRESETS: dict[str, Preset] = {
                                     needs="~55 GB GPU memory in bfloat16 (24B parameters, 131,072-token Tekken "
                                           "vocabulary; no small Mistral 3 VLM shares it, so n-gram drafting or a "
                                           "trained EAGLE head); one 80 GB GPU"),
+    # issue 26 (part B). Gemma 3 ids and sizes from the model cards; Qwen3.5 ids from the Qwen3.5 model list
+    # (Qwen/Qwen3.5-0.8B ... -27B, MoE -35B-A3B and up; transformers >= 5.2); both checked on paper only (no hub
+    # here): the adapters were tested on tiny random configs (docs/FAMILIES.md). bfloat16: Gemma 3 overflows float16.
+    "gemma-3-4b": Preset("google/gemma-3-4b-it", "google/gemma-3-1b-it", "text", dtype="bfloat16", family="gemma3",
+                         needs="~11 GB GPU memory in bfloat16 (4.3B + 1.0B parameters; 256 image tokens per image; "
+                               "the 1B text model has 262,144 vocabulary rows, the 4B 262,208); a 16 GB GPU"),
+    "gemma-3-12b": Preset("google/gemma-3-12b-it", "google/gemma-3-1b-it", "text", dtype="bfloat16",
+                          family="gemma3",
+                          needs="~28 GB GPU memory in bfloat16 (12.2B + 1.0B parameters); a 40 GB GPU"),
+    "gemma-3-12b-vlm": Preset("google/gemma-3-12b-it", "google/gemma-3-4b-it", "vlm", dtype="bfloat16",
+                              family="gemma3",
+                              needs="~36 GB GPU memory in bfloat16 (12.2B + 4.3B parameters); a 48 GB GPU"),
+    "qwen3.5-9b": Preset("Qwen/Qwen3.5-9B", "Qwen/Qwen3.5-0.8B", "vlm", dtype="bfloat16", family="qwen3_5",
+                         needs="~22 GB GPU memory in bfloat16 (9B + 0.8B parameters, both natively multimodal; "
+                               "chains only: linear-attention layers cannot verify trees); a 24 GB GPU"),
+    "qwen3.5-27b": Preset("Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-2B", "vlm", dtype="bfloat16", family="qwen3_5",
+                          needs="~62 GB GPU memory in bfloat16 (27B + 2B parameters; chains only); one 80 GB GPU"),
 }
 
 

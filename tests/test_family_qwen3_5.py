@@ -18,11 +18,11 @@ from mmspec.errors import MMSpecError
 from mmspec.targets.batch import TargetBatch
 from mmspec.targets.qwen3_5 import Qwen3_5Adapter
 from tests.families import qwen3_5
-from tests.families.checks import (MAX_NEW, family_pipes, images, test_always_right_drafter,  # noqa: F401
-                                   test_batched_rows_equal_their_own_generate, test_every_kind_matches_hf_greedy,
+from tests.families.checks import (MAX_NEW, check_trained_eagle, family_pipes, images,  # noqa: F401
+                                   test_always_right_drafter, test_every_kind_matches_hf_greedy,
                                    test_image_token_count_varies_with_size, test_never_right_drafter,
                                    test_text_drafter_prompt_has_no_image_slots, test_vision_cache_serves_the_family)
-from tests.tiny_families import PROMPTS, check_session_logits
+from tests.tiny_families import PROMPTS, check_batch, check_session_logits
 
 
 def build(folder, layers: int | None = None, **options):
@@ -38,9 +38,11 @@ def pipes(tmp_path_factory):
 
 
 def _states(slots, row):
-    """Row ``row``'s (conv, recurrent) state of every linear-attention layer."""
+    """Row ``row``'s (conv, recurrent) state of every linear-attention layer (the conv state: the last kernel-size
+    inputs; right after a forward the layer still holds all of the forward's inputs)."""
     b = slots.index(row)
-    return [(layer.conv_states[0][b].clone(), layer.recurrent_states[0][b].clone()) for layer in slots._linear_layers()]
+    return [(layer.conv_states[0][b, :, -layer.conv_kernel_size[0]:].clone(), layer.recurrent_states[0][b].clone())
+            for layer in slots._linear_layers()]
 
 
 def _same(a, b) -> bool:
@@ -95,3 +97,14 @@ def test_truncate_rolls_the_state_back(pipes):
 def test_trees_are_refused(pipes):
     with pytest.raises(MMSpecError, match="linear-attention"):
         pipes["vlm-own"].generate(images()[0], PROMPTS[0], max_new_tokens=4, tree_nodes=4)
+
+
+@pytest.mark.parametrize("kind", ["text", "vlm"])
+def test_batched_rows_equal_their_own_generate(pipes, kind):
+    """Rows of other image sizes in one batch (padding after short rows, rows feeding nothing): each row's state
+    stays its own. Two kinds (rejections; long accepted chains), to stay fast."""
+    check_batch(pipes[kind], images(), 3, MAX_NEW)
+
+
+def test_train_drafter_eagle_on_the_family(pipes, tmp_path):
+    check_trained_eagle(pipes["none"], tmp_path)

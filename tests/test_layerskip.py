@@ -63,14 +63,18 @@ def test_registry_and_untuned_default(family):
     assert len(pipe.strategy.view.layers) == LAYERS - 1 and len(pipe.strategy.decoder.layers) == LAYERS
 
 
-@pytest.mark.parametrize("k", [None, 3])
-def test_greedy_equals_generate(family, k):
-    _, pipe = family
-    check_greedy(pipe, images()[:2], k, MAX_NEW)
-
-
-def test_batched_and_trees_equal_generate(family):
-    _, pipe = family
+def test_greedy_batched_and_trees_equal_generate(family):
+    """Chains at batch 1 (adaptive and fixed k), batched rows joining mid-flight (with a bad input among them),
+    and trees at batch 1 and batched: every output is the target's own greedy one."""
+    name, pipe = family
+    check_greedy(pipe, images()[:2], 3, MAX_NEW)
+    if name != "llava":   # (the full set of checks once; the other families take the lighter ones)
+        expected = [hf_greedy(pipe, im, p, MAX_NEW) for im, p in zip(images()[:2], PROMPTS)]
+        trees = pipe.generate_batch(images()[:2], PROMPTS, batch_size=2, max_new_tokens=MAX_NEW, tree_nodes=8,
+                                    num_draft_tokens=3)
+        assert [r.token_ids for r in trees] == expected
+        return
+    check_greedy(pipe, images()[:2], None, MAX_NEW)
     check_batch(pipe, images(), 3, MAX_NEW)
     check_trees(pipe, images(), MAX_NEW)
 
@@ -91,8 +95,8 @@ def test_nothing_skipped_is_the_target_drafting_for_itself(family):
             if r.target_token is not None and r.n_accepted < len(r.draft_ids):
                 assert r.target_token in bad, res.rounds
         assert drafted and res.stats.mean_accepted > 1.5 or res.stats.stop_reason == "eos"
-        tree = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, tree_nodes=8, num_draft_tokens=3)
-        assert tree.token_ids == res.token_ids
+    tree = pipe.generate(images()[0], PROMPTS[0], max_new_tokens=MAX_NEW, tree_nodes=8, num_draft_tokens=3)
+    assert tree.token_ids == hf_greedy(base, images()[0], PROMPTS[0], MAX_NEW)
 
 
 def test_image_is_encoded_once(family):
@@ -115,13 +119,13 @@ def test_sampling_follows_the_target(llava):
     pipe = mmspec.load(str(llava), drafter=None, drafter_kind="layerskip")
     image, prompt, temperature, top_p = sample_image(3), "describe the image .", 1.0, 0.95
     p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
-    results = pipe.generate_batch([image] * 500, prompt, batch_size=10, max_new_tokens=2, temperature=temperature,
+    results = pipe.generate_batch([image] * 300, prompt, batch_size=10, max_new_tokens=2, temperature=temperature,
                                   top_p=top_p, num_draft_tokens=3, seed=2000)
     rows = [r.token_ids for r in results]
     assert _chi2_p(np.bincount([ids[0] for ids in rows], minlength=len(p1)), p1) > P_MIN
     assert _chi2_p(np.bincount([t for ids in rows for t in ids[1:]], minlength=len(p2)), p2) > P_MIN
     assert sum(r.stats.drafted_tokens for r in results) > 0
-    for i in (3, 499):
+    for i in (3, 299):
         alone = pipe.generate(image, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
                               num_draft_tokens=3, seed=2000 + i)
         assert alone.token_ids == rows[i]

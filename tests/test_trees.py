@@ -302,3 +302,149 @@ def test_trees_are_refused_where_the_drafter_cannot_grow_them(pipes, kind):
         pipe.generate(sample_image(0), PROMPTS[0], tree_nodes=8)
     with pytest.raises(mmspec.MMSpecError, match="tree_nodes must be"):
         pipes["text"].generate(sample_image(0), PROMPTS[0], tree_nodes=0)
+
+
+# ----- trees that adapt their shape (issue 31) ---------------------------------------------------------
+def _expand_with(table):
+    """expand() whose every fed node's children get log-probabilities ``table`` (the same at every node)."""
+    def expand(feeds):
+        return [table.expand(len(f), table.shape[-1]) if f else None for f in feeds]
+    return expand
+
+
+def test_a_sure_drafter_grows_the_chain_and_a_hesitant_one_grows_width():
+    vocab = 6
+    sure = torch.log(torch.tensor([0.97, 0.02, 0.01, 1e-9, 1e-9, 1e-9]))
+    [tree] = grow_tree(sure[None].clone(), _expand_with(sure), [16], 6, frozenset(), floor=0.05, spines=[6])
+    assert tree.ids.tolist() == [0] * 6 and tree.parents == [-1, 0, 1, 2, 3, 4]     # the chain, nothing more
+    unsure = torch.log(torch.tensor([0.5, 0.4, 0.05, 0.05, 1e-9, 1e-9]))
+    [bushy] = grow_tree(unsure[None].clone(), _expand_with(unsure), [16], 6, frozenset(), floor=0.05, spines=[6])
+    assert len(bushy) == 16 and 1 in bushy.ids.tolist()                              # width where it hesitates
+    # the spine (the top token after each spine node, 6 deep) is kept though 0.5^6 is under the floor
+    deepest = max(range(len(bushy)), key=lambda i: len(_path(bushy.parents, i)))
+    assert [bushy.ids[i].item() for i in _path(bushy.parents, deepest)] == [0] * 6
+    # the budget is the budget: spine first, then the best other nodes; a spine longer than it is cut
+    [small] = grow_tree(unsure[None].clone(), _expand_with(unsure), [8], 6, frozenset(), floor=0.05, spines=[6])
+    assert len(small) == 8 and sum(t == 0 for t in small.ids.tolist()) >= 6
+    [three] = grow_tree(unsure[None].clone(), _expand_with(unsure), [3], 6, frozenset(), floor=0.05, spines=[6])
+    assert three.ids.tolist() == [0, 0, 0] and three.parents == [-1, 0, 1]
+    # no spine: the old EAGLE-2 shape (the floor stops the 0.5 chain after 4 nodes: 0.5^5 < 0.05)
+    [old] = grow_tree(unsure[None].clone(), _expand_with(unsure), [3], 6, frozenset(), floor=0.05)
+    assert old.ids.tolist() == [0, 1, 0]
+
+
+def _path(parents, i):
+    out = []
+    while i >= 0:
+        out.append(i)
+        i = parents[i]
+    return out[::-1]
+
+
+def test_a_tree_with_a_spine_holds_the_chain_and_never_accepts_less():
+    """Path-dependent drafter logits: the spine is the chain draft_block drafts; for random targets the tree's
+    greedy acceptance is never below the chain's."""
+    from mmspec.config import DecodeConfig
+    from mmspec.drafters.base import RowSpec, draft_block
+
+    vocab, k = 7, 5
+
+    def logits_after(path):
+        g = torch.Generator().manual_seed(hash(tuple(path)) % (2**31))
+        return torch.randn(vocab, generator=g) * 2
+
+    paths = {}
+
+    def expand(feeds):                       # records each fed node's token path
+        out = []
+        for f in feeds:
+            for node, tok, parent, _ in f:
+                paths[node] = (paths[parent] if parent >= 0 else []) + [tok]
+            out.append(torch.stack([logits_after(paths[node]) for node, *_ in f]) if f else None)
+        return out
+
+    first = logits_after([])[None]
+    [tree] = grow_tree(first, expand, [12], k, frozenset(), floor=0.2, spines=[k])
+    fed = []
+
+    def step(tok):
+        fed.append(int(tok[0]))
+        return logits_after(fed)[None]
+
+    [chain_draft] = draft_block(first, step, [k], [RowSpec(None, DecodeConfig())], vocab, frozenset())
+    chain_ids = chain_draft.ids.tolist()
+    node_paths = [[tree.ids[j].item() for j in _path(tree.parents, i)] for i in range(len(tree))]
+    assert len(chain_ids) == k and chain_ids in node_paths
+    for seed in range(300):
+        def target(prefix):   # the target's argmax after a prefix: the drafter's top token 70 % of the time
+            h = hash((seed,) + tuple(prefix)) % 10
+            return int(logits_after(list(prefix)).argmax()) if h < 7 else h % vocab
+        n_chain = 0
+        while n_chain < k and target(chain_ids[:n_chain]) == chain_ids[n_chain]:
+            n_chain += 1
+        path, _ = accept_tree_greedy(tree.ids.tolist(), tree.parents, [target([])] + [target(p) for p in node_paths])
+        assert len(path) >= n_chain
+
+
+def test_tree_masks_and_positions_for_a_batch_in_one_go_equal_row_by_row():
+    """``SlotCache.extend`` builds every row's tree mask and positions at once: the same as the per-row
+    construction (ancestors by walking parents) for random trees, padding rows and trees grown over forwards."""
+    import random
+
+    from transformers import LlamaConfig
+
+    from mmspec.trees import ancestor_matrices, depths
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                      vocab_size=32)
+    rnd = random.Random(0)
+    for trial in range(40):
+        B = rnd.randint(1, 4)
+        slots = SlotCache(cfg, "cpu", torch.float32)
+        for r in range(B):
+            slots.add_empty(r)
+        pre = [rnd.randint(1, 5) for _ in range(B)]
+        slots.extend([list(range(-1, n - 1)) for n in pre])
+        slots.commit([list(range(n)) for n in pre])
+        parents = []
+        for _ in range(B):
+            n = rnd.randint(0, 9)
+            chainy = rnd.random() < 0.3
+            parents.append([i - 1 if chainy else rnd.randint(-1, i - 1) for i in range(n)])
+        T = max(len(p) for p in parents)
+        if not T:
+            continue
+        S = slots.slots
+        lengths, valid = list(slots.lengths), slots.valid.clone()
+        mask, pos = slots.extend(parents)
+        for b, par in enumerate(parents):
+            n = len(par)
+            anc = torch.eye(T, dtype=torch.bool)
+            for i, p in enumerate(par):
+                if p >= 0:
+                    anc[i, :i] |= anc[p, :i]
+                    anc[i, p] = True
+            assert torch.equal(ancestor_matrices(parents, T, "cpu")[b], anc)
+            allowed = mask[b, 0] == 0
+            assert torch.equal(allowed[:n, S:], anc[:n])
+            assert torch.equal(allowed[:n, :S], valid[b].expand(n, S))
+            assert not allowed[n:, :S].any() and torch.equal(allowed[n:, S + n:], torch.eye(T - n, dtype=torch.bool))
+            assert pos[b].tolist() == [lengths[b] + d for d in depths(par)] + [lengths[b]] * (T - n)
+        slots.commit([[] for _ in parents])
+
+
+def test_adaptive_trees_match_hf_greedy_and_respect_the_budget(pipes):
+    """Trees whose depth the draft-length policy picks (no num_draft_tokens) and whose width the cost-based
+    floor sets: lossless at batch 1 and batched, never more than tree_nodes nodes, and never more nodes than a
+    chain of the round's depth plus the width the drafter's doubts earned."""
+    pipe, base = pipes["text"], pipes["none"]
+    images = [sample_image(s) for s in range(3)]
+    prompts = [PROMPTS[s % 2] for s in range(3)]
+    expected = [hf_greedy(base, im, p) for im, p in zip(images, prompts)]
+    for nodes in (3, 10):
+        for im, p, exp in zip(images, prompts, expected):
+            res = pipe.generate(im, p, max_new_tokens=MAX_NEW, tree_nodes=nodes)
+            assert res.token_ids == exp
+            assert all(len(r.draft_ids) <= nodes for r in res.rounds)
+        batched = pipe.generate_batch(images, prompts, batch_size=3, max_new_tokens=MAX_NEW, tree_nodes=nodes)
+        assert [r.token_ids for r in batched] == expected

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "batched generate() and every mmspec mode (generate_batch) over all inputs (default 1)")
     g.add_argument("--modes", default="", help="comma list to restrict modes (hf-greedy is always run)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--shaped", default=None, metavar="SIZE",
+                   help="GPU-shaped estimate: a random-weight target whose language model has this shape (1b, 3b; "
+                        "smoke: a small check) in --dtype (default bfloat16), timed with an always-right "
+                        "(mmspec-oracle) and a replayed drafter (mmspec-replay) on the bundled world's scenes")
+    g.add_argument("--replay-profile", default=None,
+                   help="with --shaped: mmspec-replay's chance to be right at draft position 1, 2, ... (comma list; "
+                        "default: the bundled eagle head's measured acceptance on captions)")
     g.add_argument("--json", default=None, help="write results as JSON to this file")
     g.add_argument("--plot", default=None, help="write a PNG plot (speedup per mode, acceptance by position)")
 
@@ -77,7 +84,17 @@ def run(args) -> int:
         check_own_file(args.plot, "--plot", "png")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_from_args(args)
+    extra, recorder = None, None
+    if args.shaped:
+        from mmspec.bench.shaped import shaped_setup
+
+        if args.target or args.images or args.temperature > 0:
+            raise MMSpecError("--shaped builds its own target and times greedy decoding on the bundled world's "
+                              "scenes: leave out --target, --images and --temperature", param="shaped")
+        pipe, extra, recorder = shaped_setup(args.shaped, args.dtype, args.replay_profile)
+        args.modes = args.modes or "hf-greedy,mmspec-none,mmspec-oracle,mmspec-replay"
+    else:
+        pipe = load_from_args(args)
     prompt_types = [p.strip() for p in args.prompt_types.split(",") if p.strip()]
     if set(prompt_types) - {"caption", "question"}:
         raise MMSpecError("--prompt-types takes caption and/or question")
@@ -90,7 +107,11 @@ def run(args) -> int:
         raise MMSpecError("with --target, give --images FOLDER to benchmark on")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bench = Bench(pipe, modes, args.max_new_tokens, args.temperature, args.num_draft_tokens, args.lookup_tokens,
-                  _other_drafters(args, pipe), args.tree_nodes)
+                  _other_drafters(args, pipe) if extra is None else extra, args.tree_nodes)
+    if recorder is not None:   # --shaped: the oracles learn the target's answers in an untimed pass
+        from mmspec.bench.shaped import record_references
+
+        record_references(recorder, inputs, args.max_new_tokens)
 
     bench.time_calls(inputs, args.warmup, args.repeats)
     bench.time_to_first_token(inputs[:3])
@@ -104,7 +125,7 @@ def run(args) -> int:
                          "n_inputs": len(inputs), "prompt_types": prompt_types, "repeats": args.repeats,
                          "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                          "num_draft_tokens": args.num_draft_tokens, "lookup_tokens": args.lookup_tokens,
-                         "batch_sizes": batch_sizes, "tree_nodes": args.tree_nodes},
+                         "batch_sizes": batch_sizes, "tree_nodes": args.tree_nodes, "shaped": args.shaped},
               "modes": summary(bench, inputs), "by_prompt_type": {},
               "batched": {str(B): rows for B, rows in by_batch.items()}}
     for ptype in prompt_types:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmspec.drafters import weightless_kinds
+from mmspec.drafters import drafter_class, weightless_kinds
 from mmspec.errors import MMSpecError
 
 QUESTION_KINDS = ("color", "count", "position", "yesno")
@@ -130,9 +130,18 @@ class Bench:
                  lookup_tokens: int, extra: dict | None = None, tree_nodes: int | None = None):
         self.pipe, self.adapter = pipe, pipe.adapter
         self.max_new_tokens, self.temperature, self.k, self.lookup = max_new_tokens, temperature, k, lookup_tokens
+        # (the loaded kind keeps the loaded pipeline: its settings, e.g. a layerskip skip-set file, are the user's)
         self.pipelines = {f"mmspec-{pipe.drafter_kind}": pipe,
-                          **{f"mmspec-{kind}": pipe.with_drafter_kind(kind) for kind in weightless_kinds()},
+                          **{f"mmspec-{kind}": pipe.with_drafter_kind(kind) for kind in weightless_kinds()
+                             if kind != pipe.drafter_kind},
                           **(extra or {})}
+        # a kind's variants (``bench_variants``: name -> its ``drafter=`` setting), as ``mmspec-<kind>-<name>``,
+        # timed only where --modes names them (layerskip's untuned default beside its tuned skip set)
+        for kind in weightless_kinds():
+            for name, setting in getattr(drafter_class(kind), "bench_variants", {}).items():
+                mode = f"mmspec-{kind}-{name}"
+                if {mode, f"{mode}-tree"} & set(modes or []):
+                    self.pipelines[mode] = pipe.with_drafter_kind(kind, drafter=setting)
         # a tree mode per drafter that grows trees: ``mmspec-<kind>-tree`` (tree_nodes per round)
         self.tree_nodes = {}
         for mode, p in list(self.pipelines.items()):

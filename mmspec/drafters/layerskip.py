@@ -197,6 +197,7 @@ class LayerSkipDrafter(Drafter):
     grows_trees = True
     takes_settings = True     # ``drafter=`` names its skip set (a file, ids, "untuned"), not weights
     default_tree_nodes = 16
+    bench_variants = {UNTUNED: UNTUNED}   # ``mmspec bench --modes mmspec-layerskip-untuned``: the default set
     start_threshold = 0.5     # the adaptive stop's first value when the skip-set file does not give one
 
     def __init__(self, target: TargetAdapter, drafter=None):

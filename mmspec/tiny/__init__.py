@@ -19,8 +19,11 @@ TINY_BUILDERS: dict[str, str] = {
     "qwen3_vl": "mmspec.tiny.qwen3_vl:build",
     "qwen3_vl_moe": "mmspec.tiny.qwen3_vl:build?moe",
     "glm4v": "mmspec.tiny.glm4v:build",
+    "glm4v_moe": "mmspec.tiny.glm4v:build?moe",
     "mistral3": "mmspec.tiny.mistral3:build",
     "internvl": "mmspec.tiny.internvl:build",
+    "gemma3": "mmspec.tiny.gemma3:build",
+    "qwen3_5": "mmspec.tiny.qwen3_5:build",
 }
 
 

@@ -5,7 +5,8 @@ conv: one image token per 8x8 pixels) and a GLM-4 decoder with 3-D M-RoPE on hal
 The prompt names the image ``<|begin_of_image|><|image|><|end_of_image|>``; the processor repeats ``<|image|>``
 once per image token. The processor needs its video processor and the ``<|begin_of_video|>`` /
 ``<|end_of_video|>`` tokens, and returns ``mm_token_type_ids`` (the model's 3-D positions need them). Generation
-stops at any of three ids, as GLM-4.1V's: ``<|endoftext|>``, ``<|user|>``, ``<|observation|>``."""
+stops at any of three ids, as GLM-4.1V's: ``<|endoftext|>``, ``<|user|>``, ``<|observation|>``. ``moe=True``:
+``glm4v_moe`` (as GLM-4.5V: 4 routed experts, top 2, one shared expert, the first layer dense)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,14 @@ def tokenizer():
                           template=TEMPLATE, extra={"image_token": "<|image|>", "video_token": "<|video|>"})
 
 
-def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab_pad: int = 7) -> Path:
-    from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessor, Glm4vProcessor,
-                              Glm4vVideoProcessor)
+def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab_pad: int = 7,
+          moe: bool = False) -> Path:
+    from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
+    if moe:
+        from transformers import Glm4vMoeConfig as Config, Glm4vMoeForConditionalGeneration as Model
+    else:
+        from transformers import Glm4vConfig as Config, Glm4vForConditionalGeneration as Model
 
     torch.manual_seed(seed)
     tok = tokenizer()
@@ -46,14 +52,21 @@ def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
                                  "partial_rotary_factor": 0.5},
                 pad_token_id=tok.pad_token_id)
+    if moe:
+        text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, image_size=32,
                   spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden)
-    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
                          video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
                          image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
                          video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = Model(config).eval()
     scale_linear([model.model.language_model, model.lm_head])
+    with torch.no_grad():   # fused experts are 3-D parameters [experts, ...]
+        for p in model.model.language_model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.3)
     scale_linear([model.model.visual.merger], std=0.2)
     size = {"shortest_edge": 2 * 16 * 16, "longest_edge": 2 * 64 * 64}   # t x h x w, images count as 2 frames
     kw = dict(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
