@@ -172,6 +172,11 @@ class Pipeline:
         if config.tree_nodes is not None and not self.strategy.grows_trees:
             raise MMSpecError(f"drafter kind {self.strategy.kind!r} does not draft trees; tree_nodes works with "
                               f"{tree_kinds()} (or leave tree_nodes=None for a chain)")
+        models = [self.adapter] + [a for a in [getattr(self.strategy, "adapter", None)] if a is not None]
+        if config.tree_nodes is not None and not all(getattr(a, "verifies_trees", True) for a in models):
+            raise MMSpecError("this model has linear-attention (recurrent) layers, which cannot verify or draft a "
+                              "tree in one forward; use a chain (tree_nodes=None)", code="invalid_value",
+                              param="tree_nodes")
         return config
 
     def generate_batch(self, images, prompts=None, batch_size: int | None = None, max_new_tokens: int = 64,

@@ -88,6 +88,19 @@ PRESETS: dict[str, Preset] = {
                                "chains only: linear-attention layers cannot verify trees); a 24 GB GPU"),
     "qwen3.5-27b": Preset("Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-2B", "vlm", dtype="bfloat16", family="qwen3_5",
                           needs="~62 GB GPU memory in bfloat16 (27B + 2B parameters; chains only); one 80 GB GPU"),
+    # issue 27: public EAGLE-3 heads (kind "eagle", layout read from the head's config). Ids and targets from the
+    # heads' model cards / the vLLM, SGLang and SpecForge threads that name them; checked on paper only (no hub
+    # here): the head code was tested on tiny heads in both layouts (tests/test_eagle3.py, docs/EAGLE3_FORMATS.md).
+    "qwen2.5-vl-7b-eagle3": Preset("Qwen/Qwen2.5-VL-7B-Instruct", "Rayzl/qwen2.5-vl-7b-eagle3-sgl", "eagle",
+                                   dtype="bfloat16", family="qwen2_5_vl",
+                                   needs="~18 GB GPU memory in bfloat16 (8.3B parameters + a ~0.4B one-layer "
+                                         "EAGLE-3 head, SpecForge layout, 32,000-token draft vocabulary); a 24 GB GPU"),
+    "qwen3-vl-235b-a22b-eagle3": Preset("Qwen/Qwen3-VL-235B-A22B-Instruct",
+                                        "RedHatAI/Qwen3-VL-235B-A22B-Instruct-speculator.eagle3", "eagle",
+                                        dtype="bfloat16", family="qwen3_vl_moe",
+                                        needs="~480 GB GPU memory in bfloat16 (235B MoE with 22B active + a "
+                                              "one-layer EAGLE-3 head, speculators layout); device_map='auto' "
+                                              "over 8 x 80 GB GPUs"),
 }
 
 

@@ -451,6 +451,35 @@ def test_inputs_globs_lists_dedup_and_missing(tmp_path, model_flags):
         caption.expand_inputs([str(tmp_path / "broken.jsonl")])
 
 
+def test_a_jsonl_line_may_give_several_images(tmp_path, model_flags, pipe):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        sample_image(60 + i).save(folder / f"{i}.png")
+    lines = [{"images": ["imgs/0.png", "imgs/1.png"], "prompt": "what color is the circle ?"},
+             {"images": ["imgs/2.png", "imgs/0.png", "imgs/1.png"]}, {"path": "imgs/2.png"},
+             {"images": ["imgs/0.png", "imgs/nope.png"]}]
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tasks = caption.expand_inputs([str(tmp_path / "multi.jsonl")], PROMPT)
+    assert [len(t.images) for t in tasks] == [2, 3, 0, 2]
+    assert tasks[0].image == [str(folder / "0.png"), str(folder / "1.png")] and tasks[2].image == str(folder / "2.png")
+    out = tmp_path / "c.jsonl"
+    assert cli_main(["caption", str(tmp_path / "multi.jsonl"), "--out", str(out), "--quiet", *model_flags]) == 1
+    records = {r["path"]: r for r in read_lines(out)}
+    assert len(records) == 4
+    for task in tasks[:3]:
+        rec = records[task.path]
+        assert rec["error"] is None
+        assert rec["caption"] == pipe.generate(task.image, task.prompt, max_new_tokens=MAX_NEW).text
+    assert "not found" in records[tasks[3].path]["error"]
+    # resuming skips what is done: nothing new is written
+    assert cli_main(["caption", str(tmp_path / "multi.jsonl"), "--out", str(out), "--quiet", *model_flags]) in (0, 1)
+    assert len(read_lines(out)) == 4
+    with pytest.raises(mmspec.MMSpecError, match="images"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"images": []}) + "\n")
+        caption.expand_inputs([str(tmp_path / "bad.jsonl")])
+
+
 def test_one_writer_at_a_time(tmp_path):
     out = tmp_path / "c.jsonl"
     with caption.CaptionLog(out):

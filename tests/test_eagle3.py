@@ -107,9 +107,11 @@ def reference_for(pipe, folder, req, committed, nxt, k):
                            positions=pos[1:] if pos.shape[0] > 1 else None, return_details=True)
 
 
-def check_matches_reference(ours_logits, draft, ref):
+def check_matches_reference(ours_logits, draft, ref, bad=None):
+    """Same drafts and per-step logits over the draft vocabulary (``bad``: ids mmspec never drafts -- image
+    placeholders, the target's padding rows -- which a trained head's vocabulary may hold)."""
     assert draft == ref["draft_ids"]
-    want = ref["target_logits"]
+    want = ref["target_logits"] if bad is None else ref["target_logits"].masked_fill(bad, float("-inf"))
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(ours_logits), finite), "the draft vocabulary is the head's d2t"
     torch.testing.assert_close(ours_logits[finite], want[finite].float(), rtol=1e-4, atol=1e-4)
@@ -271,7 +273,7 @@ def train(target, data, out, steps, *extra):
 @pytest.fixture(scope="module")
 def trained(target6, scene_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("eagle3-trained") / "head"
-    assert train(target6, scene_data, out, 120, "--draft-vocab", "30") == 0
+    assert train(target6, scene_data, out, 80, "--draft-vocab", "30", "--ttt-steps", "1") == 0
     return out
 
 
@@ -285,7 +287,7 @@ def test_a_trained_head_accepts_stays_lossless_and_loads_as_published(base6, tar
     assert ref.aux_indices(LAYERS) == (3, 4, 5) and ref.Vd == cfg["draft_vocab_size"]
     pipe = mmspec.load(str(target6), drafter=str(trained))
     tokens = forwards = 0
-    for seed in range(8):
+    for seed in range(6):
         image, prompt = sample_image(seed), PROMPTS[seed % 2]
         res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
         assert res.token_ids == hf_greedy(base6, image, prompt)
@@ -296,7 +298,7 @@ def test_a_trained_head_accepts_stays_lossless_and_loads_as_published(base6, tar
     assert cfg.get("acceptance") == (report["acceptance_rate"] if report["acceptance_rate"] > 0 else None)
     # what we draft equals what the reference drafts from the same hidden states (so vLLM would draft it too)
     req, committed, nxt, draft, logits = mmspec_draft(pipe, sample_image(1), PROMPTS[1], 3, 1)
-    check_matches_reference(logits, draft, reference_for(pipe, trained, req, committed, nxt, 3))
+    check_matches_reference(logits, draft, reference_for(pipe, trained, req, committed, nxt, 3), pipe.strategy.bad_ids)
 
 
 def test_sampling_follows_the_target(base6, target6, trained):
@@ -320,12 +322,12 @@ def test_training_resumes_and_exports_the_speculators_layout(target6, scene_data
     from mmspec.drafters.eagle3 import Eagle3Head
 
     out = tmp_path / "spec"
-    assert train(target6, scene_data, out, 20, "--format", "speculators") == 0
+    assert train(target6, scene_data, out, 6, "--format", "speculators", "--checkpoint-every", "3") == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["speculators_model_type"] == "eagle3" and cfg["speculators_config"]["verifier"]["name_or_path"]
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [3, 4, 5] and cfg["norm_before_residual"] is False
     first = Eagle3Head.from_pretrained(out).state_dict()
-    assert train(target6, scene_data, out, 40, "--format", "speculators", "--resume") == 0
+    assert train(target6, scene_data, out, 12, "--format", "speculators", "--checkpoint-every", "3", "--resume") == 0
     assert "resumed from" in capsys.readouterr().out
     second = Eagle3Head.from_pretrained(out).state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)

@@ -129,4 +129,4 @@ def test_sampling_follows_the_target(pipes):
 def test_train_drafter_eagle_on_the_family(pipes, tmp_path):
     """``mmspec train-drafter --kind eagle`` trains a head for this family (a few steps), and the head drafts
     losslessly."""
-    check_trained_eagle(pipes["none"], tmp_path)
+    check_trained_eagle(pipes["none"].target.config._name_or_path, tmp_path)

@@ -33,3 +33,16 @@ def test_one_dimensional_positions_would_differ(pipes, monkeypatch):
     monkeypatch.setattr(Glm4vAdapter, "positions", lambda self, request: Positions())
     got = [pipe.generate(im, PROMPTS[0], max_new_tokens=MAX_NEW).token_ids for im in images()]
     assert got != expected
+
+
+def test_glm4v_moe_matches_generate(tmp_path):
+    """GLM-4.5V's ``glm4v_moe`` through the same adapter: the target drafting for itself and plain decoding equal
+    ``generate()`` at batch 1 and batched (a lighter run than the dense model's)."""
+    import mmspec
+    from tests.tiny_families import check_batch, check_greedy
+
+    folder = build(tmp_path / "moe", moe=True, seed=13)
+    pipe = mmspec.load(str(folder), drafter=str(folder), drafter_kind="vlm")
+    assert pipe.target.config.model_type == "glm4v_moe" and isinstance(pipe.adapter, Glm4vAdapter)
+    check_greedy(pipe, images(), 3, MAX_NEW)
+    check_batch(pipe, images(), 3, MAX_NEW)

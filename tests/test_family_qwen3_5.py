@@ -95,8 +95,17 @@ def test_truncate_rolls_the_state_back(pipes):
 
 
 def test_trees_are_refused(pipes):
-    with pytest.raises(MMSpecError, match="linear-attention"):
-        pipes["vlm-own"].generate(images()[0], PROMPTS[0], max_new_tokens=4, tree_nodes=4)
+    """Up front, whatever the drafter would grow; and by the slot cache itself, for a tree given to a verify."""
+    for kind in ("vlm-own", "eagle", "text"):
+        with pytest.raises(MMSpecError, match="linear-attention"):
+            pipes[kind].generate(images()[0], PROMPTS[0], max_new_tokens=4, tree_nodes=4)
+    adapter = pipes["none"].adapter
+    req = adapter.prepare(images()[0], adapter.format_prompt(PROMPTS[0]))
+    adapter.image_features(req)
+    batch = TargetBatch(adapter)
+    batch.add(0, req)
+    with torch.inference_mode(), pytest.raises(MMSpecError, match="linear-attention"):
+        batch.verify({0: torch.tensor([req.prompt_ids[-1], 5, 6])}, {0: [-1, 0, 0]})    # two siblings
 
 
 @pytest.mark.parametrize("kind", ["text", "vlm"])
@@ -106,5 +115,7 @@ def test_batched_rows_equal_their_own_generate(pipes, kind):
     check_batch(pipes[kind], images(), 3, MAX_NEW)
 
 
-def test_train_drafter_eagle_on_the_family(pipes, tmp_path):
-    check_trained_eagle(pipes["none"], tmp_path)
+def test_train_drafter_eagle_on_the_family(tmp_path):
+    """On a four-layer target in the hub's layout (three linear-attention layers, then a full one)."""
+    layers = ("linear_attention",) * 3 + ("full_attention",)
+    check_trained_eagle(qwen3_5.build(tmp_path / "target", layer_types=layers), tmp_path)

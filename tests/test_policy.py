@@ -176,3 +176,22 @@ def test_a_pipeline_fed_absurd_timings_returns_to_drafting(base, what, monkeypat
     after = drafted[first + 1:-1]
     assert after and all(n >= 4 for n in after), drafted
     assert res.stats.mean_accepted > 3
+
+
+def test_the_shaped_benchs_oracles_record_then_draft_the_targets_answer(base):
+    """``mmspec bench --shaped``'s drafters on the tiny target: a recording pass learns the answer; the oracle
+    then drafts it (everything accepted), the replay drafter misses where its profile says; both lossless."""
+    from mmspec.bench.shaped import OracleDrafter, record_references
+
+    refs: dict = {}
+    recorder = Pipeline(base.adapter, OracleDrafter(base.adapter, {}, recorded=refs))
+    inp = types.SimpleNamespace(image=sample_image(0), prompt=PROMPT)
+    record_references(recorder, [inp], 24)
+    expected = base.generate(inp.image, PROMPT, max_new_tokens=24).token_ids
+    assert list(refs.values()) == [expected]
+    oracle = Pipeline(base.adapter, OracleDrafter(base.adapter, refs)).generate(inp.image, PROMPT, max_new_tokens=24)
+    replay = Pipeline(base.adapter, OracleDrafter(base.adapter, refs, (0.5,))).generate(inp.image, PROMPT,
+                                                                                         max_new_tokens=24)
+    assert oracle.token_ids == replay.token_ids == expected
+    assert oracle.stats.accepted_tokens == oracle.stats.drafted_tokens > 0
+    assert 0 < replay.stats.accepted_tokens < replay.stats.drafted_tokens

@@ -45,7 +45,7 @@ def feed(pipe, tasks: Iterable[Task], settings: dict, window: int, on_done: Call
         while True:
             while len(out) < window and (task := next(todo, None)) is not None:
                 try:
-                    out.append((task, pipe.submit(task.path, task.prompt, **settings)))
+                    out.append((task, pipe.submit(task.image, task.prompt, **settings)))
                 except Exception:  # noqa: BLE001 - a bad input: on_done captions it alone, which says why
                     on_done(task, None)
             if not out:
@@ -136,7 +136,7 @@ def _batch_results(pipe, tasks: list[Task], batch_size: int, **settings) -> list
     if not tasks:
         return []
     try:
-        return pipe.generate_batch([t.path for t in tasks], [t.prompt for t in tasks], batch_size=batch_size,
+        return pipe.generate_batch([t.image for t in tasks], [t.prompt for t in tasks], batch_size=batch_size,
                                    **settings)
     except Exception:  # noqa: BLE001 - KeyboardInterrupt still stops the worker
         return [None] * len(tasks)
@@ -163,7 +163,8 @@ class RayCaptioner:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        tasks = [Task(str(path), str(prompt)) for path, prompt in zip(batch["path"], batch["prompt"])]
+        tasks = [Task(str(path), str(prompt), tuple(str(p) for p in images)) for path, prompt, images
+                 in zip(batch["path"], batch["prompt"], batch["images"])]
         results = _batch_results(self.pipe, tasks, self.batch_size, max_new_tokens=self.max_new_tokens,
                                  num_draft_tokens=self.num_draft_tokens, tree_nodes=self.tree_nodes)
         plains = [None] * len(tasks)
@@ -215,7 +216,7 @@ def _ray_records(ray, args, pending: list[Task]) -> Iterator[dict]:
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        items = [{"path": t.path, "prompt": t.prompt} for t in pending]
+        items = [{"path": t.path, "prompt": t.prompt, "images": list(t.images)} for t in pending]
         # Workers open the files themselves: on a remote cluster the paths must be visible to every node.
         if "override_num_blocks" in _params(ray.data.from_items):
             ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -1,6 +1,8 @@
 """What to caption: image files, folders (searched recursively for image extensions), glob patterns, and list
-files (``.txt``: one path per line; ``.jsonl``: one ``{"path": ..., "prompt": ...}`` per line), expanded into
-``Task``s in order, each (path, prompt) once."""
+files (``.txt``: one path per line; ``.jsonl``: one ``{"path": ..., "prompt": ...}`` per line, or
+``{"images": [path, ...], "prompt": ...}`` for a request about several images), expanded into ``Task``s in order,
+each (path, prompt) once. A several-image task's ``path`` names its images joined by `` + `` (what its record says
+and what identifies it when a run resumes)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,19 @@ IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .jpe .jfif .bmp .gif .webp .tif .t
 LIST_EXTENSIONS = (".txt", ".jsonl")
 
 
+IMAGES_JOINER = " + "
+
+
 @dataclass(frozen=True)
 class Task:
     path: str
     prompt: str
+    images: tuple[str, ...] = ()          # a several-image request's paths, in order (``path`` then joins them)
+
+    @property
+    def image(self):
+        """What the pipeline takes: the one path, or the list of paths of a several-image task."""
+        return list(self.images) if self.images else self.path
 
     @property
     def key(self) -> tuple[str, str]:
@@ -82,12 +93,23 @@ def _read_list(list_path: str, default_prompt: str) -> list[Task]:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MMSpecError(f"{list_path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-                raise MMSpecError(f'{list_path} line {lineno}: expected {{"path": "...", "prompt": "..."}}')
+            images = entry.get("images") if isinstance(entry, dict) else None
+            if images is not None:
+                if "path" in entry or not isinstance(images, list) or not images or not all(
+                        isinstance(p, str) and p for p in images):
+                    raise MMSpecError(f'{list_path} line {lineno}: "images" must be a non-empty list of paths (and '
+                                      'no "path" beside it)')
+            elif not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise MMSpecError(f'{list_path} line {lineno}: expected {{"path": "...", "prompt": "..."}} or '
+                                  f'{{"images": ["...", ...], "prompt": "..."}}')
             if entry.get("prompt") is not None:
                 if not isinstance(entry["prompt"], str) or not entry["prompt"].strip():
                     raise MMSpecError(f"{list_path} line {lineno}: the prompt must be a non-empty string")
                 prompt = entry["prompt"]
+            if images is not None:
+                paths = tuple(os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in images)
+                tasks.append(Task(IMAGES_JOINER.join(paths), prompt, paths))
+                continue
             entry_path = entry["path"]
         else:
             entry_path = line

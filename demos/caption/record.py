@@ -74,7 +74,7 @@ def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | N
         if result is not None and result.error is None:
             res, elapsed = result, result.stats.wall_s
         else:
-            res = pipe.generate(task.path, task.prompt, max_new_tokens=max_new_tokens,
+            res = pipe.generate(task.image, task.prompt, max_new_tokens=max_new_tokens,
                                 num_draft_tokens=num_draft_tokens, tree_nodes=tree_nodes)
             elapsed = time.perf_counter() - start
         _fill(rec, res)
@@ -84,7 +84,7 @@ def caption_one(pipe, task: Task, max_new_tokens: int, num_draft_tokens: int | N
                 plain_s = plain.stats.wall_s
             else:
                 t0 = time.perf_counter()
-                plain = baseline.generate(task.path, task.prompt, max_new_tokens=max_new_tokens)
+                plain = baseline.generate(task.image, task.prompt, max_new_tokens=max_new_tokens)
                 plain_s = time.perf_counter() - t0
             rec.update(plain_time_s=round(plain_s, 4), speedup=round(plain_s / elapsed, 4) if elapsed > 0 else None,
                        plain_matches=plain.token_ids == res.token_ids)

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--shaped", default=None, metavar="SIZE",
                    help="GPU-shaped estimate: a random-weight target whose language model has this shape (1b, 3b; "
-                        "smoke: a small check) in --dtype (default bfloat16), timed with an always-right "
+                        "smoke: a small check) in --dtype (default float32), timed with an always-right "
                         "(mmspec-oracle) and a replayed drafter (mmspec-replay) on the bundled world's scenes")
     g.add_argument("--replay-profile", default=None,
                    help="with --shaped: mmspec-replay's chance to be right at draft position 1, 2, ... (comma list; "

@@ -1,16 +1,20 @@
 """``mmspec tune-layerskip``: find which decoder layers the ``layerskip`` drafter skips for one target, on a few of
 the user's own prompts, and save them (``mmspec.drafters.layerskip.FORMAT``) for ``drafter=FILE``.
 
-The search is greedy (``search``): each layer is first skipped alone and ranked by how well the prompts run without
-it; then layers are skipped in that order, one more at a time, through the engine, keeping the best set; it stops
-when the score stops improving or ``--max-evals`` runs are spent.
+The search is greedy (``search``): each layer is first skipped alone and ranked by how well the prompts score
+without it; then layers are skipped in that order, one more at a time, keeping the best set; it stops when the
+score stops improving (``PATIENCE``) or ``--max-evals`` sets are scored.
 
 The score is not measured speed (a shared CPU makes that noise) but a cost count that greedy decoding makes exact
 and repeatable: tokens per unit of decoder work, ``tokens / (target forwards + f * (draft forwards + prompts))``
 with ``f`` the share of layers the drafter runs (one draft forward costs ``f`` target forwards where a forward's
 time grows with the layers it runs: a memory-bound GPU decode; the drafter's own prefill counts as one draft
-forward per prompt). Drafts run at a fixed length (``--num-draft-tokens``, under the adaptive stop) so nothing in
-the search depends on timing. Importing this module imports no torch: ``mmspec tune-layerskip --help`` is light.
+forward per prompt). During the search a set is scored from ONE teacher-forced forward of the drafter per prompt
+over the target's own greedy answer (``Replay``): in greedy chain drafting a draft token is fed only while the ones
+before it match the target, so the drafter's predictions on the true answer give each round's accepted length
+exactly (chains of ``--num-draft-tokens``, without the adaptive stop). The sets reported (the full stack, the tuned
+set, the untuned default) are then run through the engine itself, and their outputs checked to be the target's.
+Importing this module imports no torch: ``mmspec tune-layerskip --help`` stays light.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def score(stats: list, kept: float) -> dict:
             "acceptance": accepted / drafted if drafted else 0.0, "kept_fraction": kept}
 
 
-def evaluate(pipe, skip: list[int], examples: list, args) -> dict:
-    """Run ``examples`` with ``skip`` (greedy, fixed draft length) -> ``score``'s dict; every output is checked
-    against the first run's (the search never trusts a run that was not lossless)."""
+def evaluate(pipe, skip: list[int], examples: list, args, reference: list | None = None) -> dict:
+    """Run ``examples`` through the engine with ``skip`` (greedy, fixed draft length, adaptive stop on) ->
+    ``score``'s dict; the outputs must be ``reference`` (the target's own)."""
     drafting = pipe.with_drafter_kind("layerskip", drafter=list(skip))
     results = drafting.generate_batch([e.image for e in examples], [e.prompt for e in examples],
                                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -69,41 +73,94 @@ def evaluate(pipe, skip: list[int], examples: list, args) -> dict:
     errors = [r.error for r in results if r.error]
     if errors:
         raise MMSpecError(f"a tuning prompt failed: {errors[0]}")
-    out = score([r.stats for r in results], drafting.strategy.kept_fraction)
-    out["ids"] = [r.token_ids for r in results]
-    return out
+    if reference is not None and [r.token_ids for r in results] != reference:
+        raise MMSpecError(f"skip set {skip} changed the output: mmspec is not lossless here (please report it)")
+    return score([r.stats for r in results], drafting.strategy.kept_fraction)
 
 
-def search(pipe, examples: list, args, progress=None) -> tuple[list[int], dict, list[dict]]:
-    """Greedy search in two passes (module docstring) -> (best skip set, its evaluation, every evaluation made).
+class Replay:
+    """The prompts with the target's own greedy answers, ready to score skip sets by teacher forcing."""
+
+    def __init__(self, pipe, examples: list, args):
+        import torch
+
+        from mmspec.drafters.layerskip import decoder_layers
+
+        self.pipe, self.k = pipe, args.num_draft_tokens
+        self.decoder = decoder_layers(pipe.target)[0]
+        self.answers = [r.token_ids for r in pipe.generate_batch([e.image for e in examples],
+                                                                 [e.prompt for e in examples],
+                                                                 batch_size=args.batch_size,
+                                                                 max_new_tokens=args.max_new_tokens)]
+        adapter = pipe.adapter
+        self.rows = []
+        with torch.inference_mode():
+            for e, answer in zip(examples, self.answers):
+                job = pipe._job(e.image, e.prompt, dict(max_new_tokens=args.max_new_tokens))
+                adapter.image_features(job.request)
+                prompt = adapter.prompt_embeds(job.request)
+                embeds = torch.cat([prompt, adapter.model.get_input_embeddings()(
+                    torch.tensor([answer[:-1]], dtype=torch.long, device=adapter.device))], dim=1)
+                positions = adapter.positions(job.request)(torch.arange(embeds.shape[1], device=adapter.device))
+                self.rows.append((embeds, positions[None] if positions.dim() == 1 else positions[:, None],
+                                  prompt.shape[1], answer))
+
+    def __call__(self, skip: list[int]) -> dict:
+        """``score``'s dict for greedy chains of k drafted by the skip set (module docstring)."""
+        import torch
+
+        from mmspec.drafters.layerskip import LayerSkipDrafter
+        from mmspec.types import Stats
+
+        drafter = LayerSkipDrafter(self.pipe.adapter, list(skip))
+        stats = []
+        with torch.inference_mode():
+            for embeds, positions, L, answer in self.rows:
+                hidden = drafter.view(inputs_embeds=embeds, position_ids=positions.squeeze(0) if positions.shape[0] == 1
+                                      else positions, use_cache=False).last_hidden_state[0, L - 1:]
+                logits = drafter.head(hidden).float().masked_fill(drafter.bad_ids, float("-inf"))
+                guess = logits.argmax(-1).tolist()        # guess[j]: the drafter's token j given answer[:j]
+                s = Stats()
+                t, n = 0, len(answer)
+                while t < n:
+                    k = max(min(self.k, n - t - 1), 0)    # never past the answer's last token (the target's own)
+                    a = 0
+                    while a < k and guess[t + a] == answer[t + a]:
+                        a += 1
+                    s.target_forwards += 1
+                    s.draft_forwards += k
+                    s.drafted_tokens += k
+                    s.accepted_tokens += a
+                    t += a + 1
+                s.new_tokens = n
+                stats.append(s)
+        return score(stats, drafter.kept_fraction)
+
+
+def search(replay: Replay, n_layers: int, args, progress=None) -> tuple[list[int], dict, list[dict]]:
+    """Greedy search in two passes (module docstring) -> (best skip set, its score, every set scored).
 
     1. Rank: each layer skipped alone; the better a set without it scores, the less the layer matters.
     2. Grow: skip the layers in that order, one more at a time, and keep the best set seen; stop after
-       ``PATIENCE`` sets in a row score no better. About 2 x layers runs instead of the layers^2 / 2 of a full
-       greedy forward selection (each run decodes every prompt)."""
-    from mmspec.drafters.layerskip import decoder_layers
-
-    n = len(decoder_layers(pipe.target)[1])
+       ``PATIENCE`` sets in a row score no better. About 2 x layers sets instead of the layers^2 / 2 of a full
+       greedy forward selection."""
     history = []
 
     def run(skip):
-        result = evaluate(pipe, skip, examples, args)
-        if history and result["ids"] != history[0]["ids"]:
-            raise MMSpecError(f"skip set {skip} changed the output: mmspec is not lossless here (please report it)")
-        history.append(dict(result, skip=sorted(skip)))
+        history.append(dict(replay(skip), skip=sorted(skip)))
         if progress is not None:
-            progress(sorted(skip), result)
+            progress(sorted(skip), history[-1])
         return history[-1]
 
     best = run([])
     alone = {}
-    for layer in range(n):
+    for layer in range(n_layers):
         if len(history) >= args.max_evals:
             break
         alone[layer] = run([layer])["score"]
     order = sorted(alone, key=lambda layer: -alone[layer])
     skip, worse = [], 0
-    for layer in order[: n - 1]:
+    for layer in order[: n_layers - 1]:
         skip = skip + [layer]
         result = next((h for h in history if h["skip"] == sorted(skip)), None) or (
             run(skip) if len(history) < args.max_evals else None)
@@ -138,6 +195,7 @@ def run(args) -> int:
     train, held = read_examples(args)
     examples = (train + held)[:args.n]
     start = time.perf_counter()
+    replay = Replay(pipe, examples, args)
     bar = tqdm(total=min(args.max_evals, 2 * n_layers), desc="tune-layerskip", unit="set")
 
     def progress(skip, result):
@@ -145,23 +203,26 @@ def run(args) -> int:
         bar.set_postfix(skip=len(skip), score=f"{result['score']:.3f}", acc=f"{result['acceptance']:.2f}")
 
     try:
-        skip, best, history = search(pipe, examples, args, progress)
+        skip, best, history = search(replay, n_layers, args, progress)
     finally:
         bar.close()
-    untuned = evaluate(pipe, default_skip(n_layers), examples, args)
     keep = ("score", "tokens_per_target_forward", "acceptance", "kept_fraction")
-    write_skip_file(args.out, pipe.target, skip, acceptance=round(best["acceptance"], 3),
+    # the sets reported, through the engine itself (adaptive stop on), each output checked against the target's
+    measured = {name: dict({k: round(v, 4) for k, v in evaluate(pipe, s, examples, args, replay.answers).items()},
+                           skip=s)
+                for name, s in (("full_stack", []), ("tuned", skip), ("untuned_default", default_skip(n_layers)))}
+    write_skip_file(args.out, pipe.target, skip, acceptance=round(measured["tuned"]["acceptance"], 3),
                     tuning={"objective": "tokens / (target forwards + kept_fraction * (draft forwards + prompts))",
-                            "search": "greedy: rank layers skipped alone, then grow", "examples": len(examples),
+                            "search": "greedy (rank layers skipped alone, then grow), sets scored by teacher-forced "
+                                      "greedy chains", "examples": len(examples),
                             "max_new_tokens": args.max_new_tokens, "num_draft_tokens": args.num_draft_tokens,
-                            "evaluations": len(history), "seconds": round(time.perf_counter() - start, 1),
-                            "full_stack": {k: round(history[0][k], 4) for k in keep},
-                            "tuned": {k: round(best[k], 4) for k in keep},
-                            "untuned_default": dict({k: round(untuned[k], 4) for k in keep},
-                                                    skip=default_skip(n_layers))})
-    print(f"skip {skip} of {n_layers} layers: {best['tokens_per_target_forward']:.2f} tokens per target forward, "
-          f"acceptance {best['acceptance']:.2f}, score {best['score']:.3f} (full stack {history[0]['score']:.3f}, "
-          f"untuned default {untuned['score']:.3f}); wrote {args.out}")
+                            "sets_scored": len(history), "seconds": round(time.perf_counter() - start, 1),
+                            "search_score": {k: round(best[k], 4) for k in keep},
+                            "search_full_stack": {k: round(history[0][k], 4) for k in keep}, "engine": measured})
+    t = measured["tuned"]
+    print(f"skip {skip} of {n_layers} layers: {t['tokens_per_target_forward']:.2f} tokens per target forward, "
+          f"acceptance {t['acceptance']:.2f}, score {t['score']:.3f} (full stack {measured['full_stack']['score']:.3f}, "
+          f"untuned default {measured['untuned_default']['score']:.3f}; through the engine); wrote {args.out}")
     return 0
 
 

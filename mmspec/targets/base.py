@@ -79,6 +79,8 @@ class TargetAdapter:
     # several requests' pixel inputs of one shape can go through ``get_image_features`` as one stack, one feature
     # block per image out (False where a stack would mix up tiles or sizes)
     stacks_same_shape_images: bool = False
+    # one forward can score a tree (False where linear-attention layers feed the nodes through one recurrence)
+    verifies_trees: bool = True
     # the image placeholder a raw prompt must hold, where the processor does not name it (``processor.image_token``)
     default_image_token: str = "<image>"
 

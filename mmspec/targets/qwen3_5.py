@@ -8,7 +8,8 @@ per row, no keys) beside gated full-attention layers. ``mmspec.kv.SlotCache`` ha
 get the usual 4-D mask, linear ones none; before each forward the linear layers record the state after every
 position a row may keep, and after acceptance each row takes the state after its kept prefix (rejected drafts
 and padding leave no trace). A tree cannot be verified: one forward feeds its nodes through a single recurrence,
-so siblings would see each other; ``tree_nodes`` is refused with an ``MMSpecError``.
+so siblings would see each other; ``tree_nodes`` is refused up front (``verifies_trees``, read by
+``Pipeline.decode_config``) and by the slot cache itself, with an ``MMSpecError``.
 """
 
 from __future__ import annotations
@@ -19,3 +20,4 @@ from mmspec.targets.qwen2_vl import Qwen2VLAdapter
 class Qwen3_5Adapter(Qwen2VLAdapter):
     family = "qwen3_5"
     model_types = ("qwen3_5", "qwen3_5_moe")
+    verifies_trees = False
