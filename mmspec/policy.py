@@ -4,7 +4,7 @@ pipeline, shared by every engine it runs.
 
 The policy must never talk itself out of drafting for good: a busy machine's slow forwards can make drafting
 look dear, and a round that drafts nothing measures nothing about drafting. So (issue 31) it keeps measuring:
-every ``PROBE_EVERY`` rounds in which it would draft less than the prior costs say it should, it drafts that
+after ``PROBE_EVERY`` rounds in which it would draft less than the prior costs say it should, it drafts that
 much anyway (a probe, on a round counter: no random numbers, so seeded rows stay reproducible); a timing far
 below what a fit predicted restarts the fit from its prior's shape (``LinearFit.SURPRISE``); and estimates fade
 towards the drafter's prior in rounds that measure nothing."""
@@ -115,20 +115,23 @@ class DraftPolicy:
     accepts nothing); a row's chance at position i is the mean of the two. k drafts then give
     1 + sum_i prod_{j<=i} p_j tokens per round for k drafting steps plus one verify of B*(k+1) tokens.
 
-    Recovery (module docstring): every ``PROBE_EVERY``-th round in which the measured costs pick a k shorter
-    than the prior costs would (``prior_costs``, never fitted), the round drafts the prior's k (at least 1):
-    its timing either confirms the fit or, far below it, replaces it. Rounds that draft nothing fade the
-    pooled acceptance estimates towards the drafter's prior.
+    Recovery (module docstring): after ``PROBE_EVERY`` rounds in a row in which the measured costs pick a k
+    shorter than the prior costs would (``prior_costs``, never fitted), a round drafts the prior's k (at least
+    1): its timing either replaces the fit (far below it) or confirms it, and then the next probe waits twice
+    as long, up to ``PROBE_MAX`` rounds. Rounds that draft nothing fade the pooled acceptance estimates towards
+    the drafter's prior.
     """
 
-    PROBE_EVERY = 8
+    PROBE_EVERY = 8      # the first probe after this many short rounds in a row
+    PROBE_MAX = 64       # the longest wait between probes
     DECAY = 0.98
 
     def __init__(self, drafter: Drafter):
         self.costs = CostModel()
         self.prior_costs = CostModel()   # the probe's yardstick: what drafting costs before anything is measured
         self.max_k = MAX_DRAFT_TOKENS if drafter.default_k else 0
-        self.short_rounds = 0            # rounds in a row that drafted less than the prior costs would
+        self.short_rounds = 0            # short rounds (less than the prior costs would draft) since the last probe
+        self.probe_every = self.PROBE_EVERY
         self.probes = 0                  # probe rounds so far (for tests and the bench's notes)
         self.pos_accepted = [0.0] * (MAX_DRAFT_TOKENS + 1)
         self.pos_tried = [0.0] * (MAX_DRAFT_TOKENS + 1)
@@ -177,12 +180,15 @@ class DraftPolicy:
         best_k, _ = self._best(self.costs, adaptive, len(jobs), positions)
         probe_k = max(self._best(self.prior_costs, adaptive, len(jobs), positions)[0], 1)
         if best_k >= probe_k:
-            self.short_rounds = 0
+            self.short_rounds, self.probe_every = 0, self.PROBE_EVERY
             return best_k
         if best_k == 0:
             self._fade()
         self.short_rounds += 1
-        if self.short_rounds % self.PROBE_EVERY == 0:
+        if self.short_rounds >= self.probe_every:
+            # a probe that leaves the fit short confirmed it: the next one waits twice as long (at most
+            # PROBE_MAX rounds), so a machine that is really slow to verify pays for few probes
+            self.short_rounds, self.probe_every = 0, min(2 * self.probe_every, self.PROBE_MAX)
             self.probes += 1
             return probe_k
         return best_k

@@ -50,28 +50,28 @@ def ancestor_matrix(parents: list[int], device) -> torch.Tensor:
 
 def ancestor_matrices(parents: list[list[int]], T: int, device) -> torch.Tensor:
     """[B, T, T] bool: ``ancestor_matrix`` of every row's parents at once, rows padded to T tokens (a padding
-    token is its own only ancestor). One tensor op per tree depth, not per node: each step ORs into every
-    token the set of its parent, so after depth steps every token holds its whole path."""
+    token is its own only ancestor). One small op per tree depth, not per node: every token walks up its path
+    one step at a time, all tokens of all rows together, marking the ancestor it reached."""
     B = len(parents)
     bad = next(((i, p) for par in parents for i, p in enumerate(par) if p >= i), None)
     if bad:
         raise ValueError(f"parent {bad[1]} of token {bad[0]} must come before it")
-    eye = torch.eye(T, dtype=torch.bool, device=device)
     if all(p == i - 1 for par in parents for i, p in enumerate(par)):   # chains (padding aside): one tril
         anc = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
         n = torch.tensor([len(par) for par in parents], device=device)
         inside = torch.arange(T, device=device)[None] < n[:, None]          # [B, T]
-        return (anc & inside[:, None, :] & inside[:, :, None]) | eye
+        return (anc & inside[:, None, :] & inside[:, :, None]) | torch.eye(T, dtype=torch.bool, device=device)
     par = torch.full((B, T), -1, dtype=torch.long)
     for b, row in enumerate(parents):
         if row:
             par[b, :len(row)] = torch.tensor(row, dtype=torch.long)
     par = par.to(device)
-    has = (par >= 0)[:, :, None]                                            # [B, T, 1]
-    index = par.clamp_min(0)[:, :, None].expand(B, T, T)
-    anc = eye.expand(B, T, T).clone()
-    for _ in range(max((max(depths(row), default=0) for row in parents), default=0)):
-        anc = eye | (anc.gather(1, index) & has)
+    anc = torch.zeros(B, T, T, dtype=torch.bool, device=device)
+    own = torch.arange(T, device=device).expand(B, T)
+    cur = own.clone()                           # [B, T]: the ancestor each token has reached (-1: past the root)
+    for _ in range(max((max(depths(row), default=0) for row in parents), default=0) + 1):
+        anc.scatter_(2, torch.where(cur >= 0, cur, own)[..., None], True)
+        cur = torch.where(cur >= 0, par.gather(1, cur.clamp_min(0)), cur)
     return anc
 
 

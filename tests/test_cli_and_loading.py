@@ -90,8 +90,8 @@ def test_registry_reads_what_it_knows_from_the_drafter_classes():
     for kind in DRAFTER_KINDS:
         assert drafter_class(kind).kind == kind
     assert tree_kinds() == sorted(k for k in DRAFTER_KINDS if drafter_class(k).grows_trees)
-    assert set(tree_kinds()) == {"eagle", "text", "visual", "vlm"}
-    assert weightless_kinds() == ["ngram", "none"]
+    assert set(tree_kinds()) == {"eagle", "layerskip", "text", "visual", "vlm"}
+    assert weightless_kinds() == ["layerskip", "ngram", "none"]
     with pytest.raises(mmspec.MMSpecError, match="unknown drafter kind 'nope'"):
         drafter_class("nope")
 

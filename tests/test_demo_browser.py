@@ -81,6 +81,7 @@ def test_generate_in_the_browser_shows_accepted_and_rejected_tokens(server, brow
     page.locator("#drafter-kind input").click()
     page.get_by_role("option", name="ngram", exact=True).click()
     # 3 drafts a round (the adaptive length follows measured costs, so it could differ from the run compared below)
+    page.locator("#adaptive input[type=checkbox]").uncheck()   # the slider's length, not the adaptive one
     page.locator("#num-draft input[type=number]").fill(str(K))
     page.locator("#num-draft input[type=number]").press("Enter")
     page.locator("#compare input[type=checkbox]").check()

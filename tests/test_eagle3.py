@@ -213,6 +213,13 @@ def test_disagreeing_or_bad_configs_and_mis_shaped_heads_are_refused(base6, targ
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(mmspec.MMSpecError, match="fc"):
         mmspec.load(str(target6), drafter=str(other))
+    # a well-formed head made for another target (hidden size 64, no embedding of its own)
+    cfg = base6.target.config.to_dict()
+    cfg["text_config"] = dict(cfg["text_config"], hidden_size=64, head_dim=16)
+    vocab = draftable_vocab(base6, 14)
+    write_head(tmp_path / "other", "specforge", cfg, draft_vocab=14, selected_ids=vocab, aux_ids=(1, 3, 4))
+    with pytest.raises(mmspec.MMSpecError, match="does not fit this target: fc takes 3 x 64 target features"):
+        mmspec.load(str(target6), drafter=str(tmp_path / "other"))
     # a folder that is no drafter at all, and an EAGLE-3 head given as a text drafter
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text(json.dumps({"hello": 1}))

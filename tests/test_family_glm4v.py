@@ -11,7 +11,7 @@ from mmspec.targets.base import Positions
 from mmspec.targets.glm4v import Glm4vAdapter
 from mmspec.tiny.glm4v import build
 from tests.families.checks import *  # noqa: F401,F403  (the shared family tests)
-from tests.families.checks import MAX_NEW, family_pipes, images
+from tests.families.checks import MAX_NEW, check_moe_variant, family_pipes, images
 from tests.tiny_families import PROMPTS, hf_greedy
 
 
@@ -36,13 +36,5 @@ def test_one_dimensional_positions_would_differ(pipes, monkeypatch):
 
 
 def test_glm4v_moe_matches_generate(tmp_path):
-    """GLM-4.5V's ``glm4v_moe`` through the same adapter: the target drafting for itself and plain decoding equal
-    ``generate()`` at batch 1 and batched (a lighter run than the dense model's)."""
-    import mmspec
-    from tests.tiny_families import check_batch, check_greedy
-
-    folder = build(tmp_path / "moe", moe=True, seed=13)
-    pipe = mmspec.load(str(folder), drafter=str(folder), drafter_kind="vlm")
-    assert pipe.target.config.model_type == "glm4v_moe" and isinstance(pipe.adapter, Glm4vAdapter)
-    check_greedy(pipe, images(), 3, MAX_NEW)
-    check_batch(pipe, images(), 3, MAX_NEW)
+    """GLM-4.5V's ``glm4v_moe`` (routed and shared experts) through the same adapter."""
+    check_moe_variant(build(tmp_path / "moe", moe=True, seed=13), Glm4vAdapter, "glm4v_moe")

@@ -23,7 +23,7 @@ from mmspec.errors import MMSpecError
 from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
 from tests.tiny import build_tiny_llava, sample_image
 from tests.tiny_families import PROMPTS, build_tiny_idefics3, build_tiny_qwen_vl, check_batch, check_greedy, \
-    check_trees, hf_greedy
+    hf_greedy
 
 MAX_NEW = 16
 LAYERS = 4
@@ -74,9 +74,19 @@ def test_greedy_batched_and_trees_equal_generate(family):
                                     num_draft_tokens=3)
         assert [r.token_ids for r in trees] == expected
         return
-    check_greedy(pipe, images()[:2], None, MAX_NEW)
+    check_greedy(pipe, images()[:1], None, MAX_NEW)
     check_batch(pipe, images(), 3, MAX_NEW)
-    check_trees(pipe, images(), MAX_NEW)
+    # bushy trees (no probability floor: branches everywhere) at batch 1 and batched
+    expected = [hf_greedy(pipe, im, PROMPTS[i % 2], MAX_NEW) for i, im in enumerate(images())]
+    floor, pipe.strategy.tree_floor = pipe.strategy.tree_floor, 0.0
+    try:
+        one = pipe.generate(images()[0], PROMPTS[0], max_new_tokens=MAX_NEW, tree_nodes=12, num_draft_tokens=5)
+        assert one.token_ids == expected[0] and any(len(set(r.parents or ())) < len(r.draft_ids) for r in one.rounds)
+        batched = pipe.generate_batch(images(), [PROMPTS[i % 2] for i in range(3)], batch_size=2,
+                                      max_new_tokens=MAX_NEW, tree_nodes=12, num_draft_tokens=5)
+        assert [r.token_ids for r in batched] == expected
+    finally:
+        pipe.strategy.tree_floor = floor
 
 
 def test_nothing_skipped_is_the_target_drafting_for_itself(family):
@@ -119,13 +129,13 @@ def test_sampling_follows_the_target(llava):
     pipe = mmspec.load(str(llava), drafter=None, drafter_kind="layerskip")
     image, prompt, temperature, top_p = sample_image(3), "describe the image .", 1.0, 0.95
     p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
-    results = pipe.generate_batch([image] * 300, prompt, batch_size=10, max_new_tokens=2, temperature=temperature,
+    results = pipe.generate_batch([image] * 240, prompt, batch_size=12, max_new_tokens=2, temperature=temperature,
                                   top_p=top_p, num_draft_tokens=3, seed=2000)
     rows = [r.token_ids for r in results]
     assert _chi2_p(np.bincount([ids[0] for ids in rows], minlength=len(p1)), p1) > P_MIN
     assert _chi2_p(np.bincount([t for ids in rows for t in ids[1:]], minlength=len(p2)), p2) > P_MIN
     assert sum(r.stats.drafted_tokens for r in results) > 0
-    for i in (3, 299):
+    for i in (3, 239):
         alone = pipe.generate(image, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
                               num_draft_tokens=3, seed=2000 + i)
         assert alone.token_ids == rows[i]
@@ -201,7 +211,10 @@ def test_tune_command_finds_the_identity_layers(identity_target, tmp_path):
     assert pipe.strategy.skip == IDENTITY and pipe.strategy.source == str(out)
     res = pipe.generate(sample_image(10, 40), PROMPTS[0], max_new_tokens=MAX_NEW, num_draft_tokens=4)
     assert res.token_ids == hf_greedy(pipe, sample_image(10, 40), PROMPTS[0], MAX_NEW)
-    assert res.stats.acceptance_rate == 1.0
+    bad = set(torch.nonzero(pipe.strategy.bad_ids).flatten().tolist())
+    for r in res.rounds:   # the skipped layers add nothing: a draft fails only where the drafter may not go
+        if r.target_token is not None and r.n_accepted < len(r.draft_ids):
+            assert r.target_token in bad, res.rounds
     # a file that is not a skip set is not overwritten
     other = tmp_path / "notes.json"
     other.write_text('{"mine": true}\n')

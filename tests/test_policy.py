@@ -78,15 +78,16 @@ def test_the_policy_probes_on_a_round_counter_and_recovers_from_absurd_costs():
     for feed in (absurd_verify, absurd_draft):
         policy = DraftPolicy(_Drafter())
         feed(policy)
-        ks = [policy.choose([row]) for _ in range(3 * policy.PROBE_EVERY)]
-        # the measured costs say "never draft", but every PROBE_EVERY-th round drafts what the prior costs say
+        ks = [policy.choose([row]) for _ in range(120)]
+        # the measured costs say "never draft", but after PROBE_EVERY such rounds one drafts what the prior
+        # costs say; each probe that leaves the fit as it was doubles the wait (8, 16, 32, 64, 64 ...)
         probes = [i for i, k in enumerate(ks) if k >= 8]
-        assert probes == [policy.PROBE_EVERY - 1, 2 * policy.PROBE_EVERY - 1, 3 * policy.PROBE_EVERY - 1], ks
-        assert policy.probes == 3 and not any(k for i, k in enumerate(ks) if i not in probes)
+        assert probes == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 64], ks
+        assert policy.probes == 4 and not any(k for i, k in enumerate(ks) if i not in probes)
         # the same schedule however often it runs: no random numbers (seeded rows' samples never see it)
         again = DraftPolicy(_Drafter())
         feed(again)
-        assert [again.choose([row]) for _ in range(3 * again.PROBE_EVERY)] == ks
+        assert [again.choose([row]) for _ in range(120)] == ks
         # the probe round's real timing (here the prior's own figure) contradicts the fit: drafting resumes
         k = ks[probes[0]]
         prior = CostModel()
@@ -186,12 +187,12 @@ def test_the_shaped_benchs_oracles_record_then_draft_the_targets_answer(base):
     refs: dict = {}
     recorder = Pipeline(base.adapter, OracleDrafter(base.adapter, {}, recorded=refs))
     inp = types.SimpleNamespace(image=sample_image(0), prompt=PROMPT)
-    record_references(recorder, [inp], 24)
-    expected = base.generate(inp.image, PROMPT, max_new_tokens=24).token_ids
+    record_references(recorder, [inp], 16)
+    expected = base.generate(inp.image, PROMPT, max_new_tokens=16).token_ids
     assert list(refs.values()) == [expected]
-    oracle = Pipeline(base.adapter, OracleDrafter(base.adapter, refs)).generate(inp.image, PROMPT, max_new_tokens=24)
+    oracle = Pipeline(base.adapter, OracleDrafter(base.adapter, refs)).generate(inp.image, PROMPT, max_new_tokens=16)
     replay = Pipeline(base.adapter, OracleDrafter(base.adapter, refs, (0.5,))).generate(inp.image, PROMPT,
-                                                                                         max_new_tokens=24)
+                                                                                         max_new_tokens=16)
     assert oracle.token_ids == replay.token_ids == expected
     assert oracle.stats.accepted_tokens == oracle.stats.drafted_tokens > 0
     assert 0 < replay.stats.accepted_tokens < replay.stats.drafted_tokens

@@ -313,7 +313,6 @@ def _expand_with(table):
 
 
 def test_a_sure_drafter_grows_the_chain_and_a_hesitant_one_grows_width():
-    vocab = 6
     sure = torch.log(torch.tensor([0.97, 0.02, 0.01, 1e-9, 1e-9, 1e-9]))
     [tree] = grow_tree(sure[None].clone(), _expand_with(sure), [16], 6, frozenset(), floor=0.05, spines=[6])
     assert tree.ids.tolist() == [0] * 6 and tree.parents == [-1, 0, 1, 2, 3, 4]     # the chain, nothing more

@@ -1,5 +1,6 @@
-"""The web demo: answer a question about an image and watch, round by round, which draft tokens the VLM
-accepted (green), which it rejected (red, struck through) and which it produced itself (blue).
+"""The web demo: a chat with the VLM about images (follow-up questions about the same image, another image in a
+later turn, or no image at all), and for each answer, round by round, which draft tokens the VLM accepted (green),
+which it rejected (red, struck through) and which it produced itself (blue).
 
     mmspec demo                              # bundled default pair, http://127.0.0.1:7860
     mmspec demo --host 0.0.0.0 --port 8080   # listen on every interface
@@ -7,8 +8,9 @@ accepted (green), which it rejected (red, struck through) and which it produced 
 
 ``build_app(pipe)`` builds the ``gr.Blocks`` around any ``Pipeline``; ``launch(app, ...)`` starts it with the
 upload limit, concurrency limit and CSS (both in ``page``; the token view and stats panel in ``render``; the
-handler in ``backend``; this file is the subcommand). The generation handler is ``app.mmspec_backend.generate``: a
-generator yielding a tuple of output values as rounds finish, so tests can call it without a browser.
+handlers in ``backend``; this file is the subcommand). The Send button's handler is ``app.mmspec_backend.chat`` (one
+turn; ``app.mmspec_backend.generate`` answers one request on its own): generators yielding a tuple of output values
+as rounds finish, so tests can call them without a browser.
 
 Concurrent users share the batched engine: each request is ``pipe.submit``-ted to the shared engine of its
 drafter kind's pipeline, so up to ``Pipeline.default_batch_size`` requests decode together in every target

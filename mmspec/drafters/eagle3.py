@@ -367,7 +367,9 @@ def head_for_target(adapter: TargetAdapter, vocab: list[int] | None, intermediat
             "rope_theta": float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0) or 10000.0)),
             "draft_vocab_size": len(vocab) if vocab else int(adapter.vocab_size), "norm_before_residual": False,
             "target_hidden_size": int(text.hidden_size), "layout": "specforge"}
-    if rope.get("mrope_section"):
+    # M-RoPE sections that cover the head (Qwen2/3-VL); a partial rotary one (Qwen3.5: a quarter of the head) does
+    # not fit the head's full rotary, which then takes 1-D positions
+    if rope.get("mrope_section") and 2 * sum(rope["mrope_section"]) == flat["head_dim"]:
         flat["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
     flat["eagle_aux_hidden_state_layer_ids"] = list(aux_ids or aux_layer_ids({}, n, "the target"))
     head = Eagle3Head(flat)

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "layers skipped) should skip for this target, by a greedy search over a few of your prompts, and save them "
         "to --out. Load them with mmspec.load(target=..., drafter_kind='layerskip', drafter=FILE) or "
         "--drafter-kind layerskip --drafter FILE. Without a tuned file the drafter skips every other middle layer.")
+    parser.epilog = (
+        "How: each layer is skipped alone and ranked, then layers are skipped in that order, one more at a time, "
+        "keeping the best set. A set's score is tokens / (target forwards + f * (draft forwards + prompts)), f the "
+        "share of layers it runs: a count, not a stopwatch, so the result is the same on a busy machine. The sets "
+        "are scored by teacher-forcing the drafter over the target's own greedy answers; the full stack, the tuned "
+        "set and the untuned default are then run through the engine and their figures written into the file. "
+        "--drafter and --drafter-kind are not used (the search makes its own drafters).")
     add_model_flags(parser)
     g = parser.add_argument_group("tuning")
     g.add_argument("--data", default=None, help="folder of images or JSONL of {image, prompt} (default: scenes of the "
@@ -46,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int_at_least(1), default=6, help="prompts the search runs (default 6)")
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=24, help="tokens per prompt (default 24)")
     g.add_argument("--num-draft-tokens", type=int_at_least(1), default=6,
-                   help="draft length during the search (default 6; the adaptive stop may end drafts sooner)")
+                   help="draft length of the chains scored and of the engine runs reported (default 6)")
     g.add_argument("--max-evals", type=int_at_least(1), default=200,
-                   help="most skip sets tried (each runs every prompt; default 200)")
+                   help="most skip sets scored (default 200)")
     g.add_argument("--batch-size", type=int_at_least(1), default=8, help="rows in flight per run (default 8)")
 
 

@@ -1,15 +1,16 @@
 """An OpenAI-compatible HTTP server on the batched engine: ``mmspec serve [--host 127.0.0.1] [--port 8000]``.
 
-Endpoints: ``POST /v1/chat/completions`` (OpenAI's chat format with one image per request, as a ``data:`` URL;
+Endpoints: ``POST /v1/chat/completions`` (OpenAI's chat format with 0..``--max-images`` images across the user
+turns, each as a ``data:`` URL;
 ``http(s)`` URLs only with ``--allow-remote-images``; ``stream: true`` as server-sent events ending with
 ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (liveness and readiness, open
 without the API key) and ``GET /metrics`` (Prometheus: vLLM's ``spec_decode_*`` counters under ``mmspec:``,
 requests by outcome, latency histograms, load gauges).
 
 Every request becomes one ``pipe.submit(...)`` on the pipeline's shared engine, so concurrent clients share
-one continuous batch; the answer is the text ``pipe.generate`` gives for the same image and prompt (greedy:
-the target's own output). The prompt is the whole conversation (system, user and assistant turns) rendered
-with the target's chat template, the image where its ``image_url`` part is. A client that goes away, an
+one continuous batch; the answer is the text ``pipe.chat`` gives for the same conversation (greedy: the
+target's own output). The prompt is the whole conversation (system, user and assistant turns) rendered with
+the target's chat template, each image where its ``image_url`` part is. A client that goes away, an
 answer that reaches a ``stop`` string, or one past ``--request-timeout`` frees its row at the next round.
 ``--max-waiting`` bounds the requests waiting for a row (more get 503 with ``Retry-After``).
 

@@ -218,6 +218,15 @@ class TargetAdapter:
         return torch.cat(list(out.pooler_output), dim=0)
 
     @torch.inference_mode()
+    def encode_image_blocks(self, request: Request) -> list[torch.Tensor]:
+        """The features of a several-image request: one block per image in placeholder order, or one block for
+        them all where the model gives one per request (Idefics3) or the family computes its own (``encode_image``
+        overridden: Qwen3-VL's DeepStack columns)."""
+        if type(self).encode_image is not TargetAdapter.encode_image:
+            return [self.encode_image(request)]
+        return list(self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True).pooler_output)
+
+    @torch.inference_mode()
     def encode_images(self, requests: list[Request]) -> list | None:
         """Features of several one-image requests in one vision forward, or None where the family encodes one at
         a time."""
@@ -306,9 +315,7 @@ class TargetAdapter:
             request.features, request.vision_cache_hit = torch.cat(blocks), True
             return
         self.vision_cache.misses += 1
-        with torch.inference_mode():
-            out = self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True)
-        blocks = list(out.pooler_output)   # in placeholder order
+        blocks = self.encode_image_blocks(request)
         if len(blocks) == len(keys):
             for key, block in zip(keys, blocks):
                 self.vision_cache.put(key, block)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmspec.errors import MMSpecError
 
-# model_type -> "module:function" (options after a "?": ``moe=1``)
+# model_type -> "module:function", or "module:function?flag" for ``function(..., flag=True)``
 TINY_BUILDERS: dict[str, str] = {
     "qwen3_vl": "mmspec.tiny.qwen3_vl:build",
     "qwen3_vl_moe": "mmspec.tiny.qwen3_vl:build?moe",
