@@ -23,12 +23,6 @@ ROLES = ("system", "user", "assistant")
 IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
-def is_conversation(value) -> bool:
-    """True for a list of messages (dicts with a role): what ``generate``'s first argument is in chat form."""
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m
-                                                                    for m in value)
-
-
 def _refuse(message: str, param: str, code: str = "invalid_value") -> MMSpecError:
     return MMSpecError(f"{param}: {message}", code=code, param=param)
 

@@ -98,9 +98,9 @@ class Pipeline:
             adapter = type(adapter)(adapter.model, adapter.processor, EmbeddingCache(adapter.vision_cache.max_bytes))
         return Pipeline(adapter, _make_drafter(cls, adapter, drafter, self.target.dtype))
 
-    def generate(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
-                 tree_nodes: int | None = None) -> GenerationResult:
+    def generate(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, num_draft_tokens: int | None = None,
+                 seed: int | None = None, raw_prompt: bool = False, tree_nodes: int | None = None) -> GenerationResult:
         """Answer ``prompt`` about ``image`` (PIL.Image, path or bytes; a list of them; or None for text only);
         the text the target alone would give. With ``prompt=None``, ``image`` is a conversation (see ``chat``).
         ``tree_nodes=N`` drafts a tree of at most N nodes per round (depth ``num_draft_tokens``, default about
@@ -123,9 +123,9 @@ class Pipeline:
                               param="messages")
         return self.generate(list(messages), None, **settings)
 
-    def stream(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-               num_draft_tokens: int | None = None, seed: int | None = None, raw_prompt: bool = False,
-               tree_nodes: int | None = None) -> Iterator[StreamEvent]:
+    def stream(self, image, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, num_draft_tokens: int | None = None, seed: int | None = None,
+               raw_prompt: bool = False, tree_nodes: int | None = None) -> Iterator[StreamEvent]:
         """Like ``generate``, one ``StreamEvent`` per round; the last has ``done=True`` and the ``result``.
 
         Everything is validated before the first event, so a bad request raises ``MMSpecError`` right away.
@@ -184,9 +184,9 @@ class Pipeline:
                        seed: int | None = None, raw_prompt: bool = False, tree_nodes: int | None = None,
                        progress=None) -> list[GenerationResult]:
         """One ``GenerationResult`` per (image, prompt), in order (each image: one, a list, or None; a row whose
-        prompt is None -- every row when ``prompts`` is None -- is a conversation, as ``chat`` takes it), with at most ``batch_size`` rows in flight
-        (continuous batching: a finished row leaves and the next input joins at once). ``prompts`` may be one
-        string for every image. A bad input (unreadable image, empty or too long prompt) gets a result whose
+        prompt is None -- every row when ``prompts`` is None -- is a conversation, as ``chat`` takes it), with at
+        most ``batch_size`` rows in flight (continuous batching: a finished row leaves and the next input joins at
+        once). ``prompts`` may be one string for every image. A bad input (unreadable image, empty or too long prompt) gets a result whose
         ``error`` says why; the others finish. Each row's output is the one ``generate`` gives for it.
         ``seed`` seeds row i with ``seed + i``. ``progress(i, result)`` is called as each input finishes (in the
         order they finish, so ``i`` says which input it was), e.g. to write results out as they come."""

@@ -24,7 +24,7 @@ from tests.families import gemma3
 from tests.families.checks import *  # noqa: F401,F403  (the shared family tests)
 from tests.families.checks import MAX_NEW, check_trained_eagle, family_pipes, images
 from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
-from tests.tiny_families import PROMPTS, check_batch, check_greedy, check_trees, hf_greedy, run_engine
+from tests.tiny_families import PROMPTS, check_batch, check_greedy, hf_greedy, run_engine
 
 
 def build_gemma_text_drafter(target, folder, seed: int = 2):
@@ -80,7 +80,7 @@ def test_gemma_text_drafter_matches_hf_greedy(pipes):
     pipe = pipes["text-gemma"]
     slots = pipe.strategy.batch().slots
     assert slots.window == 4 and not pipe.strategy.lean_step
-    check_greedy(pipe, images()[:2], 3, MAX_NEW)
+    check_greedy(pipe, images()[:1], 3, MAX_NEW)
 
 
 def _outputs(pipe):
@@ -105,10 +105,21 @@ def test_batched_rows_equal_their_own_generate(pipes, kind):
     check_batch(pipes[kind], images(), 3, MAX_NEW)
 
 
-@pytest.mark.parametrize("kind", ["vlm-own"])
-def test_tree_drafts_equal_generate(pipes, kind):
-    """Overrides the shared test with one kind (the drafter VLM grows its trees under the window too)."""
-    check_trees(pipes[kind], images()[:2], MAX_NEW)
+def test_tree_drafts_equal_generate(pipes):
+    """Overrides the shared test with a lighter one: bushy trees (no probability floor) of a smaller Gemma 3 VLM,
+    which grows them under the window too, at batch 1 and batched; some rounds verify a branching tree."""
+    pipe = pipes["vlm-own"]
+    floor, pipe.strategy.tree_floor = pipe.strategy.tree_floor, 0.0
+    try:
+        expected = [hf_greedy(pipe, im, PROMPTS[i], MAX_NEW) for i, im in enumerate(images()[:2])]
+        settings = dict(max_new_tokens=MAX_NEW, tree_nodes=8, num_draft_tokens=4)
+        res = pipe.generate(images()[0], PROMPTS[0], **settings)
+        assert res.token_ids == expected[0]
+        assert any(r.parents is not None and len(set(r.parents)) < len(r.parents) for r in res.rounds), res.rounds
+        batched = pipe.generate_batch(images()[:2], PROMPTS[:2], batch_size=2, **settings)
+        assert [r.token_ids for r in batched] == expected
+    finally:
+        pipe.strategy.tree_floor = floor
 
 
 def test_sampling_follows_the_target(pipes):
@@ -118,8 +129,8 @@ def test_sampling_follows_the_target(pipes):
     image, prompt, temperature, top_p = images()[0], PROMPTS[1], 1.0, 0.95
     p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
     settings = dict(max_new_tokens=2, temperature=temperature, top_p=top_p, num_draft_tokens=3)
-    jobs = [pipe._job(image, prompt, dict(settings, seed=seed)) for seed in range(400)]
-    run_engine(pipe, jobs, max_batch=40)
+    jobs = [pipe._job(image, prompt, dict(settings, seed=seed)) for seed in range(300)]
+    run_engine(pipe, jobs, max_batch=50)
     firsts = [j.result.token_ids[0] for j in jobs]
     seconds = [t for j in jobs for t in j.result.token_ids[1:2]]
     assert _chi2_p(np.bincount(firsts, minlength=len(p1)), p1) > P_MIN

@@ -54,11 +54,11 @@ def test_losing_deepstack_would_differ(pipes, monkeypatch):
 def test_sampling_follows_the_target(pipes):
     from tests.test_sampling import P_MIN, _chi2_p, _first_two_token_distributions
 
-    pipe = pipes["vlm-own"]
+    pipe = pipes["text"]      # rejection sampling against a drafter's distribution; the cheapest drafter model
     image, prompt, temperature, top_p = sample_image(3, 40), PROMPTS[1], 1.0, 0.95
     p1, p2 = _first_two_token_distributions(pipe, image, prompt, temperature, top_p)
     firsts, seconds = [], []
-    for seed in range(400):
+    for seed in range(300):
         ids = pipe.generate(image, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
                             num_draft_tokens=3, seed=seed).token_ids
         firsts.append(ids[0])

