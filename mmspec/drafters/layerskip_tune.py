@@ -95,10 +95,7 @@ class Replay:
     def __init__(self, pipe, examples: list, args):
         import torch
 
-        from mmspec.drafters.layerskip import decoder_layers
-
         self.pipe, self.k = pipe, args.num_draft_tokens
-        self.decoder = decoder_layers(pipe.target)[0]
         self.answers = [r.token_ids for r in pipe.generate_batch([e.image for e in examples],
                                                                  [e.prompt for e in examples],
                                                                  batch_size=args.batch_size,
@@ -112,9 +109,9 @@ class Replay:
                 prompt = adapter.prompt_embeds(job.request)
                 embeds = torch.cat([prompt, adapter.model.get_input_embeddings()(
                     torch.tensor([answer[:-1]], dtype=torch.long, device=adapter.device))], dim=1)
-                positions = adapter.positions(job.request)(torch.arange(embeds.shape[1], device=adapter.device))
-                self.rows.append((embeds, positions[None] if positions.dim() == 1 else positions[:, None],
-                                  prompt.shape[1], answer))
+                pos = adapter.positions(job.request)(torch.arange(embeds.shape[1], device=adapter.device))[:, None]
+                # [1, T] for 1-D positions, [P, 1, T] for M-RoPE (as ``TargetBatch`` passes them)
+                self.rows.append((embeds, pos[0] if pos.shape[0] == 1 else pos, prompt.shape[1], answer))
 
     def __call__(self, skip: list[int]) -> dict:
         """``score``'s dict for greedy chains of k drafted by the skip set (module docstring)."""
@@ -127,8 +124,8 @@ class Replay:
         stats = []
         with torch.inference_mode():
             for embeds, positions, L, answer in self.rows:
-                hidden = drafter.view(inputs_embeds=embeds, position_ids=positions.squeeze(0) if positions.shape[0] == 1
-                                      else positions, use_cache=False).last_hidden_state[0, L - 1:]
+                hidden = drafter.view(inputs_embeds=embeds, position_ids=positions,
+                                      use_cache=False).last_hidden_state[0, L - 1:]
                 logits = drafter.head(hidden).float().masked_fill(drafter.bad_ids, float("-inf"))
                 guess = logits.argmax(-1).tolist()        # guess[j]: the drafter's token j given answer[:j]
                 s = Stats()
