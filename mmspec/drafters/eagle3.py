@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmspec.drafters.base import Drafter, RowSpec
-from mmspec.drafters.eagle import EagleDraftBatch, EagleRow, rotate_half
+from mmspec.drafters.eagle_batch import EagleDraftBatch, EagleRow, rotate_half
 from mmspec.errors import MMSpecError
 from mmspec.targets.base import TargetAdapter
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmspec.errors import MMSpecError
-from mmspec.targets.batch import TargetSession
 
 if TYPE_CHECKING:
     import torch  # for annotations: functions import torch themselves, so `mmspec train-drafter --help` stays light
@@ -108,6 +107,7 @@ def source_features(pipe, request, args) -> torch.Tensor:
 
 def target_answer(pipe, ex: Example, args):
     """(the target's greedy answer, its prepared request with image features), or None for an unusable image."""
+    from mmspec.targets.batch import TargetSession   # here, not at the top: ``train-drafter --help`` stays light
     from vision.images import load_image
 
     try:
