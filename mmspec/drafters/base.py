@@ -38,6 +38,17 @@ def to_target_vocab(q: torch.Tensor, target_vocab: int) -> torch.Tensor:
     return torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[..., :target_vocab]
 
 
+def never_drafted(target: TargetAdapter) -> torch.Tensor:
+    """[vocab] bool: ids a drafter reading the target's own LM head must never propose: image placeholders, and
+    the padding rows of the target's vocabulary beyond its tokenizer (the target never emits them)."""
+    bad = torch.zeros(target.vocab_size, dtype=torch.bool)
+    bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
+    tok_len = len(target.tokenizer)
+    if tok_len < target.vocab_size:
+        bad[tok_len:] = True
+    return bad.to(target.device)
+
+
 def draft_block(logits: torch.Tensor, step, ks: list[int], specs: list[RowSpec], target_vocab: int,
                 eos_ids: frozenset[int], stop_threshold: float = 0.0) -> list[Draft]:
     """Draft autoregressively for B rows at once: ``logits`` [B, drafter_vocab] predict each row's first token,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters.base import Drafter
+from mmspec.drafters.base import Drafter, never_drafted
 from mmspec.drafters.eagle_batch import EagleDraftBatch, rotate_half
 from mmspec.errors import MMSpecError
 from mmspec.targets.base import TargetAdapter
@@ -215,12 +215,7 @@ class EagleDrafter(Drafter):
         # the held-out acceptance train-drafter measured for this head: the first requests draft as long as
         # it earned instead of starting from a generic guess
         self.prior_acceptance = float(head.cfg.get("acceptance") or Drafter.prior_acceptance)
-        bad = torch.zeros(target.vocab_size, dtype=torch.bool)
-        bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
-        tok_len = len(target.tokenizer)
-        if tok_len < target.vocab_size:
-            bad[tok_len:] = True   # padding rows of the target's vocabulary are never emitted
-        self.bad_ids = bad.to(target.device)
+        self.bad_ids = never_drafted(target)
 
     @classmethod
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> Drafter:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.drafters.base import Drafter, RowSpec
+from mmspec.drafters.base import Drafter, RowSpec, never_drafted
 from mmspec.drafters.eagle_batch import EagleDraftBatch, EagleRow, rotate_half
 from mmspec.errors import MMSpecError
 from mmspec.targets.base import TargetAdapter
@@ -415,10 +415,7 @@ class Eagle3Drafter(Drafter):
         self.draft_to_target = self.head.draft_to_target
         self.mrope = head.mrope_section is not None
         self.prior_acceptance = float((f.get("_config") or {}).get("acceptance") or Drafter.prior_acceptance)
-        bad = torch.zeros(target.vocab_size, dtype=torch.bool)
-        bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
-        bad[len(target.tokenizer):] = True   # the target's padding rows are never emitted
-        self.bad_ids = bad.to(target.device)
+        self.bad_ids = never_drafted(target)
 
     @classmethod
     def from_pretrained(cls, target: TargetAdapter, path, dtype, trust_remote_code: bool = False) -> "Eagle3Drafter":

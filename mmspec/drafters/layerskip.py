@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from mmspec.drafters.base import Drafter, RowSpec
+from mmspec.drafters.base import Drafter, RowSpec, never_drafted
 from mmspec.drafters.model_batch import FedTokens, ModelDraftBatch
 from mmspec.errors import MMSpecError
 from mmspec.kv import CACHE_KW, SlotCache
@@ -213,12 +213,7 @@ class LayerSkipDrafter(Drafter):
         self.start_threshold = float(self.settings.get("stop_threshold") or self.start_threshold)
         # the acceptance the tuning measured: the draft-length policy starts from it
         self.prior_acceptance = float(self.settings.get("acceptance") or Drafter.prior_acceptance)
-        bad = torch.zeros(target.vocab_size, dtype=torch.bool)
-        bad[sorted(i for i in target.image_token_ids if i < target.vocab_size)] = True
-        tok_len = len(target.tokenizer)
-        if tok_len < target.vocab_size:
-            bad[tok_len:] = True   # padding rows of the target's vocabulary are never emitted
-        self.bad_ids = bad.to(target.device)
+        self.bad_ids = never_drafted(target)
 
     @property
     def kept_fraction(self) -> float:
