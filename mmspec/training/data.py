@@ -107,7 +107,6 @@ def source_features(pipe, request, args) -> torch.Tensor:
 
 def target_answer(pipe, ex: Example, args):
     """(the target's greedy answer, its prepared request with image features), or None for an unusable image."""
-    from mmspec.targets.batch import TargetSession   # here, not at the top: ``train-drafter --help`` stays light
     from vision.images import load_image
 
     try:
@@ -123,8 +122,9 @@ def target_answer(pipe, ex: Example, args):
 
 def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
     """The target's greedy answer and its top-K distributions along it (None if the image is unusable)."""
-    import torch
+    import torch   # here, not at the top: ``train-drafter --help`` stays free of torch
 
+    from mmspec.targets.batch import TargetSession
     from vision.compress import pool_tokens
 
     adapter = pipe.adapter
