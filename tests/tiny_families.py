@@ -8,27 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from mmspec.targets.batch import TargetSession
-from tests.tiny import WORDS
+from mmspec.tiny.common import QWEN_ADDED, QWEN_TEMPLATE, qwen_tokenizer  # noqa: F401 (re-exported for the tests)
+from mmspec.tiny.common import word_tokenizer as _word_tokenizer
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def _word_tokenizer(specials: list[str], added: list[str], unk="<unk>", bos=None, eos=None, pad=None,
-                    template: str | None = None) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(list(dict.fromkeys(specials + list(WORDS))))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad)
-    if added:
-        fast.add_special_tokens({"additional_special_tokens": added})
-    if template:
-        fast.chat_template = template
-    return fast
 
 
 def _scale_language_model(modules) -> None:
@@ -65,20 +51,7 @@ def copy_vision(src, dst, prefixes: tuple[str, ...]) -> None:
 
 # ---------------------------------------------------------------------------------------------- Qwen2(.5)-VL
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_ADDED = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}"
-                 "{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-
-
-def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    words = QWEN_SPECIALS + ["user", "assistant", "system"]
-    return _word_tokenizer(words, QWEN_ADDED, unk="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",
-                           template=QWEN_TEMPLATE)
-
-
+# the Qwen tokenizer and chat template are mmspec.tiny's (imported above)
 def build_tiny_qwen_vl(folder: Path, version: str = "2", vocab_pad: int = 7, seed: int = 0, hidden: int = 48,
                        layers: int = 2, vision_from=None) -> Path:
     """A Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") with M-RoPE, patch 4, merge 2 (8x8 pixels per token)."""
