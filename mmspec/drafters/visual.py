@@ -60,7 +60,7 @@ class VisualDrafter(TextDrafter):
             feats = torch.cat([self.encoder.features(im, self.target.vision_cache)[0].reshape(-1, self.encoder.dim)
                                for im in request.images])
         else:
-            feats = request.features
+            feats = self.target.spliced_features(request.features)
         return pool_tokens(feats.float(), self.projector.num_tokens)
 
     @torch.inference_mode()

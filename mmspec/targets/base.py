@@ -260,6 +260,11 @@ class TargetAdapter:
             return embeds
         return embeds.masked_scatter(mask[..., None], request.features.to(embeds.device, embeds.dtype))
 
+    def spliced_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of ``features`` that replace the placeholders' embeddings ([n, hidden]): all of them for
+        most families; Qwen3-VL caches its DeepStack levels beside them and drops those here."""
+        return features
+
     @property
     def feature_token_ids(self) -> frozenset[int]:
         """The placeholders the image features replace (Qwen-VL's video token is not one of them here)."""

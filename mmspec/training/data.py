@@ -102,7 +102,7 @@ def source_features(pipe, request, args) -> torch.Tensor:
 
         enc = OpenClipEncoder.get(args.open_clip_model, args.open_clip_pretrained, pipe.adapter.device)
         return enc.features(request.image, pipe.adapter.vision_cache)[0]
-    return request.features
+    return pipe.adapter.spliced_features(request.features)
 
 
 def target_answer(pipe, ex: Example, args):

@@ -141,10 +141,10 @@ def test_vision_cache_serves_the_family(pipes):
     check_cache_hit(pipes["vlm-own"], "vlm-own", sample_image(7, 48))
 
 
-def check_trained_eagle(target: Path, folder: Path, steps: int = 3) -> None:
-    """``mmspec train-drafter --kind eagle`` on a tiny target of the family (a few steps over three scenes; an
-    EAGLE-3 head needs a target of 4+ decoder layers) writes a head that loads by its folder and drafts
-    losslessly."""
+def check_trained_drafter(kind: str, target: Path, folder: Path, steps: int = 3) -> None:
+    """``mmspec train-drafter --kind KIND`` on a tiny target of the family (a few steps over three images; an
+    EAGLE-3 head needs a target of 4+ decoder layers, a visual drafter starts as a new small Llama) writes a
+    drafter that loads by its folder, with its kind inferred, and drafts losslessly."""
     import json
 
     import mmspec
@@ -155,13 +155,35 @@ def check_trained_eagle(target: Path, folder: Path, steps: int = 3) -> None:
         sample_image(seed, 40).save(folder / f"img{seed}.png")
         lines.append(json.dumps({"image": f"img{seed}.png", "prompt": PROMPTS[seed % 2]}))
     (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
-    out = folder / "head"
-    assert main(["train-drafter", "--kind", "eagle", "--target", str(target), "--drafter", "none",
+    out = folder / kind
+    extra = ["--num-visual-tokens", "2", "--hidden-size", "32", "--num-layers", "1"] if kind == "visual" else []
+    assert main(["train-drafter", "--kind", kind, "--target", str(target), "--drafter", "none",
                  "--drafter-kind", "none", "--data", str(folder / "data.jsonl"), "--out", str(out),
                  "--steps", str(steps), "--batch-size", "2", "--max-new-tokens", "4", "--heldout", "1",
-                 "--save-dtype", "float32"]) == 0
-    pipe = mmspec.load(str(target), drafter=str(out))
-    assert pipe.drafter_kind == "eagle"
-    image = images()[1]
-    res = pipe.generate(image, PROMPTS[0], max_new_tokens=MAX_NEW, num_draft_tokens=3)
-    assert res.token_ids == hf_greedy(pipe, image, PROMPTS[0], MAX_NEW)
+                 "--save-dtype", "float32", *extra]) == 0
+    pipe = mmspec.load(str(target), drafter=str(out), drafter_kind=None if kind == "eagle" else kind)
+    assert pipe.drafter_kind == kind
+    for image, prompt in zip(images()[1:], PROMPTS):
+        res = pipe.generate(image, prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+        assert res.token_ids == hf_greedy(pipe, image, prompt, MAX_NEW)
+
+
+def check_trained_eagle(target: Path, folder: Path, steps: int = 3) -> None:
+    check_trained_drafter("eagle", target, folder, steps)
+
+
+def test_train_drafter_eagle_on_the_family(pipes, tmp_path):
+    """``train-drafter --kind eagle`` for the family (on a 4-layer target where the fixture's has fewer)."""
+    from mmspec.tiny import build_tiny
+
+    config = pipes["none"].target.config
+    target = Path(config._name_or_path)
+    if config.get_text_config().num_hidden_layers < 4:
+        target = build_tiny(config.model_type, tmp_path / "target4", layers=4)
+    check_trained_drafter("eagle", target, tmp_path)
+
+
+def test_train_drafter_visual_on_the_family(pipes, tmp_path):
+    """``train-drafter --kind visual`` for the family: the visual tokens pool the target's spliced features
+    (Qwen3-VL's DeepStack columns are not among them)."""
+    check_trained_drafter("visual", Path(pipes["none"].target.config._name_or_path), tmp_path)
