@@ -22,6 +22,7 @@ BUNDLED_TARGET = ASSETS / "models" / "target"
 BUNDLED_TEXT_DRAFTER = ASSETS / "models" / "text-drafter"
 BUNDLED_VISUAL_DRAFTER = ASSETS / "models" / "visual-drafter"
 BUNDLED_EAGLE_DRAFTER = ASSETS / "models" / "eagle-drafter"
+BUNDLED_EAGLE3_DRAFTER = ASSETS / "models" / "eagle3-drafter"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

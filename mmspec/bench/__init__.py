@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eagle-drafter", default="default",
                    help="also time this eagle head folder as mmspec-eagle (default: the bundled one with the bundled "
                         "target; 'none' to skip)")
+    g.add_argument("--eagle3-drafter", default="default",
+                   help="also time this EAGLE-3 head folder as mmspec-eagle3, beside mmspec-eagle (default: the "
+                        "bundled assets/models/eagle3-drafter with the bundled target; 'none' to skip)")
     g.add_argument("--tree-nodes", type=int, default=None,
                    help="nodes per round of the mmspec-<kind>-tree modes (0 = no tree modes; default: each "
                         "drafter's own, 32 for eagle and 16 for text and visual)")
@@ -164,7 +167,8 @@ def _other_drafters(args, pipe) -> dict:
     """``mmspec-<kind>`` pipelines timed beside the loaded one, on the same target weights and image cache: with the
     bundled target, its text, visual and eagle drafters (each unless it is the loaded kind); ``--visual-drafter``
     and ``--eagle-drafter`` name other folders, or ``none`` to skip them."""
-    from mmspec.loading import BUNDLED_EAGLE_DRAFTER, BUNDLED_TEXT_DRAFTER, BUNDLED_VISUAL_DRAFTER
+    from mmspec.loading import (BUNDLED_EAGLE3_DRAFTER, BUNDLED_EAGLE_DRAFTER, BUNDLED_TEXT_DRAFTER,
+                                BUNDLED_VISUAL_DRAFTER)
 
     def bundled(kind: str, folder: Path) -> Path | None:
         """the bundled target's drafter of ``kind``, unless that kind is the one loaded"""
@@ -173,9 +177,13 @@ def _other_drafters(args, pipe) -> dict:
     folders = {"text": bundled("text", BUNDLED_TEXT_DRAFTER),
                "visual": _folder_flag(args.visual_drafter, bundled("visual", BUNDLED_VISUAL_DRAFTER)),
                "eagle": _folder_flag(args.eagle_drafter, bundled("eagle", BUNDLED_EAGLE_DRAFTER)
-                                     if BUNDLED_EAGLE_DRAFTER.is_dir() else None)}
-    return {f"mmspec-{kind}": pipe.with_drafter_kind(kind, drafter=folder)
-            for kind, folder in folders.items() if folder}
+                                     if BUNDLED_EAGLE_DRAFTER.is_dir() else None),
+               # a second eagle head (the EAGLE-3 one beside mmspec's first format), timed as its own mode
+               "eagle3": _folder_flag(args.eagle3_drafter, BUNDLED_EAGLE3_DRAFTER
+                                      if args.target is None and BUNDLED_EAGLE3_DRAFTER.is_dir() else None)}
+    kinds = {"eagle3": "eagle"}   # mode name -> drafter kind, where they differ
+    return {f"mmspec-{name}": pipe.with_drafter_kind(kinds.get(name, name), drafter=folder)
+            for name, folder in folders.items() if folder}
 
 
 def _folder_flag(value, default):
