@@ -197,7 +197,7 @@ def test_export_copies_the_trained_drafters_without_their_data(monkeypatch, tmp_
              "eagle-drafter": ["eagle_config.json", "model.safetensors", "train_report.json"]}
     for folder, names in files.items():
         (work / folder / "distill" / "text").mkdir(parents=True)
-        for name in names + ["checkpoint.pt"]:
+        for name in names + ["checkpoint.pt", ".mmspec-output"]:
             (work / folder / name).write_text(folder + name)
     monkeypatch.setattr(export, "MODELS", models)
     b.main(["--workdir", str(work), "export", "--what", "eagle-drafter"])

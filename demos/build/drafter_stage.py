@@ -53,8 +53,8 @@ def train_drafter_argv(args, init: Path | None = None) -> list[str]:
         argv += ["--init-drafter", str(init)]
     if args.kind == "visual":
         argv += ["--num-visual-tokens", str(args.num_visual_tokens)]
-    if args.kind == "eagle":  # the shipped head's recipe: two unrolled steps on its own predictions, float32
-        argv += ["--ttt-steps", "2", "--save-dtype", "float32"]
+    if args.kind == "eagle":  # the EAGLE-3 head's recipe: two unrolled steps on its own predictions, MLP 384, float32
+        argv += ["--ttt-steps", "2", "--eagle-intermediate-size", "384", "--save-dtype", "float32"]
     return argv + shlex.split(args.train_drafter_flags)
 
 

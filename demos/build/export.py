@@ -18,7 +18,8 @@ from vision import scenes
 # ``export --what`` name -> folder, the same name in the workdir (where a distill stage writes it) and under
 # assets/models; "drafter" is the text drafter (the name the recorded commands use)
 DRAFTER_FOLDERS = {"drafter": "text-drafter", "visual-drafter": "visual-drafter", "eagle-drafter": "eagle-drafter"}
-NOT_SHIPPED = ("distill", "checkpoint.pt", "checkpoint.tmp")  # train-drafter's data and resumable state
+# train-drafter's data, resumable state and ownership marker (a shipped folder is not a run to resume)
+NOT_SHIPPED = ("distill", "checkpoint.pt", "checkpoint.tmp", ".mmspec-output")
 
 
 def _save_16bit(model, folder: Path, dtype=torch.float16):

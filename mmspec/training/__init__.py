@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="end a row's draft before a token the head gives less probability than this (0 = never)")
     e.add_argument("--eagle-intermediate-size", type=int, default=None,
                    help="MLP width of the head's layer (default: the target's)")
+    e.add_argument("--eagle-aux-layers", default=None, metavar="I,J,K",
+                   help="the three target layers the head reads, as HF hidden_states indices in [1, N-1] (the input "
+                        "of layer i; what vLLM's eagle_aux_hidden_state_layer_ids means); default 2,N/2,N-3")
     e.add_argument("--format", choices=("specforge", "speculators"), default="specforge",
                    help="layout of the EAGLE-3 head written: SpecForge/vLLM (vLLM and SGLang load it) or "
                         "vllm-project/speculators (vLLM)")
@@ -124,10 +127,12 @@ def _run(args, out: Path) -> int:
     if args.kind == "eagle":
         from mmspec.training.eagle_head import aux_ids_for
 
-        aux_ids_for(pipe.adapter)   # a target too shallow for EAGLE-3 is refused before the data is computed
+        aux_ids_for(pipe.adapter, args.eagle_aux_layers)   # a target too shallow for EAGLE-3 is refused before the data is computed
     m = args.num_visual_tokens if args.kind == "visual" else None
     t0 = time.time()
-    data_dir = out / "distill" / (f"{args.visual_source}-m{m}" if m else args.kind if args.kind == "eagle" else "text")
+    # the distilled data depends on what it holds: the visual source and m, or the eagle head's aux layers
+    eagle_data = "eagle" + (f"-aux{args.eagle_aux_layers.replace(',', '-')}" if args.eagle_aux_layers else "")
+    data_dir = out / "distill" / (f"{args.visual_source}-m{m}" if m else eagle_data if args.kind == "eagle" else "text")
     rows = build_distill_data(pipe, train_ex, data_dir, args, m, "target answers (self-distillation)",
                               make_row=eagle_example if args.kind == "eagle" else None)
     if not rows:

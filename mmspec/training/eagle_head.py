@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     import torch  # for annotations: functions import torch themselves, so `mmspec train-drafter --help` stays light
 
 
-def aux_ids_for(adapter) -> tuple[int, ...]:
-    """The aux layers our heads read: the ecosystem default (2, N // 2, N - 3) (what every engine assumes when
-    a config names none), or the last three layer inputs for targets too shallow for it."""
+def aux_ids_for(adapter, chosen: str | None = None) -> tuple[int, ...]:
+    """The aux layers our heads read: ``chosen`` (``--eagle-aux-layers``, a comma list of three HF
+    ``hidden_states`` indices in [1, N-1]), else the ecosystem default (2, N // 2, N - 3) (what every engine assumes
+    when a config names none), or the last three layer inputs for targets too shallow for it."""
     from mmspec.drafters.eagle3 import aux_layer_ids
     from mmspec.errors import MMSpecError
 
@@ -26,6 +27,13 @@ def aux_ids_for(adapter) -> tuple[int, ...]:
     if n < 4:
         raise MMSpecError(f"an EAGLE-3 head reads the inputs of three distinct target layers (1 .. N-1): this target "
                           f"has {n} decoder layers, it needs at least 4")
+    if chosen:
+        try:
+            ids = [int(i) for i in str(chosen).split(",") if i.strip()]
+        except ValueError:
+            raise MMSpecError(f"--eagle-aux-layers takes three comma-separated layer indices, got {chosen!r}",
+                              param="eagle_aux_layers") from None
+        return aux_layer_ids({"eagle_aux_hidden_state_layer_ids": ids}, n, "--eagle-aux-layers")
     default = (2, n // 2, n - 3)
     ids = default if len(set(default)) == 3 else (n - 3, n - 2, n - 1)
     return aux_layer_ids({"eagle_aux_hidden_state_layer_ids": list(ids)}, n)
@@ -45,7 +53,7 @@ def eagle_example(pipe, ex: Example, args, pool_m=None) -> dict | None:
     res, request = got
     n = int(adapter.model.config.get_text_config().num_hidden_layers)
     with torch.inference_mode():
-        batch = TargetBatch(adapter, want_hidden=aux_ids_for(adapter) + (n,))
+        batch = TargetBatch(adapter, want_hidden=aux_ids_for(adapter, args.eagle_aux_layers) + (n,))
         batch.add(0, request)
         ids = torch.tensor([request.prompt_ids[-1]] + res.token_ids, device=adapter.device)
         batch.verify({0: ids})
@@ -134,7 +142,8 @@ def train_eagle(args, pipe, rows: list[dict], out: Path):
         keep = set(counts.topk(min(args.draft_vocab, int((counts > 0).sum()))).indices.tolist()) | set(adapter.eos_token_ids)
         vocab = sorted(keep)
     torch.manual_seed(args.seed)
-    head = head_for_target(adapter, vocab, args.eagle_intermediate_size, aux_ids_for(adapter)).float()
+    head = head_for_target(adapter, vocab, args.eagle_intermediate_size,
+                           aux_ids_for(adapter, args.eagle_aux_layers)).float()
     embed = adapter.model.get_input_embeddings().float()
     lm_head = adapter.model.get_output_embeddings().float()
     with torch.no_grad():   # start from the target's own output rows (the head's norm starts as the identity)

@@ -18,10 +18,9 @@ def export(drafter, projector, pipe, out: Path, save_dtype: str, layout: str = "
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
     if projector is None and not hasattr(drafter, "config"):   # an EAGLE-3 head
         from mmspec.drafters.eagle3 import export_head
-        from mmspec.training.eagle_head import aux_ids_for
-
         target = str(pipe.target.config._name_or_path)
-        export_head(drafter, out, layout, target, pipe.target.config, aux_ids_for(pipe.adapter), dtype,
+        n = int(pipe.target.config.get_text_config().num_hidden_layers)
+        export_head(drafter, out, layout, target, pipe.target.config, drafter.aux_layers(n), dtype,
                     extra={"mmspec_family": pipe.adapter.family})
         return
     drafter.to(dtype).save_pretrained(out, safe_serialization=True)
