@@ -207,8 +207,11 @@ def test_tune_command_finds_the_identity_layers(identity_target, tmp_path):
     assert searched["acceptance"] == full["acceptance"] and searched["kept_fraction"] == 0.6
     assert tuning["engine"]["tuned"]["score"] > tuning["engine"]["full_stack"]["score"]
     assert tuning["engine"]["untuned_default"]["skip"] == [1, 3] != IDENTITY
-    pipe = mmspec.load(str(identity_target), drafter=str(out), drafter_kind="layerskip")
+    pipe = mmspec.load(str(identity_target), drafter=str(out))   # the file names its kind
+    assert pipe.drafter_kind == "layerskip"
     assert pipe.strategy.skip == IDENTITY and pipe.strategy.source == str(out)
+    with pytest.raises(MMSpecError, match="skip-set file, not a 'text' drafter"):
+        mmspec.load(str(identity_target), drafter=str(out), drafter_kind="text")
     res = pipe.generate(sample_image(10, 40), PROMPTS[0], max_new_tokens=MAX_NEW, num_draft_tokens=4)
     assert res.token_ids == hf_greedy(pipe, sample_image(10, 40), PROMPTS[0], MAX_NEW)
     bad = set(torch.nonzero(pipe.strategy.bad_ids).flatten().tolist())

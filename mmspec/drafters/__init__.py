@@ -51,7 +51,13 @@ def infer_kind(drafter, kind: str | None) -> str | None:
     ids (not local folders) pass through unchanged."""
     from pathlib import Path
 
-    folder = Path(str(drafter)) if drafter is not None else None
+    folder = Path(str(drafter)) if isinstance(drafter, (str, Path)) else None
+    if folder is not None and folder.is_file() and _is_skip_set(folder):   # a `mmspec tune-layerskip` file
+        if kind not in (None, "layerskip"):
+            raise MMSpecError(f"{folder} is a layerskip skip-set file, not a {kind!r} drafter: use "
+                              "drafter_kind='layerskip' (or leave it out: the kind is read from the file)",
+                              code="invalid_value", param="drafter_kind")
+        return "layerskip"
     if folder is None or not folder.is_dir() or (kind is not None and not drafter_class(kind).needs_weights):
         return kind
     found = None
@@ -80,6 +86,18 @@ def infer_kind(drafter, kind: str | None) -> str | None:
                           "leave it out: the kind is read from the folder)", code="invalid_value",
                           param="drafter_kind")
     return kind or found
+
+
+def _is_skip_set(path) -> bool:
+    """Whether ``path`` is a JSON file in the layerskip skip-set format (``layerskip.FORMAT``, read without
+    importing the drafter)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("mmspec-layerskip/")
 
 
 def kinds_where(**attributes) -> list[str]:
