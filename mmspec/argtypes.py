@@ -28,3 +28,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """``type=int_list(1)``: a comma list of integers, each no smaller than ``minimum`` (``"1,4,16"``); repeats
+    dropped, order kept."""
+    one = int_at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        values = [one(item.strip()) for item in str(text).split(",") if item.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}")
+        return list(dict.fromkeys(values))
+    return parse

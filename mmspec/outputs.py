@@ -120,8 +120,9 @@ def _bench_report(head: bytes) -> None:
         data = json.loads(head.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise NotOurs("it is not JSON") from None
-    if not (isinstance(data, dict) and {"machine", "config", "modes"} <= set(data)):
-        raise NotOurs("it has no machine, config and modes")
+    # a bench report has timed modes; a --verify-cost report, timed forwards
+    if not (isinstance(data, dict) and {"machine", "config"} <= set(data) and {"modes", "verify_cost"} & set(data)):
+        raise NotOurs("it has no machine, config and modes (or verify_cost)")
 
 
 KINDS = {"png": FileKind("a PNG image", _png, "bench.png"),

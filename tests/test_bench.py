@@ -119,3 +119,101 @@ def test_train_drafter_refuses_a_folder_of_other_files(tiny_target, tmp_path):
     rc = main(["train-drafter", "--kind", "eagle", "--target", str(tiny_target), "--data", str(tmp_path),
                "--out", str(folder)])
     assert rc == 2 and sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
+
+
+def test_verify_cost_times_one_rounds_forwards(tiny_target, tmp_path, capsys):
+    """``--verify-cost``: per batch size a row per node count (step, chain, tree and their ratios, ms per row), the
+    layerskip draft step's ratio, machine and config; its JSON is a bench report a later run may overwrite."""
+    from mmspec.outputs import check_own_file
+
+    out = tmp_path / "cost.json"
+    rc = main(["bench", "--target", str(tiny_target), "--drafter", "none", "--drafter-kind", "layerskip",
+               "--verify-cost", "1,4", "--repeats", "2", "--warmup", "1", "--batch-size", "1,2", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert {"machine", "config", "prompt_tokens", "tree_parents", "verify_cost", "layerskip"} <= set(report)
+    assert report["config"]["nodes"] == [1, 4] and report["config"]["repeats"] == 2
+    assert report["machine"]["cpu_count"] >= 1 and report["prompt_tokens"] > 1
+    assert len(report["tree_parents"]["4"]) == 4 and report["tree_parents"]["4"] != [-1, 0, 1, 2]   # a real tree
+    assert set(report["verify_cost"]) == {"1", "2"}
+    for rows in report["verify_cost"].values():
+        assert [r["nodes"] for r in rows] == [1, 4]
+        for r in rows:
+            assert min(r["step_ms"], r["chain_ms"], r["tree_ms"], r["chain_per_step"], r["tree_per_step"]) > 0
+    ls = report["layerskip"]
+    assert ls["skip"] and ls["layers"] == 2 and set(ls["by_batch"]) == {"1", "2"}
+    assert all(d["draft_step_ms"] > 0 and d["draft_per_step"] > 0 for d in ls["by_batch"].values())
+    printed = capsys.readouterr().out
+    assert "| n | step (ms) | chain n (ms) | tree n (ms) | chain / step | tree / step |" in printed
+    assert "layerskip draft step" in printed and "machine:" in printed
+    check_own_file(out, "--json", "bench-json")   # recognised as mmspec's own
+
+
+def test_verify_cost_tree_verify_gives_each_nodes_path_logits(tiny_target):
+    """The mode's tree verify (the engine's own, rows of a batch) scores every node as the target scores the node's
+    path fed as a plain sequence, and its rollback leaves the caches as they were (the same verify again agrees)."""
+    import torch
+
+    import mmspec
+    from mmspec.bench.modes import Input
+    from mmspec.bench.verify_cost import Rounds, tree_draft
+    from mmspec.targets.batch import TargetSession
+    from mmspec.trees import verify_parents
+
+    pipe = mmspec.load(str(tiny_target), drafter=None, drafter_kind="none")
+    inp = Input(sample_image(0), "describe the image .", "caption", "0")
+    rounds = Rounds(pipe, inp, 2)
+    draft = tree_draft(9)
+    parents = verify_parents(draft.parents)
+    assert parents != list(range(-1, 8))      # side branches, not a chain
+    with torch.inference_mode():
+        logits, seconds = rounds.verify(draft)
+        again, _ = rounds.verify(draft)
+        row = rounds.rows[1]
+        request = pipe._job(inp.image, inp.prompt, {}).request
+        pipe.adapter.image_features(request)
+        session = TargetSession(pipe.adapter, request)
+        start = len(request.prompt_ids) - 1   # the cache before the pending token
+        ids = [rounds.engine.active[row].pending] + draft.ids.tolist()
+        for node in range(len(parents)):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            reference = session.forward(torch.tensor([ids[i] for i in reversed(path)]))[-1]
+            session.rollback(start)
+            torch.testing.assert_close(logits[row][node], reference, atol=1e-4, rtol=1e-4)
+    assert seconds > 0
+    for r in rounds.rows:
+        torch.testing.assert_close(again[r], logits[r])
+
+
+def test_verify_cost_refuses_bad_node_counts(capsys):
+    """NODES is a comma list of positive integers; given bare it is the default list."""
+    import pytest
+
+    from mmspec.cli import build_parser
+
+    for bad in ("0", "-2", "2.5", "four", "1,,x", ""):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", f"--verify-cost={bad}"])
+        assert e.value.code == 2
+        assert "--verify-cost" in capsys.readouterr().err
+    argv = ["bench", "--verify-cost", "--batch-size", "1,16"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.verify_cost == [1, 2, 4, 8, 16, 32] and args.batch_size == [1, 16]
+
+
+def test_verify_cost_on_a_shaped_target_times_the_layerskip_draft_step(tmp_path, monkeypatch):
+    """``--shaped SIZE --drafter-kind layerskip --verify-cost``: the shaped target with its default skip set; a kind
+    that needs trained weights is refused there."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # the shaped model's folder goes with the test
+    out = tmp_path / "shaped.json"
+    rc = main(["bench", "--shaped", "smoke", "--drafter-kind", "layerskip", "--verify-cost", "3", "--repeats", "1",
+               "--warmup", "0", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["shaped"] == "smoke" and report["config"]["drafter_kind"] == "layerskip"
+    assert report["layerskip"]["source"] == "untuned" and report["layerskip"]["by_batch"]["1"]["draft_step_ms"] > 0
+    assert main(["bench", "--shaped", "smoke", "--drafter-kind", "eagle", "--verify-cost"]) == 2
