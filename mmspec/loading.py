@@ -52,6 +52,18 @@ TINY_PREFIX = "tiny:"
 _tiny_folders: dict[str, str] = {}
 
 
+def scratch_folder(prefix: str) -> Path:
+    """A temporary folder for a model built on the fly (``tiny:`` targets, ``bench --shaped``), removed when the
+    process exits (a 1B shaped target is ~4 GB on disk)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def tiny_folder(path) -> str | None:
     """The folder of the tiny model ``path`` names (``tiny:<model_type>``), built on first use; None for any other
     path."""
@@ -59,12 +71,10 @@ def tiny_folder(path) -> str | None:
         return None
     model_type = path[len(TINY_PREFIX):]
     if model_type not in _tiny_folders:
-        import tempfile
-
         from mmspec.tiny import tiny_builder
 
         build = tiny_builder(model_type)     # an MMSpecError listing the tiny types for an unknown one
-        folder = Path(tempfile.mkdtemp(prefix=f"mmspec-tiny-{model_type}-"))
+        folder = scratch_folder(f"mmspec-tiny-{model_type}-")
         _tiny_folders[model_type] = str(build(folder))
     return _tiny_folders[model_type]
 

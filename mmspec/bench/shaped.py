@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -115,13 +114,13 @@ class OracleDrafter(Drafter):
 def shaped_setup(size: str, dtype: str | None, profile: str | None) -> tuple:
     """-> (the target pipeline, {mode: pipeline} of the oracle and replay drafters, the recording pipeline)."""
     import mmspec
-    from mmspec.loading import load_dtype
+    from mmspec.loading import load_dtype, scratch_folder
     from mmspec.pipeline import Pipeline
 
     # float32 by default: in bfloat16 a verify of several tokens and generate()'s one-token steps round
     # differently, and a random-weight model's near-ties then flip the odd token (the lossless column says so)
     torch_dtype = load_dtype(dtype or "float32", "cpu")
-    folder = Path(tempfile.mkdtemp(prefix=f"mmspec-shaped-{size}-"))
+    folder = scratch_folder(f"mmspec-shaped-{size}-")
     build_shaped_target(size, folder, torch_dtype)
     pipe = mmspec.load(str(folder), drafter=None, drafter_kind="none", dtype=torch_dtype)
     references: dict = {}
