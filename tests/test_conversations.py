@@ -17,7 +17,7 @@ import mmspec
 from mmspec.errors import MMSpecError
 from tests.tiny import build_tiny_llava, build_tiny_text_drafter, sample_image
 from tests.tiny_families import (build_tiny_idefics3, build_tiny_llava_next, build_tiny_qwen_vl, load_pipes,
-                                 random_eagle_head)
+                                 hf_chat, random_eagle_head, user)
 
 MAX_NEW = 10
 # LLaVA's tiny template drops assistant turns; this one renders every turn (so multi-turn prompts differ)
@@ -29,12 +29,6 @@ TURNS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% if m['content'] i
 
 def ims():
     return [sample_image(1, 40), sample_image(2, 24), sample_image(3, 48).resize((40, 24))]
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [p if isinstance(p, dict) else
-                                        ({"type": "text", "text": p} if isinstance(p, str) else
-                                         {"type": "image", "image": p}) for p in parts]}
 
 
 def conversations() -> dict:
@@ -50,13 +44,6 @@ def conversations() -> dict:
                         user(b, "describe the image ."), {"role": "assistant", "content": "blue square"},
                         user("what color is the circle ?")],
     }
-
-
-def hf_chat(pipe, messages, max_new: int = MAX_NEW) -> list[int]:
-    inputs = pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, return_tensors="pt")
-    out = pipe.target.generate(**inputs, max_new_tokens=max_new, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +64,7 @@ def llava(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llava_refs(llava):
     pipe = llava["ngram"]
-    refs = {name: hf_chat(pipe, conv) for name, conv in conversations().items()}
+    refs = {name: hf_chat(pipe, conv, MAX_NEW) for name, conv in conversations().items()}
     assert len({tuple(r) for r in refs.values()}) > 2   # the shapes give different answers
     return refs
 
@@ -115,9 +102,10 @@ def test_batch_mixes_shapes_with_single_image_rows(llava, llava_refs, kind, tree
     rows = [(convs["two images"], None), (a, "describe the image ."), (convs["text only"], None),
             ([user(b"not an image", "hi")], None), (convs["three turns"], None), (b, "what color is the circle ?"),
             (convs["three images"], None), (None, "describe the image ."), (convs["two turns"], None)]
-    expected = [llava_refs["two images"], hf_chat(pipe, [user(a, "describe the image .")]), llava_refs["text only"],
-                None, llava_refs["three turns"], hf_chat(pipe, [user(b, "what color is the circle ?")]),
-                llava_refs["three images"], llava_refs["text only"], llava_refs["two turns"]]
+    expected = [llava_refs["two images"], hf_chat(pipe, [user(a, "describe the image .")], MAX_NEW),
+                llava_refs["text only"], None, llava_refs["three turns"],
+                hf_chat(pipe, [user(b, "what color is the circle ?")], MAX_NEW), llava_refs["three images"],
+                llava_refs["text only"], llava_refs["two turns"]]
     results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=4, max_new_tokens=MAX_NEW,
                                   tree_nodes=tree)
     for i, (res, exp) in enumerate(zip(results, expected)):
@@ -144,7 +132,7 @@ def test_image_cache_works_per_image(llava):
     assert not first.stats.vision_cache_hit
     swapped = pipe.chat([user(b, a, "describe the image .")], max_new_tokens=MAX_NEW)
     assert swapped.stats.vision_cache_hit   # both images were cached one by one
-    assert swapped.token_ids == hf_chat(pipe, [user(b, a, "describe the image .")])
+    assert swapped.token_ids == hf_chat(pipe, [user(b, a, "describe the image .")], MAX_NEW)
     assert pipe.generate(b, "describe the image .", max_new_tokens=1).stats.vision_cache_hit
     assert not pipe.chat([user(a, c, "describe the image .")], max_new_tokens=1).stats.vision_cache_hit
     assert pipe.generate(c, "describe the image .", max_new_tokens=1).stats.vision_cache_hit
@@ -225,13 +213,13 @@ def test_family_multi_image_multi_turn_and_text_only(tmp_path, family):
              "two turns": [user(c, "describe the image ."), {"role": "assistant", "content": "red circle"},
                            user(a, "what color is the circle ?")],
              "text only": [user("describe the image .")]}
-    refs = {name: hf_chat(pipes["ngram"], conv) for name, conv in convs.items()}
+    refs = {name: hf_chat(pipes["ngram"], conv, MAX_NEW) for name, conv in convs.items()}
     for kind in ("vlm", "eagle"):
         for name, conv in convs.items():
             res = pipes[kind].chat(conv, max_new_tokens=MAX_NEW, num_draft_tokens=3)
             assert res.token_ids == refs[name], (family, kind, name, res.rounds)
     # batched with a one-image row, and a tree
-    one = hf_chat(pipes["vlm"], [user(a, "describe the image .")])
+    one = hf_chat(pipes["vlm"], [user(a, "describe the image .")], MAX_NEW)
     results = pipes["vlm"].generate_batch([convs["two images"], a, convs["text only"]],
                                           [None, "describe the image .", None], batch_size=3, max_new_tokens=MAX_NEW,
                                           tree_nodes=6)

@@ -19,7 +19,7 @@ from mmspec.targets.batch import TargetBatch
 from mmspec.targets.qwen3_5 import Qwen3_5Adapter
 from tests.families import qwen3_5
 from tests.families.checks import (MAX_NEW, check_trained_eagle, family_pipes, images,  # noqa: F401
-                                   test_always_right_drafter,
+                                   test_always_right_drafter, test_conversations_equal_generate,
                                    test_image_token_count_varies_with_size, test_never_right_drafter,
                                    test_text_drafter_prompt_has_no_image_slots, test_train_drafter_visual_on_the_family,
                                    test_vision_cache_serves_the_family)

@@ -119,6 +119,23 @@ def hf_greedy(pipe, image, prompt: str, max_new_tokens: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def user(*parts) -> dict:
+    """A user turn in transformers' chat-message format: a string part is text, a dict a part as it is, anything
+    else an image."""
+    return {"role": "user", "content": [p if isinstance(p, dict) else
+                                        ({"type": "text", "text": p} if isinstance(p, str) else
+                                         {"type": "image", "image": p}) for p in parts]}
+
+
+def hf_chat(pipe, messages, max_new_tokens: int) -> list[int]:
+    """The target's own ``generate(do_sample=False)`` on ``processor.apply_chat_template(messages,
+    add_generation_prompt=True)``: what a conversation's answer must equal."""
+    inputs = pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")
+    out = pipe.target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def hf_logits(pipe, image, prompt: str, new_ids: list[int]):
     """The target's logits (no cache, one forward over prompt + ``new_ids``) for the last len(new_ids)+1 positions."""
     text = pipe.adapter.format_prompt(prompt)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tests.tiny import sample_image
-from tests.tiny_families import PROMPTS, hf_greedy, load_pipes
+from tests.tiny_families import PROMPTS, hf_chat, hf_greedy, load_pipes, user
 
 
 def images():
@@ -187,3 +187,36 @@ def test_train_drafter_visual_on_the_family(pipes, tmp_path):
     """``train-drafter --kind visual`` for the family: the visual tokens pool the target's spliced features
     (Qwen3-VL's DeepStack columns are not among them)."""
     check_trained_drafter("visual", Path(pipes["none"].target.config._name_or_path), tmp_path)
+
+
+CONV_NEW = 8   # conversations: short answers keep the family tests fast
+
+
+def family_conversations() -> dict:
+    """Issue 28's shapes: text only, two images, two turns with an image in each user turn."""
+    a, b, _ = images()
+    return {"text only": [user(PROMPTS[1])],
+            "two images": [user(a, b, PROMPTS[0])],
+            "two turns": [user(a, PROMPTS[1]), {"role": "assistant", "content": "red circle"}, user(b, PROMPTS[0])]}
+
+
+def test_conversations_equal_generate(pipes):
+    """Text only, two images and a two-turn conversation, each greedy-equal to the target's ``generate()`` on
+    ``apply_chat_template(messages, add_generation_prompt=True)``, with the target drafting for itself and with an
+    eagle head; then one batch mixing those shapes with single-image rows (rows joining mid-flight)."""
+    convs = family_conversations()
+    refs = {name: hf_chat(pipes["none"], conv, CONV_NEW) for name, conv in convs.items()}
+    assert len({tuple(r) for r in refs.values()}) > 1   # the shapes give different answers
+    for kind in ("vlm", "eagle"):
+        for name, conv in convs.items():
+            res = pipes[kind].chat(conv, max_new_tokens=CONV_NEW, num_draft_tokens=3)
+            assert res.token_ids == refs[name], (kind, name, res.rounds)
+    single = [(images()[2], PROMPTS[0]), (images()[0], PROMPTS[1])]
+    rows = [(convs["two images"], None), single[0], (convs["text only"], None), single[1], (convs["two turns"], None)]
+    expected = [refs["two images"], hf_chat(pipes["none"], [user(*single[0])], CONV_NEW), refs["text only"],
+                hf_chat(pipes["none"], [user(*single[1])], CONV_NEW), refs["two turns"]]
+    for kind in ("vlm", "eagle"):
+        results = pipes[kind].generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3,
+                                             max_new_tokens=CONV_NEW, num_draft_tokens=3)
+        assert [r.error for r in results] == [None] * len(rows)
+        assert [r.token_ids for r in results] == expected, kind
