@@ -9,6 +9,9 @@ otherwise its own features are cached under its own key, so a second request wit
 The tokenizer must be the target's (``check_same_tokenizer``); padded vocabularies on either side work: ids the
 drafter has no row for get draft probability 0 and are fed to it as unknown.
 
+A row whose prompt is longer than the drafter's context (a smaller VLM often has a shorter one) still gets the
+target's answer: it drafts nothing, and a row that outgrows the drafter's context stops drafting there.
+
 Trees (``tree_nodes``) grow as the text drafter's do: nodes fed depth by depth over several forwards of the drafter
 VLM (``TargetBatch.forward_nodes``), each seeing the row's committed slots and its own fed ancestors, at positions by
 depth through the drafter's own ``Positions`` (M-RoPE for Qwen-VL); the nodes are dropped after the round.
@@ -71,6 +74,10 @@ class VlmDraftBatch(ModelDraftBatch):
 
     def _open(self, row, spec: RowSpec) -> FedTokens:
         dreq = self.drafter.drafter_request(spec.request)
+        if len(dreq.prompt_ids) >= self.drafter.context_length:
+            # the prompt fits the target's context but not the drafter's: the row never drafts (``_room`` <= 0)
+            # and gets the target's own tokens, so the drafter neither encodes its images nor caches its prompt
+            return FedTokens([], len(dreq.prompt_ids))
         self.drafter.adapter.image_features(dreq)
         self.sess.add(row, dreq)
         # the session holds the prompt but its last position, which is fed first (the target's pending token)
