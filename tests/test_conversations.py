@@ -194,6 +194,35 @@ def test_too_many_images_and_context_are_refused_up_front(llava):
     assert "context" in results[0].error and results[1].error is None
 
 
+def test_vlm_drafter_with_a_shorter_context(llava, tmp_path, monkeypatch):
+    """A request that fits the target's context (256) but not a vlm drafter's (48) gets the target's exact answer,
+    its row drafting nothing (and the drafter encoding none of its images); a row that outgrows the drafter's
+    context drafts until there; batched and with trees too. Never an error for a request the target serves."""
+    target = llava["ngram"].target.config._name_or_path
+    short = build_tiny_llava(tmp_path / "short", seed=3, layers=1, max_positions=48)   # its own vision tower
+    pipe = mmspec.load(target, drafter=str(short), drafter_kind="vlm")
+    assert pipe.strategy.context_length == 48 and not pipe.strategy.shared_vision
+    a, b, c = ims()
+    convs = [[user(a, "describe the image .")],                 # 25 tokens: fits
+             [user(a, b, "describe the image .")],              # 42: fits, then outgrows the drafter's context
+             [user(a, b, c, "what color is the circle ?")]]     # 61: only the target's context holds it
+    lengths = [len(llava["ngram"].chat(conv, max_new_tokens=1).prompt_ids) for conv in convs]
+    assert lengths[0] + 20 < 48 < lengths[1] + 20 and lengths[1] < 48 < lengths[2] < 256, lengths
+    expected = [hf_chat(pipe, conv, 20) for conv in convs]
+    encoded = []
+    features = pipe.strategy.adapter.image_features
+    monkeypatch.setattr(pipe.strategy.adapter, "image_features", lambda req: encoded.append(len(req.images))
+                        or features(req))
+    for conv, exp in zip(convs, expected):
+        for tree in (None, 6):
+            res = pipe.chat(conv, max_new_tokens=20, num_draft_tokens=3, tree_nodes=tree)
+            assert res.error is None and res.token_ids == exp, (len(conv[0]["content"]), tree, res.rounds)
+            assert (res.stats.drafted_tokens > 0) == (conv is not convs[2]), res.rounds
+    assert 3 not in encoded    # the drafter never encoded the long request's images
+    results = pipe.generate_batch(convs * 2, batch_size=4, max_new_tokens=20, num_draft_tokens=3)
+    assert [r.error for r in results] == [None] * 6 and [r.token_ids for r in results] == expected * 2
+
+
 # ----- the other families ---------------------------------------------------------------------------------
 FAMILIES = {
     "llava_onevision": lambda root, **kw: build_tiny_llava_next(root, onevision=True, **kw),
