@@ -145,7 +145,7 @@ def test_all_runs_every_stage_with_its_parser_defaults(monkeypatch, tmp_path):
     assert (tune.prev_pointer, tune.lookup_lr_mult, target.prev_pointer, target.lookup_lr_mult) == (True, 5, False, 1)
     assert (target.kind_weights, tune.kind_weights) == (common.KIND_WEIGHTS, common.QUESTION_WEIGHTS)
     # the target is exported before the drafters learn from it, the text drafter before the visual one starts from it
-    assert [stages[i].what for i in (3, 5, 7, 9)] == ["target", "drafter", "visual-drafter", "eagle-drafter"]
+    assert [stages[i].what for i in (3, 5, 7, 9)] == ["target", "drafter", "visual-drafter", "eagle3-drafter"]
     assert [stages[i].kind for i in (4, 6, 8)] == ["text", "visual", "eagle"]
     assert (stages[11].method, stages[11].n, stages[11].acceptance) == ("forced", 200, 50)
     # speed: the engine's own benchmark, last

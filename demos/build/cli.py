@@ -91,7 +91,7 @@ def _distill_args(p, *, kind, scenes, heldout, steps, batch, lr, max_new_tokens=
     p.add_argument("--batch", type=int, default=batch, help="train-drafter --batch-size")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest target answer")
-    p.add_argument("--out", default=None, help=f"output folder (default: WORKDIR/{kind}-drafter)")
+    p.add_argument("--out", default=None, help=f"output folder (default: WORKDIR/{drafter_stage.KIND_FOLDERS[kind]})")
     p.add_argument("--train-drafter-flags", default="", metavar="FLAGS",
                    help="more mmspec train-drafter flags, in one string (e.g. --train-drafter-flags=\"--resume --loss tvd\")")
     p.set_defaults(fn=drafter_stage.cmd_distill, kind=kind)
@@ -190,7 +190,7 @@ def all_stages(args) -> list[list[str]]:
     stages += [["export", "--what", "target"],  # the drafters learn from the exported (bundled) target
                ["distill-drafter"], ["export", "--what", "drafter"],  # the visual drafter starts from it
                ["distill-visual"], ["export", "--what", "visual-drafter"],
-               ["distill-eagle"], ["export", "--what", "eagle-drafter"],
+               ["distill-eagle"], ["export", "--what", "eagle3-drafter"],
                ["images"], ["eval", "--method", "forced", "--acceptance", "50"]]
     bench = ["mmspec", "bench", "--threads", str(args.threads), "--json", f"{args.workdir}/bench.json"]
     return [common + s for s in stages] + [bench]

@@ -42,9 +42,13 @@ def new_text_drafter(folder: Path, seed: int) -> Path:
     return folder
 
 
+# a distill stage's folder in the workdir (export copies it under the same name): the eagle kind trains EAGLE-3 heads
+KIND_FOLDERS = {"text": "text-drafter", "visual": "visual-drafter", "eagle": "eagle3-drafter"}
+
+
 def train_drafter_argv(args, init: Path | None = None) -> list[str]:
     """The ``mmspec train-drafter`` command line of a distill stage (``args.kind``: text, visual or eagle)."""
-    out = Path(args.out) if args.out else Path(args.workdir) / f"{args.kind}-drafter"
+    out = Path(args.out) if args.out else Path(args.workdir) / KIND_FOLDERS[args.kind]
     argv = ["train-drafter", "--kind", args.kind, "--out", str(out), "--drafter", "none", "--drafter-kind", "ngram",
             "--scenes", str(args.scenes), "--heldout", str(args.heldout), "--steps", str(args.steps),
             "--batch-size", str(args.batch), "--lr", str(args.lr), "--max-new-tokens", str(args.max_new_tokens),
@@ -54,7 +58,8 @@ def train_drafter_argv(args, init: Path | None = None) -> list[str]:
     if args.kind == "visual":
         argv += ["--num-visual-tokens", str(args.num_visual_tokens)]
     if args.kind == "eagle":  # the EAGLE-3 head's recipe: two unrolled steps on its own predictions, MLP 384, float32
-        argv += ["--ttt-steps", "2", "--eagle-intermediate-size", "384", "--save-dtype", "float32"]
+        argv += ["--ttt-steps", "2", "--eagle-intermediate-size", "384", "--eagle-aux-layers", "2,8,15",
+                 "--save-dtype", "float32"]
     return argv + shlex.split(args.train_drafter_flags)
 
 

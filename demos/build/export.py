@@ -17,7 +17,10 @@ from vision import scenes
 
 # ``export --what`` name -> folder, the same name in the workdir (where a distill stage writes it) and under
 # assets/models; "drafter" is the text drafter (the name the recorded commands use)
-DRAFTER_FOLDERS = {"drafter": "text-drafter", "visual-drafter": "visual-drafter", "eagle-drafter": "eagle-drafter"}
+# (``train-drafter --kind eagle`` trains EAGLE-3 heads: its stage exports eagle3-drafter; eagle-drafter, the default
+# head in mmspec's first format, is copied as it is from a workdir that has one)
+DRAFTER_FOLDERS = {"drafter": "text-drafter", "visual-drafter": "visual-drafter", "eagle-drafter": "eagle-drafter",
+                   "eagle3-drafter": "eagle3-drafter"}
 # train-drafter's data, resumable state and ownership marker (a shipped folder is not a run to resume)
 NOT_SHIPPED = ("distill", "checkpoint.pt", "checkpoint.tmp", ".mmspec-output")
 
