@@ -54,14 +54,24 @@ class VisualDrafter(TextDrafter):
         return cls(target, text.model, text.tokenizer, VisualProjector.from_pretrained(path))
 
     def pooled_features(self, request: Request) -> torch.Tensor:
-        """The source features of ``request``'s images pooled to [m, in_dim] (no trained parameters); several
-        images are pooled together, so the drafter sees m tokens whatever their number."""
-        if self.encoder is not None:
-            feats = torch.cat([self.encoder.features(im, self.target.vision_cache)[0].reshape(-1, self.encoder.dim)
+        return self.pool(self.target, request, self.projector.num_tokens, self.encoder)
+
+    @classmethod
+    def pool(cls, target: TargetAdapter, request: Request, m: int, encoder=None) -> torch.Tensor:
+        """The source features of ``request``'s images pooled to [m, in_dim] (no trained parameters): the target's
+        spliced features, or ``encoder``'s (open_clip) embedding of each image. Several images are pooled together,
+        so the drafter sees m tokens whatever their number. ``train-drafter --kind visual`` trains on the same."""
+        if encoder is not None:
+            feats = torch.cat([encoder.features(im, target.vision_cache)[0].reshape(-1, encoder.dim)
                                for im in request.images])
         else:
-            feats = self.target.spliced_features(request.features)
-        return pool_tokens(feats.float(), self.projector.num_tokens)
+            feats = target.spliced_features(request.features)
+        return pool_tokens(feats.float(), m)
+
+    @classmethod
+    def sees(cls, request: Request, encoder=None) -> bool:
+        """Whether the drafter gets visual tokens for ``request`` (a text-only request gets none)."""
+        return bool(request.images)
 
     @torch.inference_mode()
     def visual_tokens(self, request: Request) -> torch.Tensor:
@@ -75,4 +85,4 @@ class VisualDrafter(TextDrafter):
 
     def prefix_embeds(self, request: Request) -> torch.Tensor | None:
         # a text-only request: no visual tokens, the drafter reads the text alone
-        return self.visual_tokens(request) if request.images else None
+        return self.visual_tokens(request) if self.sees(request, self.encoder) else None
