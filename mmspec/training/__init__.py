@@ -1,9 +1,10 @@
 """``mmspec train-drafter``: distil a drafter (text, visual or eagle) from any supported target.
 
-1. Self-distillation data: the target answers every (image, prompt) greedily; the answer ids, the target's
-   top-K next-token distributions along the answer, and (visual) the pooled source features, or (eagle) the
-   target's aux hidden states (three layers) and last hidden state along prompt and answer, are written to
-   ``OUT/distill/`` in shards, so an interrupted run keeps what it computed.
+1. Self-distillation data: the target answers every request (an image and a prompt, several images, none, or a
+   conversation) greedily; the answer ids, the target's top-K next-token distributions along the answer, and
+   (visual) the pooled source features, or (eagle) the target's aux hidden states (three layers) and last hidden
+   state along prompt and answer, are written to ``OUT/distill/`` in shards, so an interrupted run keeps what it
+   computed.
 2. Training: the drafter (and, for ``visual``, the projector that turns pooled features into ``m`` visual
    tokens) learns the target's distributions with KL or total-variation loss (DistillSpec / TVD++); an EAGLE-3
    head learns the target's next-token distribution from the target's aux hidden states (with
@@ -27,7 +28,7 @@ from pathlib import Path
 from mmspec.errors import MMSpecError
 from mmspec.model_flags import add_model_flags, load_kwargs
 from mmspec.training.causal_lm import train_causal_lm
-from mmspec.training.data import build_distill_data, read_examples
+from mmspec.training.data import ROW_FORMATS, build_distill_data, read_examples
 # (ttt_mask too: tests/test_eagle.py imports it from here)
 from mmspec.training.eagle_head import eagle_example, train_eagle, ttt_mask  # noqa: F401
 from mmspec.training.export import evaluate, export
@@ -40,8 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="drafter kind to train: a text LM, a text LM fed compressed visual tokens, or an eagle head "
                         "over the target's hidden states")
     g.add_argument("--out", required=True, help="output folder (HF format; also holds data and checkpoints)")
-    g.add_argument("--data", default=None, help="folder of images or JSONL of {image, prompt} "
-                                                "(default: the bundled synthetic world)")
+    g.add_argument("--data", default=None,
+                   help="a folder of images (asked each --prompt), or a JSONL file, one request a line: "
+                        f"{ROW_FORMATS}. Relative image paths are relative to the JSONL's folder; the target's "
+                        "greedy answer to the whole request is what the drafter learns. A malformed row stops the "
+                        "run before anything is written, naming its line; a row whose images cannot be read is "
+                        "skipped (default: the bundled synthetic world)")
     g.add_argument("--prompt", action="append", default=None, help="prompt(s) for a folder of images "
                                                                    "(default: 'Describe the image.')")
     g.add_argument("--scenes", type=int, default=1500, help="training scenes for the bundled world")

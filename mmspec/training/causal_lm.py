@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmspec.errors import MMSpecError
 from mmspec.training.loop import train
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def batch_loss(drafter, projector, rows: list[dict], loss_kind: str, unk: int) -
         ids = [t if t < rows_n else unk for t in r["prompt_ids"] + r["answer"][:-1]]
         e = embed(torch.tensor(ids))
         m = 0
-        if projector is not None:
+        if projector is not None and "pooled" in r:   # (a text-only row has no visual tokens)
             v = projector(r["pooled"].float())
             e = torch.cat([v, e])
             m = v.shape[0]
@@ -85,7 +86,10 @@ def train_causal_lm(args, pipe, rows: list[dict], out: Path):
     drafter = make_drafter(args, pipe).float()
     projector = None
     if args.kind == "visual":
-        in_dim = rows[0]["pooled"].shape[-1]
+        pooled = next((r["pooled"] for r in rows if "pooled" in r), None)
+        if pooled is None:
+            raise MMSpecError("--kind visual learns from images, but every usable --data row is text only")
+        in_dim = pooled.shape[-1]
         projector = VisualProjector(in_dim, drafter.config.hidden_size, args.num_visual_tokens,
                                     source=args.visual_source, open_clip_model=args.open_clip_model,
                                     open_clip_pretrained=args.open_clip_pretrained)

@@ -1,6 +1,7 @@
 """Step 1 of ``mmspec train-drafter``, the self-distillation data: the examples (the bundled world's scenes, a
-folder of images, or a JSONL of image/prompt), and the target's answers to them with what the drafter learns
-from, written to ``OUT/distill/`` in shards, so an interrupted run keeps what it computed."""
+folder of images, or a JSONL of rows: one image, several, none, or a conversation; ``ROW_FORMATS``), and the
+target's answers to them with what the drafter learns from, written to ``OUT/distill/`` in shards, so an
+interrupted run keeps what it computed."""
 
 from __future__ import annotations
 
@@ -17,11 +18,21 @@ if TYPE_CHECKING:
 
 SHARD = 128
 
+# the --data JSONL rows (``train-drafter --help`` and the docs say the same)
+ROW_FORMATS = ('{"image": "a.png", "prompt": "..."}, {"images": ["a.png", "b.png"], "prompt": "..."} ("images": [] '
+               'for text only), or {"messages": [...]}, a conversation in transformers\' chat-message format ending '
+               'on a user turn')
+# the keys of an image or video part that hold its source (``mmspec.conversation``)
+SOURCE_KEYS = ("image", "video", "url", "path", "base64")
+
 
 @dataclass
 class Example:
-    image: object          # path or PIL.Image
-    prompt: str
+    """One request, as ``Pipeline.generate(image, prompt)`` takes it: ``image`` one image (path or PIL.Image), a
+    list of them or None; or, with ``prompt`` None, a conversation."""
+
+    image: object
+    prompt: str | None
     name: str
 
 
@@ -34,9 +45,74 @@ def _kind(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _jsonl_row(line: str, where: str) -> tuple[Path, str | None]:
-    """One --data JSONL row -> (image path, prompt or None): a JSON object whose "image" is a non-empty string
-    (a path) and whose optional "prompt" is a string; anything else is refused with its line number."""
+def _beside(value: str, folder: Path) -> str:
+    """An image path from a --data JSONL row: a relative one is relative to the JSONL's folder; URLs unchanged."""
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    elif value.startswith("data:") or "://" in value:
+        return value
+    path = Path(value)
+    return str(path if path.is_absolute() else folder / path)
+
+
+def _resolved(messages, folder: Path):
+    """A conversation with its image (and video) parts' relative paths resolved (anything else left as given, for
+    ``parse_conversation`` to judge)."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            parts = []
+            for part in m["content"]:
+                if isinstance(part, dict) and part.get("type") in ("image", "video"):
+                    part = dict(part)
+                    for key in ("image", "video", "url", "path"):
+                        value = part.get(key)
+                        if isinstance(value, str):
+                            part[key] = _beside(value, folder)
+                        elif isinstance(value, list):   # a clip's frames
+                            part[key] = [_beside(v, folder) if isinstance(v, str) else v for v in value]
+                parts.append(part)
+            m = dict(m, content=parts)
+        out.append(m)
+    return out
+
+
+def _check_conversation(messages, where: str) -> None:
+    """The conversation's structure, checked by ``parse_conversation`` with every image or video source replaced
+    by a stand-in image: the images are read when the row is answered, where one that cannot be read skips the row
+    (as for single-image rows), and a large --data is checked without decoding it."""
+    from PIL import Image
+
+    from mmspec.conversation import parse_conversation
+
+    stand_in = Image.new("RGB", (1, 1))
+    checked = messages
+    if isinstance(messages, list):
+        checked = []
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), list):
+                parts = []
+                for part in m["content"]:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind in ("image", "video") and any(part.get(k) is not None for k in SOURCE_KEYS):
+                        part = {k: v for k, v in part.items() if k not in SOURCE_KEYS}
+                        part[kind] = stand_in if kind == "image" else [stand_in]
+                    parts.append(part)
+                m = dict(m, content=parts)
+            checked.append(m)
+    try:
+        parse_conversation(checked)
+    except MMSpecError as e:
+        raise MMSpecError(f"{where}: {e}", code=e.code, param=e.param) from None
+
+
+def _jsonl_row(line: str, where: str, folder: Path, default_prompt: str) -> tuple[object, str | None]:
+    """One --data JSONL row -> (image, prompt) as ``Pipeline.generate`` takes them (``Example``):
+    ``{"image": path, "prompt"?}``, ``{"images": [path, ...], "prompt"?}`` (``[]`` and a prompt: text only), an
+    image row without a prompt taking ``default_prompt``; or ``{"messages": [...]}`` (prompt None). Relative image
+    paths are relative to ``folder``. Anything else is refused with its line number."""
     try:
         row = json.loads(line)
     except ValueError as e:
@@ -44,22 +120,41 @@ def _jsonl_row(line: str, where: str) -> tuple[Path, str | None]:
     if not isinstance(row, dict):
         raise MMSpecError(f"{where}: expected a JSON object like {{\"image\": \"a.png\", \"prompt\": \"...\"}}, "
                           f"got {_kind(row)}")
-    if "image" not in row:
-        raise MMSpecError(f"{where}: the object has no \"image\" (an image file path)")
-    image, prompt = row["image"], row.get("prompt")
+    given = [k for k in ("image", "images", "messages") if k in row]
+    if not given:
+        raise MMSpecError(f"{where}: the object has no \"image\" (an image file path), \"images\" or \"messages\"; "
+                          f"a row is one of {ROW_FORMATS}")
+    if len(given) > 1:
+        raise MMSpecError(f"{where}: give one of \"image\", \"images\" or \"messages\", not {' and '.join(given)}")
+    prompt = row.get("prompt")
+    if "messages" in row:
+        if prompt is not None:
+            raise MMSpecError(f"{where}: a \"messages\" row asks its last user turn; it takes no \"prompt\"")
+        messages = _resolved(row["messages"], folder)
+        _check_conversation(messages, where)
+        return messages, None
+    if prompt is not None and not isinstance(prompt, str):
+        raise MMSpecError(f"{where}: \"prompt\" must be a string, got {_kind(prompt)}")
+    if "images" in row:
+        images = row["images"]
+        if not isinstance(images, list) or not all(isinstance(p, str) and p.strip() for p in images):
+            raise MMSpecError(f"{where}: \"images\" must be an array of image file paths (non-empty strings), got "
+                              f"{_kind(images) if not isinstance(images, list) else 'an array holding something else'}")
+        if not images and not (prompt or "").strip():
+            raise MMSpecError(f"{where}: \"images\" is empty (a text-only row), so the row needs a \"prompt\"")
+        return [_beside(p, folder) for p in images], prompt or default_prompt
+    image = row["image"]
     if not isinstance(image, str) or not image.strip():
         raise MMSpecError(f"{where}: \"image\" must be an image file path (a non-empty string), got "
                           f"{_kind(image) if image != '' else 'an empty string'}")
-    if prompt is not None and not isinstance(prompt, str):
-        raise MMSpecError(f"{where}: \"prompt\" must be a string, got {_kind(prompt)}")
-    return Path(image), prompt
+    return _beside(image, folder), prompt or default_prompt
 
 
 def read_examples(args) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples from --data, or from the bundled synthetic world by default."""
     if args.data is None:
         if args.target is not None:
-            raise MMSpecError("--data is required with --target (a folder of images or a JSONL of image/prompt)")
+            raise MMSpecError("--data is required with --target (a folder of images or a JSONL of requests)")
         from vision.scenes import HELDOUT_SEEDS, KINDS, TRAIN_SEED_START, examples_for_scene
 
         def scene_examples(seeds, offset):
@@ -83,9 +178,8 @@ def read_examples(args) -> tuple[list[Example], list[Example]]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            img, prompt = _jsonl_row(line, f"--data {path}, line {n}")
-            img = img if img.is_absolute() else path.parent / img
-            examples.append(Example(str(img), prompt or args.prompt[0], f"{img}:{prompt}"))
+            image, prompt = _jsonl_row(line, f"--data {path}, line {n}", path.parent, args.prompt[0])
+            examples.append(Example(image, prompt, f"{path} line {n}"))
     else:
         raise MMSpecError(f"--data {path} is neither a folder nor a JSONL file")
     if len(examples) < 2:
@@ -95,37 +189,29 @@ def read_examples(args) -> tuple[list[Example], list[Example]]:
     return examples[n_held:], examples[:n_held]
 
 
-def source_features(pipe, request, args) -> torch.Tensor:
-    """Features the visual tokens are made from: the target's own (cached), or an open_clip embedding."""
-    if args.visual_source == "open_clip":
-        from vision.openclip import OpenClipEncoder
-
-        enc = OpenClipEncoder.get(args.open_clip_model, args.open_clip_pretrained, pipe.adapter.device)
-        return enc.features(request.image, pipe.adapter.vision_cache)[0]
-    return pipe.adapter.spliced_features(request.features)
-
-
 def target_answer(pipe, ex: Example, args):
-    """(the target's greedy answer, its prepared request with image features), or None for an unusable image."""
-    from vision.images import load_image
-
+    """(the target's greedy answer to the whole request, the request as the pipeline prepared it, with its image
+    features), or None for a request the target cannot take (an unusable image, a prompt past its context)."""
     try:
+        # prepared exactly as generate() prepares it: the chat template (a conversation's every turn), the
+        # placeholders of every image, the pixel inputs
+        request = pipe._job(ex.image, ex.prompt, {"max_new_tokens": args.max_new_tokens}).request
         res = pipe.generate(ex.image, ex.prompt, max_new_tokens=args.max_new_tokens)
-        image = load_image(ex.image)
     except MMSpecError as e:
         print(f"skipping {ex.name}: {e}")
         return None
-    request = pipe.adapter.prepare(image, pipe.adapter.format_prompt(ex.prompt))
     pipe.adapter.image_features(request)
     return res, request
 
 
 def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
-    """The target's greedy answer and its top-K distributions along it (None if the image is unusable)."""
+    """The target's greedy answer and its top-K distributions along it, and (visual) the request's pooled source
+    features, none for a text-only request, which the visual drafter reads without visual tokens (None if the
+    target cannot take the request)."""
     import torch   # here, not at the top: ``train-drafter --help`` stays free of torch
 
+    from mmspec.drafters.visual import VisualDrafter
     from mmspec.targets.batch import TargetSession
-    from vision.compress import pool_tokens
 
     adapter = pipe.adapter
     got = target_answer(pipe, ex, args)
@@ -143,7 +229,13 @@ def distill_example(pipe, ex: Example, args, pool_m: int | None) -> dict | None:
     row = {"prompt_ids": request.text_only_ids, "answer": answer, "top_p": top_p.half().cpu(),
            "top_i": top_i.int().cpu(), "name": ex.name}
     if pool_m:
-        row["pooled"] = pool_tokens(source_features(pipe, request, args).float(), pool_m).half().cpu()
+        encoder = None
+        if args.visual_source == "open_clip":
+            from vision.openclip import OpenClipEncoder
+
+            encoder = OpenClipEncoder.get(args.open_clip_model, args.open_clip_pretrained, adapter.device)
+        if VisualDrafter.sees(request, encoder):
+            row["pooled"] = VisualDrafter.pool(adapter, request, pool_m, encoder).half().cpu()
     return row
 
 
