@@ -55,28 +55,29 @@ def _beside(value: str, folder: Path) -> str:
     return str(path if path.is_absolute() else folder / path)
 
 
-def _resolved(messages, folder: Path):
-    """A conversation with its image (and video) parts' relative paths resolved (anything else left as given, for
-    ``parse_conversation`` to judge)."""
+def _map_parts(messages, fn):
+    """``messages`` with every image or video part replaced by ``fn(part)``; anything else as given, for
+    ``parse_conversation`` to judge."""
     if not isinstance(messages, list):
         return messages
     out = []
     for m in messages:
         if isinstance(m, dict) and isinstance(m.get("content"), list):
-            parts = []
-            for part in m["content"]:
-                if isinstance(part, dict) and part.get("type") in ("image", "video"):
-                    part = dict(part)
-                    for key in ("image", "video", "url", "path"):
-                        value = part.get(key)
-                        if isinstance(value, str):
-                            part[key] = _beside(value, folder)
-                        elif isinstance(value, list):   # a clip's frames
-                            part[key] = [_beside(v, folder) if isinstance(v, str) else v for v in value]
-                parts.append(part)
-            m = dict(m, content=parts)
+            m = dict(m, content=[fn(p) if isinstance(p, dict) and p.get("type") in ("image", "video") else p
+                                 for p in m["content"]])
         out.append(m)
     return out
+
+
+def _resolved(messages, folder: Path):
+    """A conversation with its image (and video) parts' relative paths relative to ``folder``."""
+    def resolve(value):
+        if isinstance(value, list):   # a clip's frames
+            return [resolve(v) for v in value]
+        return _beside(value, folder) if isinstance(value, str) else value
+
+    return _map_parts(messages, lambda part: {k: resolve(v) if k in ("image", "video", "url", "path") else v
+                                              for k, v in part.items()})
 
 
 def _check_conversation(messages, where: str) -> None:
@@ -88,22 +89,16 @@ def _check_conversation(messages, where: str) -> None:
     from mmspec.conversation import parse_conversation
 
     stand_in = Image.new("RGB", (1, 1))
-    checked = messages
-    if isinstance(messages, list):
-        checked = []
-        for m in messages:
-            if isinstance(m, dict) and isinstance(m.get("content"), list):
-                parts = []
-                for part in m["content"]:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind in ("image", "video") and any(part.get(k) is not None for k in SOURCE_KEYS):
-                        part = {k: v for k, v in part.items() if k not in SOURCE_KEYS}
-                        part[kind] = stand_in if kind == "image" else [stand_in]
-                    parts.append(part)
-                m = dict(m, content=parts)
-            checked.append(m)
+
+    def standing_in(part):
+        if not any(part.get(k) is not None for k in SOURCE_KEYS):
+            return part      # no source at all: parse_conversation says so
+        kind = part["type"]
+        return dict({k: v for k, v in part.items() if k not in SOURCE_KEYS},
+                    **{kind: stand_in if kind == "image" else [stand_in]})
+
     try:
-        parse_conversation(checked)
+        parse_conversation(_map_parts(messages, standing_in))
     except MMSpecError as e:
         raise MMSpecError(f"{where}: {e}", code=e.code, param=e.param) from None
 
