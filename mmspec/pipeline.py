@@ -114,8 +114,9 @@ class Pipeline:
 
     def chat(self, messages: list[dict], **settings) -> GenerationResult:
         """Answer a conversation in transformers' chat-template message format: ``{"role": "system"|"user"|
-        "assistant", "content": str | [parts]}``, parts ``{"type": "text", "text": ...}`` and ``{"type": "image",
-        "image": PIL|path|bytes}`` (or ``"path"``/``"url"``/``"base64"``), 0..n images, ending on a user turn.
+        "assistant", "content": str | [parts]}``, parts ``{"type": "text", "text": ...}``, ``{"type": "image",
+        "image": PIL|path|bytes}`` (or ``"path"``/``"url"``/``"base64"``) and, for targets that take video,
+        ``{"type": "video", "video": [frames...] | path}``; 0..n images and clips, ending on a user turn.
         The answer is what the target's ``generate()`` gives for ``processor.apply_chat_template(messages,
         add_generation_prompt=True)``. ``settings``: ``generate``'s."""
         if not isinstance(messages, (list, tuple)):
@@ -154,15 +155,16 @@ class Pipeline:
             if not isinstance(image, (list, tuple)) or (image and not any(isinstance(m, dict) for m in image)):
                 raise MMSpecError("no prompt: give a prompt, or a conversation (a list of {role, content} messages) "
                                   "in its place", code="invalid_value", param="prompt")
-            messages, images = parse_conversation(image, self.max_images)
+            messages, images, videos = parse_conversation(image, self.max_images, self.adapter.takes_video,
+                                                          f"the {self.target.config.model_type} target")
             text = self.adapter.render(messages)
         else:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise MMSpecError("the prompt is empty; ask something about the image, e.g. 'Describe the image.'",
                                   code="invalid_value", param="prompt")
-            images = load_images(image, self.max_images)
+            images, videos = load_images(image, self.max_images), []
             text = prompt if raw_prompt else self.adapter.format_prompt(prompt, len(images))
-        request = self.adapter.prepare(images, text)
+        request = self.adapter.prepare(images, text, videos)
         self.adapter.check_prompt_length(request)
         return Job(request=request, config=config, start=start)
 

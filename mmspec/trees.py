@@ -122,7 +122,7 @@ class TreeShape:
         return value if isinstance(value, TreeShape) else cls(int(value))
 
 
-def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, eos_ids: frozenset[int],
+def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int | list[int], eos_ids: frozenset[int],
               branch: int = 4, floor: float | list[float] = 0.0, spines: list[int] | None = None) -> list[Draft]:
     """Grow one dynamic draft tree per row (EAGLE-2): the root's top ``branch`` tokens, then at each depth the
     ``branch`` frontier nodes with the highest path probability (product of the drafter's probabilities along
@@ -143,8 +143,11 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
     ``first`` [R, vocab]: each row's logits after its sequence; ``expand(feeds)`` takes, per row, the nodes to
     feed as (node, token, parent node or -1, depth) and returns per row their logits [n, vocab]. Children are the
     drafter's top tokens (deterministic), so a tree's q is one-hot per node (``Draft.q`` None). End-of-sequence
-    tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them."""
+    tokens are never nodes: as in ``draft_block``, the target's own token after an accepted node gives them.
+    ``max_depth``: the deepest a path may be, for all rows or per row (a row near its token budget is shallower
+    than the others of its batch)."""
     R = first.shape[0]
+    caps = list(max_depth) if isinstance(max_depth, (list, tuple)) else [max_depth] * R
     floors = floor if isinstance(floor, (list, tuple)) else [floor] * R
     low = [math.log(f) if f > 0 else float("-inf") for f in floors]
     spines = [min(s, b) for s, b in zip(spines, budgets)] if spines else [0] * R
@@ -176,9 +179,12 @@ def grow_tree(first: torch.Tensor, expand, budgets: list[int], max_depth: int, e
             add_children(b, [-1], first[b][None], 0)
     frontier = [list(range(len(tokens[b]))) for b in range(R)]
     forwards = 1
-    for d in range(1, max_depth):
+    for d in range(1, max(caps, default=0)):
         feeds = []
         for b in range(R):
+            if d >= caps[b]:     # this row's paths are as deep as it may take
+                feeds.append([])
+                continue
             on_spine = set(spine[b])
             live = [i for i in frontier[b] if score[b][i] >= low[b] or i in on_spine]
             live.sort(key=lambda i: (i not in on_spine, -score[b][i]))

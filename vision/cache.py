@@ -1,4 +1,5 @@
-"""The image-embedding cache: features computed once per (model, image content), kept in an LRU bounded by bytes."""
+"""The image-embedding cache: features computed once per (model, image or video clip content), kept in an LRU
+bounded by bytes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ def image_digest(image: Image.Image) -> str:
     h.update(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()
+
+
+def video_digest(video) -> str:
+    """Content key of a video clip: its frames' digests in order (a list of RGB images), or the bytes of the file
+    the target's processor reads (a path)."""
+    h = hashlib.blake2b(digest_size=20)
+    if isinstance(video, str) or hasattr(video, "__fspath__"):
+        with open(video, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    for frame in video:
+        h.update(image_digest(frame).encode())
+    return f"{len(video)}f:" + h.hexdigest()
 
 
 def _nbytes(value: Any) -> int:

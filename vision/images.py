@@ -100,3 +100,67 @@ def load_image(source) -> Image.Image:
     except Exception:  # a broken EXIF block should not lose an otherwise readable image
         pass
     return _to_rgb(img)
+
+
+# ----- video ------------------------------------------------------------------------------------------------
+# frames a video file may decode to, all frames' pixels together (a long GIF must not exhaust memory)
+MAX_VIDEO_PIXELS = MAX_PIXELS
+
+
+def video_decoder_available() -> bool:
+    """Whether transformers' video processors can read video files (mp4, webm, ...) here: they decode with
+    torchcodec, which needs FFmpeg; mmspec does not depend on it."""
+    try:
+        from transformers.utils.import_utils import is_torchcodec_usable
+    except ImportError:
+        return False
+    return bool(is_torchcodec_usable(decode="video"))
+
+
+def load_video(source) -> "list[Image.Image] | str":
+    """A video file (path or bytes) as its frames (upright RGB ``PIL.Image`` s) where Pillow reads it (animated
+    GIF, WebP, PNG; any image: one frame), else the path itself for the target's processor to read (with
+    torchcodec, as ``apply_chat_template`` hands it over), or an ``MMSpecError`` saying what to do."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise MMSpecError(f"video not found: {source}")
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise MMSpecError(f"a video must be a list of frames, a path or bytes, not {type(source).__name__}")
+    data = bytes(source) if not isinstance(source, (str, os.PathLike)) else Path(source).read_bytes()
+    what = f"video bytes ({len(data)} bytes)" if not isinstance(source, (str, os.PathLike)) else str(source)
+    if not data:
+        raise MMSpecError(f"{what}: the video file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        img = None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MMSpecError(f"{what}: video frames too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MMSpecError(f"{what}: corrupt or truncated video ({e})") from None
+    if img is None:
+        is_path = isinstance(source, (str, os.PathLike))
+        if is_path and video_decoder_available():
+            return str(source)
+        why = ("other video files (mp4, webm, ...) are read by the target's processor with torchcodec "
+               "(`pip install torchcodec`, with FFmpeg), which is not installed here" if is_path else
+               "other encoded videos (mp4, webm, ...) are not decoded from bytes (the Python API hands a video file's "
+               "path to the target's processor, which reads it with torchcodec)")
+        raise MMSpecError(f"{what}: cannot read this video. Animated GIF/WebP/PNG files are read with Pillow; "
+                          f"{why}; or send the frames as a list of images")
+    frames, pixels = [], 0
+    try:
+        for i in range(getattr(img, "n_frames", 1)):
+            img.seek(i)
+            _check_size(img, source)
+            pixels += img.size[0] * img.size[1]
+            if pixels > MAX_VIDEO_PIXELS:
+                raise MMSpecError(f"{what}: the video's frames hold over {MAX_VIDEO_PIXELS / 1e6:.0f} MP "
+                                  f"together (at frame {i}); send fewer or smaller frames")
+            frames.append(_to_rgb(img.copy()))
+    except MMSpecError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise MMSpecError(f"{what}: corrupt or truncated video ({e})") from None
+    return frames

@@ -227,7 +227,7 @@ class ModelDraftBatch(DraftBatch):
             return result
 
         shapes = [TreeShape.of(tree_nodes[r]) for r in rows]
-        return grow_tree(first, expand, [s.nodes for s in shapes], max(ks[r] for r in rows), self.drafter.eos_ids,
+        return grow_tree(first, expand, [s.nodes for s in shapes], [ks[r] for r in rows], self.drafter.eos_ids,
                          floor=[self.drafter.tree_floor if s.floor is None else s.floor for s in shapes],
                          spines=[min(s.spine, ks[r]) for s, r in zip(shapes, rows)])
 

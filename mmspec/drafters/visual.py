@@ -63,7 +63,7 @@ class VisualDrafter(TextDrafter):
         so the drafter sees m tokens whatever their number. ``train-drafter --kind visual`` trains on the same."""
         if encoder is not None:
             feats = torch.cat([encoder.features(im, target.vision_cache)[0].reshape(-1, encoder.dim)
-                               for im in request.images])
+                               for im in cls._pictures(request)])
         else:
             feats = target.spliced_features(request.features)
         return pool_tokens(feats.float(), m)
@@ -71,7 +71,7 @@ class VisualDrafter(TextDrafter):
     @classmethod
     def sees(cls, request: Request, encoder=None) -> bool:
         """Whether the drafter gets visual tokens for ``request`` (a text-only request gets none)."""
-        return bool(request.images)
+        return bool(cls._pictures(request) if encoder is not None else request.images or request.videos)
 
     @torch.inference_mode()
     def visual_tokens(self, request: Request) -> torch.Tensor:
@@ -82,6 +82,11 @@ class VisualDrafter(TextDrafter):
 
         tokens, _ = self.target.vision_cache.get_or_compute(f"{request.image_key}/{self._cache_tag}", compute)
         return tokens
+
+    @staticmethod
+    def _pictures(request: Request) -> list:
+        """The request's images, then its clips' frames (a clip the processor reads from a file has none here)."""
+        return list(request.images) + [f for clip in request.videos if isinstance(clip, list) for f in clip]
 
     def prefix_embeds(self, request: Request) -> torch.Tensor | None:
         # a text-only request: no visual tokens, the drafter reads the text alone

@@ -47,8 +47,13 @@ def _vision_config(model) -> dict:
 
 
 def _image_processor_config(processor) -> dict:
-    ip = getattr(processor, "image_processor", None)
-    return {} if ip is None else {k: v for k, v in ip.to_dict().items() if not k.startswith("_")}
+    """The image and video processors' settings (what turns pixels into the vision tower's input)."""
+    out = {}
+    for name in ("image_processor", "video_processor"):
+        ip = getattr(processor, name, None)
+        if ip is not None:
+            out[name] = {k: v for k, v in ip.to_dict().items() if not k.startswith("_")}
+    return out
 
 
 def shares_vision(target: TargetAdapter, drafter: TargetAdapter) -> bool:
@@ -130,14 +135,16 @@ class VlmDrafter(ModelDrafter):
         self.processor = processor
 
     def drafter_request(self, request: Request) -> Request:
-        """The drafter's own request for the same images and prompt (its processor, its cache keys)."""
+        """The drafter's own request for the same images, clips and prompt (its processor, its cache keys)."""
         text = request.prompt_text
         if text:
-            return self.adapter.prepare(request.images, text)
+            return self.adapter.prepare(request.images, text, request.videos)
         # adapters that do not record the prompt text: same family and processor, so the same inputs
         return Request(prompt_ids=list(request.prompt_ids), images=list(request.images),
                        image_keys=[self.adapter.image_key(im) for im in request.images],
-                       model_inputs=request.model_inputs, image_token_ids=self.adapter.image_token_ids)
+                       model_inputs=request.model_inputs, image_token_ids=self.adapter.image_token_ids,
+                       token_types=request.token_types, videos=list(request.videos),
+                       video_keys=[self.adapter.video_key(v) for v in request.videos], order=request.order)
 
     def batch(self) -> VlmDraftBatch:
         return VlmDraftBatch(self)

@@ -306,7 +306,7 @@ async def chat_completions(request: Request):
     try:
         body = await _read_json(request, state.config.max_body_bytes)
         chat = parse_chat_request(body, state.model_ids, state.card["image_token"], state.card["defaults"],
-                                  state.config.max_images)
+                                  state.config.max_images, state.card.get("takes_video", False))
         state.admit()
     except APIError as e:
         state.metrics.finished("rejected" if e.status == 503 else "invalid", time.perf_counter() - t0)

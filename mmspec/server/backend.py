@@ -33,9 +33,9 @@ from starlette.concurrency import run_in_threadpool
 
 from mmspec.errors import MMSpecError
 from mmspec.server.config import ServerConfig
-from mmspec.server.images import request_image
-from mmspec.server.protocol import (APIError, AnswerText, ChatRequest, bad_request, finish_reason, refused,
-                                    tokens_through_stop)
+from mmspec.server.images import request_image, request_video
+from mmspec.server.protocol import (APIError, AnswerText, ChatRequest, bad_request, check_frames, finish_reason,
+                                    refused, tokens_through_stop)
 
 BUNDLED_MODEL_ID = "mmspec-bundled"
 POLL_S = 0.25                     # how often a thread waiting on engine events wakes up (to notice cancellation)
@@ -71,6 +71,7 @@ def model_card(pipe) -> dict:
     alias = str(getattr(pipe.target.config, "_name_or_path", "") or name)
     return {"model_id": name, "aliases": sorted({alias} - {name}), "drafter_kind": pipe.drafter_kind,
             "image_token": getattr(pipe.processor, "image_token", None), "defaults": sampling_defaults(pipe),
+            "takes_video": bool(pipe.adapter.takes_video),
             "device": str(pipe.adapter.device), "batch_size": int(pipe.default_batch_size)}
 
 
@@ -178,10 +179,14 @@ class LocalBackend:
         return [self.snapshot()]
 
     def load_images(self, chat: ChatRequest) -> list[dict]:
-        """The request's messages with each image part holding its decoded image (a bad one: its part's 400)."""
-        images = iter([request_image(url, self.config, where) for where, url in chat.images])
-        return [dict(m, content=[dict(p, image=next(images)) if p["type"] == "image" else p for p in m["content"]])
-                for m in chat.messages]
+        """The request's messages with each image part holding its decoded image and each video part its frames
+        (a bad one: its part's 400; more frames than ``--max-images`` allows: a 400 too)."""
+        images = [request_image(url, self.config, where) for where, url in chat.images]
+        videos = [request_video(url, self.config, where) for where, url in chat.videos]
+        check_frames(len(images), [len(v) for v in videos], self.config.max_images)
+        found = {"image": iter(images), "video": iter(videos)}
+        return [dict(m, content=[dict(p, **{p["type"]: next(found[p["type"]])}) if p["type"] in found else p
+                                 for p in m["content"]]) for m in chat.messages]
 
     def submit(self, messages: list[dict], settings: dict):
         try:

@@ -1,5 +1,6 @@
 """A request's image: a base64 ``data:`` URL, or an ``http(s)`` URL fetched with a size limit and a timeout when
-the server allows remote images (other schemes, ``file:`` included, are refused); and ``data_url``, which makes
+the server allows remote images (other schemes, ``file:`` included, are refused); a request's video: its frames'
+URLs, or one URL of an animated GIF/WebP/PNG (same sources and limits as an image); and ``data_url``, which makes
 the ``data:`` URL a client sends. Every refusal is an ``APIError`` (400, or 413 over the size limit).
 """
 
@@ -105,6 +106,24 @@ def request_image(url: str, config: ServerConfig, where: str = PARAM):
     except MMSpecError as e:
         prefix = "" if where == PARAM else f"{where}: "
         raise bad_request(f"{prefix}cannot use the image: {e}", where, "invalid_image") from None
+
+
+def request_video(source, config: ServerConfig, where: str = PARAM) -> list:
+    """A video part's frames: its frames' URLs (``{"type": "video", "video": [...]}``) each as an image, or one
+    URL (``video_url``) of an animated GIF/WebP/PNG read with Pillow. Other encoded videos (mp4, ...) are a 400:
+    the server does not decode them (that needs torchcodec and a file)."""
+    from vision.images import load_video
+
+    if isinstance(source, list):
+        return [request_image(url, config, where) for url in source]
+    try:
+        raw = image_bytes(source, config)
+    except APIError as e:
+        raise APIError(e.status, f"{where}: {e.message}", where, e.code, e.type, e.headers) from None
+    try:
+        return load_video(raw)
+    except MMSpecError as e:
+        raise bad_request(f"{where}: cannot use the video: {e}", where, "invalid_video") from None
 
 
 def data_url(image, mime: str = "image/png") -> str:

@@ -74,12 +74,14 @@ def refused(e: MMSpecError) -> APIError:
 class ChatRequest:
     """A validated ``/v1/chat/completions`` body."""
 
-    messages: list[dict]          # chat-template messages: {"role", "content": [{"type": "text"|"image"}...]}
+    messages: list[dict]          # chat-template messages: {"role", "content": [{"type": "text"|"image"|"video"}...]}
     images: list[tuple[str, str]]  # (where, url) of each image part, in order: ("messages[0].content[1]", "data:...")
     settings: dict                # pipe.submit keywords: max_new_tokens, temperature, top_p, seed, ...
     stream: bool = False
     include_usage: bool = False
     stops: list[str] = field(default_factory=list)
+    # (where, url of the video file | [url of each frame]) of each video part, in order
+    videos: list[tuple[str, str | list[str]]] = field(default_factory=list)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
@@ -120,8 +122,36 @@ def _parse_stop(value) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def _parse_parts(content: list, where: str, role: str, images: list) -> list[dict]:
-    """One message's content parts as chat-template parts; image URLs go to ``images`` as (where, url)."""
+def _url(value, pwhere: str, field_name: str) -> str:
+    """The ``url`` of an ``image_url`` / ``video_url`` object (or the bare string)."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{pwhere}.{field_name}.url must be a string (a data: URL)", f"{pwhere}.{field_name}",
+                          "invalid_type")
+    return url
+
+
+def _parse_video(part: dict, kind: str, pwhere: str, role: str, takes_video: bool):
+    """A video part's URL (``video_url``: one file) or its frames' URLs (``video``: a list), or an ``APIError``."""
+    if not takes_video:
+        raise bad_request(f"{pwhere}: this model takes no video; send the frames as image_url parts (video parts "
+                          "work with Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision targets)", pwhere,
+                          "unsupported_value")
+    if role != "user":
+        raise bad_request(f"{pwhere}: videos belong in user messages", pwhere, "invalid_value")
+    if kind == "video_url":
+        return _url(part.get("video_url"), pwhere, "video_url")
+    frames = part.get("video")
+    if not isinstance(frames, list) or not frames or not all(isinstance(f, str) and f for f in frames):
+        raise bad_request(f"{pwhere}.video must be a non-empty list of frame URLs (data: URLs, one image each)",
+                          f"{pwhere}.video", "invalid_type")
+    return list(frames)
+
+
+def _parse_parts(content: list, where: str, role: str, images: list, videos: list | None = None,
+                 takes_video: bool = False) -> list[dict]:
+    """One message's content parts as chat-template parts; image URLs go to ``images`` as (where, url), video
+    parts to ``videos`` as (where, url or list of frame URLs)."""
     parts = []
     for j, part in enumerate(content):
         pwhere = f"{where}.content[{j}]"
@@ -134,22 +164,23 @@ def _parse_parts(content: list, where: str, role: str, images: list) -> list[dic
         elif kind == "image_url":
             if role != "user":
                 raise bad_request(f"{pwhere}: images belong in user messages", pwhere, "invalid_value")
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str) or not url:
-                raise bad_request(f"{pwhere}.image_url.url must be a string (a data: URL)", f"{pwhere}.image_url",
-                                  "invalid_type")
-            images.append((pwhere, url))
+            images.append((pwhere, _url(part.get("image_url"), pwhere, "image_url")))
             parts.append({"type": "image"})
+        elif kind in ("video_url", "video"):
+            videos = [] if videos is None else videos
+            videos.append((pwhere, _parse_video(part, kind, pwhere, role, takes_video)))
+            parts.append({"type": "video"})
         else:
-            raise bad_request(f"{pwhere}: content parts must be of type text or image_url, got {kind!r}", pwhere,
-                              "invalid_value")
+            raise bad_request(f"{pwhere}: content parts must be of type text, image_url, video_url or video, got "
+                              f"{kind!r}", pwhere, "invalid_value")
     return parts
 
 
-def _parse_messages(messages, image_token: str | None, max_images: int | None = None) -> tuple[list[dict], list]:
+def _parse_messages(messages, image_token: str | None, max_images: int | None = None, videos: list | None = None,
+                    takes_video: bool = False) -> tuple[list[dict], list]:
     """Chat-template messages and each image part's (where, URL), or an ``APIError`` naming the part that is
-    wrong. Any number of images (0 included, at most ``max_images``) in any user turns."""
+    wrong. Any number of images (0 included, at most ``max_images``, each video frame counting as one) in any user
+    turns; video parts go to ``videos`` (refused when not ``takes_video``)."""
     if messages is None:
         raise bad_request("messages is required: a list of {role, content} objects", "messages",
                           "missing_required_parameter")
@@ -175,7 +206,7 @@ def _parse_messages(messages, image_token: str | None, max_images: int | None = 
         elif isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, list):
-            parts = _parse_parts(content, where, role, images)
+            parts = _parse_parts(content, where, role, images, videos, takes_video)
         else:
             raise bad_request(f"{where}.content must be a string or a list of parts", f"{where}.content",
                               "invalid_type")
@@ -187,9 +218,8 @@ def _parse_messages(messages, image_token: str | None, max_images: int | None = 
                                   f"as an image_url part instead", where, "invalid_value")
             has_text = has_text or (role == "user" and bool(p["text"].strip()))
         out.append({"role": role, "content": parts})
-    if max_images is not None and len(images) > max_images:
-        raise bad_request(f"the request has {len(images)} images; this server takes at most {max_images} per "
-                          f"request (--max-images)", "messages", "too_many_images")
+    # a frame counts as an image; a video file counts once here (and its frames once decoded: ``check_frames``)
+    check_frames(len(images), [len(v) if isinstance(v, list) else 1 for _, v in videos or []], max_images)
     if out[-1]["role"] != "user":
         raise bad_request(f"messages[{len(out) - 1}]: the conversation ends on a {out[-1]['role']} turn; it must end "
                           f"on the user's turn that the answer replies to", f"messages[{len(out) - 1}]",
@@ -198,6 +228,15 @@ def _parse_messages(messages, image_token: str | None, max_images: int | None = 
         raise bad_request("the user messages hold no text; ask something, e.g. 'Describe the image.'", "messages",
                           "empty_prompt")
     return out, images
+
+
+def check_frames(images: int, frames: list[int], max_images: int | None) -> None:
+    """A 400 ``too_many_images`` when the images and the videos' frames are more than ``max_images``."""
+    total = images + sum(frames)
+    if max_images is not None and total > max_images:
+        what = f"{images} images and {sum(frames)} video frames" if frames else f"{images} images"
+        raise bad_request(f"the request has {what}; this server takes at most {max_images} per request, a video "
+                          f"frame counting as an image (--max-images)", "messages", "too_many_images")
 
 
 def _parse_settings(body: dict, defaults: dict | None) -> dict:
@@ -225,8 +264,10 @@ def _parse_settings(body: dict, defaults: dict | None) -> dict:
 
 
 def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None = None,
-                       defaults: dict | None = None, max_images: int | None = None) -> ChatRequest:
-    """Validate a chat-completions body (already JSON-decoded) into a ``ChatRequest``, or raise ``APIError``."""
+                       defaults: dict | None = None, max_images: int | None = None,
+                       takes_video: bool = False) -> ChatRequest:
+    """Validate a chat-completions body (already JSON-decoded) into a ``ChatRequest``, or raise ``APIError``.
+    ``takes_video``: whether the target takes video parts (else they are a 400 naming the part)."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
     model = body.get("model")
@@ -236,7 +277,8 @@ def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None
     if model not in model_ids:
         raise APIError(404, f"the model {model!r} does not exist here; this server serves {model_ids[0]!r} "
                             f"(GET /v1/models)", "model", "model_not_found")
-    messages, images = _parse_messages(body.get("messages"), image_token, max_images)
+    videos: list = []
+    messages, images = _parse_messages(body.get("messages"), image_token, max_images, videos, takes_video)
     n = _integer(body, "n", 1)
     if n is not None and n != 1:
         raise bad_request(f"n must be 1 (one choice per request), got {n}", "n", "invalid_value")
@@ -256,7 +298,7 @@ def parse_chat_request(body, model_ids: tuple[str, ...], image_token: str | None
         raise bad_request("stream_options must be an object", "stream_options", "invalid_type")
     include_usage = bool((options or {}).get("include_usage", False))
     return ChatRequest(messages=messages, images=images, settings=settings, stream=bool(stream),
-                       include_usage=include_usage, stops=_parse_stop(body.get("stop")))
+                       include_usage=include_usage, stops=_parse_stop(body.get("stop")), videos=videos)
 
 
 # ----------------------------------------------------------------------------------------------------------

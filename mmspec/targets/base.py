@@ -14,8 +14,9 @@ A family of that shape only declares its settings (``family``, ``model_types``, 
 
 from __future__ import annotations
 
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,13 +24,14 @@ from PIL import Image
 
 from mmspec.errors import MMSpecError
 from mmspec.kv import SUPPORTED_LAYER_TYPES
-from vision.cache import EmbeddingCache, image_digest
+from vision.cache import EmbeddingCache, image_digest, video_digest
 
 
 @dataclass
 class Request:
-    """One prepared request. ``prompt_ids`` holds the image placeholders the target expects: 0..n images, whose
-    features are concatenated in placeholder order (so the splice stays one mask), cached per image."""
+    """One prepared request. ``prompt_ids`` holds the image placeholders the target expects: 0..n images and
+    0..n video clips, whose features are concatenated in placeholder order (so the splice stays one mask), cached
+    per image and per clip."""
 
     prompt_ids: list[int]
     images: list[Image.Image]
@@ -40,6 +42,9 @@ class Request:
     token_types: Any = None               # [1, L] 0 text / 1 image where the processor gives them (positions)
     features: Any = None                  # filled by ``TargetAdapter.image_features``
     vision_cache_hit: bool = False
+    videos: list = field(default_factory=list)       # each clip: a list of frames, or a file path the processor reads
+    video_keys: list[str] = field(default_factory=list)   # one vision-cache key per clip
+    order: tuple[str, ...] = ()           # "image" / "video" per visual item in placeholder order (with videos)
 
     @property
     def image(self) -> Image.Image | None:
@@ -48,13 +53,21 @@ class Request:
 
     @property
     def image_key(self) -> str:
-        """One key for the whole set of images ("" for none): what per-request caches beside it use."""
-        return "+".join(self.image_keys)
+        """One key for the whole set of images and clips ("" for none): what per-request caches beside it use."""
+        return "+".join(interleave(self.order, self.image_keys, self.video_keys))
 
     @property
     def text_only_ids(self) -> list[int]:
         """The prompt as a text-only drafter sees it: every image placeholder removed."""
         return [t for t in self.prompt_ids if t not in self.image_token_ids]
+
+
+def interleave(order, images: list, videos: list) -> list:
+    """Per-image and per-clip things merged into placeholder order (``Request.order``; images alone: as given)."""
+    if not videos:
+        return list(images)
+    items = {"image": iter(images), "video": iter(videos)}
+    return [next(items[kind]) for kind in order]
 
 
 class Positions:
@@ -83,6 +96,12 @@ class TargetAdapter:
     verifies_trees: bool = True
     # the image placeholder a raw prompt must hold, where the processor does not name it (``processor.image_token``)
     default_image_token: str = "<image>"
+    # the processor outputs of video clips passed to ``get_video_features`` by name; none: the family takes no
+    # video (a video part is refused up front)
+    video_inputs: tuple[str, ...] = ()
+    # processor outputs kept for the positions only (Qwen2.5-VL's ``second_per_grid_ts``)
+    position_inputs: tuple[str, ...] = ()
+    default_video_token: str = "<video>"
 
     def __init__(self, model, processor, vision_cache: EmbeddingCache):
         self.model = model
@@ -134,8 +153,24 @@ class TargetAdapter:
 
     @property
     def image_token_ids(self) -> frozenset[int]:
-        """Placeholder ids that stand for image features in the prompt (never drafted)."""
-        return frozenset([int(self.model.config.image_token_id)])
+        """Placeholder ids that stand for image (and video) features in the prompt (never drafted)."""
+        ids = [self.model.config.image_token_id] + ([self.video_token_id] if self.takes_video else [])
+        return frozenset(int(i) for i in ids)
+
+    @property
+    def video_token_id(self) -> int | None:
+        return getattr(self.model.config, "video_token_id", None)
+
+    @property
+    def video_token(self) -> str:
+        return getattr(self.processor, "video_token", None) or self.default_video_token
+
+    @property
+    def takes_video(self) -> bool:
+        """Whether requests may hold video clips: the family declares its video inputs, and the model and its
+        processor have video (a token id, a video processor)."""
+        return (bool(self.video_inputs) and self.video_token_id is not None
+                and getattr(self.processor, "video_processor", None) is not None)
 
     @property
     def vocab_size(self) -> int:
@@ -185,10 +220,12 @@ class TargetAdapter:
                                   f"pipe.target.generation_config.{name} = {default!r} if that is what you want")
 
     # ----- image --------------------------------------------------------------------------------
-    def prepare(self, images, prompt_text: str) -> Request:
+    def prepare(self, images, prompt_text: str, videos=None) -> Request:
         """Run the processor: token ids with image placeholders expanded, and pixel inputs. ``images``: one
-        ``PIL.Image``, a list of them (in placeholder order) or None; the prompt holds one image token per image."""
+        ``PIL.Image``, a list of them (in placeholder order) or None; the prompt holds one image token per image.
+        ``videos``: clips (each a list of frames, or a file path the processor reads), one video token each."""
         images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
+        videos = list(videos or [])
         image_token = getattr(self.processor, "image_token", self.default_image_token)
         n = prompt_text.count(image_token)
         if n != len(images):
@@ -196,19 +233,35 @@ class TargetAdapter:
                               f"{len(images)} image(s): one token per image (raw_prompt=True passes the prompt "
                               "unchanged; leave it False to use the chat template)", code="invalid_value",
                               param="prompt")
+        order: tuple[str, ...] = ()
+        if videos:
+            if not self.takes_video:
+                raise MMSpecError(f"this {self.family or 'target'} model takes no video; send the frames as images",
+                                  code="unsupported_value", param="messages")
+            tokens = {image_token: "image", self.video_token: "video"}
+            pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+            order = tuple(tokens[m] for m in re.findall(pattern, prompt_text))
+            if order.count("video") != len(videos):
+                raise MMSpecError(f"the prompt holds the video token {self.video_token!r} {order.count('video')} "
+                                  f"times but the request has {len(videos)} video(s) (does the target's chat "
+                                  "template render video parts?)", code="invalid_value", param="messages")
         # several images go as one sample's list, as apply_chat_template passes them (LLaVA-OneVision then skips
-        # anyres patching, as generate() does)
+        # anyres patching, as generate() does); videos always so
         kwargs = {} if not images else {"images": images[0] if len(images) == 1 else [images]}
+        if videos:
+            kwargs["videos"] = [videos]
         try:
             outputs = self.processor(text=prompt_text, return_tensors="pt", **kwargs)
-        except (ValueError, TypeError, IndexError) as e:
+        except (ValueError, TypeError, IndexError, ImportError) as e:
             raise MMSpecError(f"the target's processor refuses this request: {e}", code="invalid_value",
                               param="messages") from None
+        kept = self.pixel_inputs + (self.video_inputs + self.position_inputs if videos else ())
         return Request(prompt_ids=outputs["input_ids"][0].tolist(), images=images,
                        image_keys=[self.image_key(im) for im in images],
-                       model_inputs={k: outputs[k] for k in self.pixel_inputs if k in outputs},
+                       model_inputs={k: outputs[k] for k in kept if k in outputs},
                        image_token_ids=self.image_token_ids, prompt_text=prompt_text,
-                       token_types=outputs.get("mm_token_type_ids"))
+                       token_types=outputs.get("mm_token_type_ids"), videos=videos,
+                       video_keys=[self.video_key(v) for v in videos], order=order)
 
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
@@ -225,6 +278,22 @@ class TargetAdapter:
         if type(self).encode_image is not TargetAdapter.encode_image:
             return [self.encode_image(request)]
         return list(self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True).pooler_output)
+
+    @torch.inference_mode()
+    def encode_video_blocks(self, request: Request) -> list[torch.Tensor]:
+        """The features of the request's video clips, one block per clip in placeholder order (the model's own
+        ``get_video_features``: one row per video placeholder)."""
+        return list(self.model.get_video_features(**self.video_feature_kwargs(request), return_dict=True).pooler_output)
+
+    def video_feature_kwargs(self, request: Request) -> dict:
+        """``get_video_features``' keyword arguments: the clips' ``video_inputs`` on the model's device (floating
+        ones in its dtype) and the ``config_feature_kwargs`` settings."""
+        kwargs = {name: getattr(self.model.config, name) for name in self.config_feature_kwargs}
+        for name in self.video_inputs:
+            if name in request.model_inputs:
+                value = request.model_inputs[name].to(self.device)
+                kwargs[name] = value.to(self.model.dtype) if value.is_floating_point() else value
+        return kwargs
 
     @torch.inference_mode()
     def encode_images(self, requests: list[Request]) -> list | None:
@@ -294,6 +363,9 @@ class TargetAdapter:
     def image_key(self, image: Image.Image) -> str:
         return f"{self.cache_namespace}/{image_digest(image)}"
 
+    def video_key(self, video) -> str:
+        return f"{self.cache_namespace}/video:{video_digest(video)}"
+
     def cache_keys(self, request: Request) -> list[str]:
         """The vision-cache keys of the request's feature blocks: one per image (a family whose features of an
         image depend on the other images of the request tags them, see ``llava_next``)."""
@@ -302,6 +374,9 @@ class TargetAdapter:
     def image_features(self, request: Request) -> None:
         """Fill ``request.features`` from the vision cache, encoding only on a miss. Several images are cached
         per image; where the model gives one block for the request's images together (Idefics3), per set."""
+        if request.videos:
+            self._video_request_features(request)
+            return
         if not request.images:
             hidden = self.model.config.get_text_config().hidden_size
             request.features = torch.zeros(0, hidden, dtype=self.model.dtype, device=self.device)
@@ -330,12 +405,34 @@ class TargetAdapter:
             self.vision_cache.put(joint, request.features)
         request.vision_cache_hit = False
 
+    def _video_request_features(self, request: Request) -> None:
+        """``image_features`` of a request with video clips: every image and every clip cached on its own; on a
+        miss the request's images go through the vision tower together and so do its clips (as ``generate()``
+        runs them), and the blocks are spliced in placeholder order."""
+        image_keys = self.cache_keys(request) if request.images else []
+        keys = interleave(request.order, image_keys, request.video_keys)
+        blocks = [self.vision_cache.get(k) for k in keys]
+        request.vision_cache_hit = all(b is not None for b in blocks)
+        if request.vision_cache_hit:
+            self.vision_cache.hits += 1
+        else:
+            self.vision_cache.misses += 1
+            images = self.encode_image_blocks(request) if request.images else []
+            videos = self.encode_video_blocks(request)
+            if len(images) != len(image_keys) or len(videos) != len(request.video_keys):
+                raise MMSpecError(f"{type(self).__name__} gives no feature block per image and per clip; it "
+                                  "cannot take images and videos together")
+            blocks = interleave(request.order, images, videos)
+            for key, block in zip(keys, blocks):
+                self.vision_cache.put(key, block)
+        request.features = torch.cat(blocks)
+
     def images_features(self, requests: list[Request]) -> None:
         """``image_features`` for several requests; families that can encode a stack of images at once
         (``stacks_same_shape_images``) run the misses in one vision forward."""
         misses = []
         for req in requests:
-            if len(req.images) != 1:   # only one-image requests go through the stack below
+            if len(req.images) != 1 or req.videos:   # only one-image requests go through the stack below
                 self.image_features(req)
                 continue
             value = self.vision_cache.get(self.cache_keys(req)[0])

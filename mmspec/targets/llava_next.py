@@ -8,6 +8,11 @@ rows equal what ``generate()`` splices into the placeholders. Positions are 1-D.
 
 Several images in one OneVision request skip anyres patching (one base tile each, as ``generate()`` does for a
 multi-image sample), so their features are cached under keys of their own.
+
+OneVision takes video clips (``<video>``): the model's own ``get_video_features`` (each frame through the tower
+and projector, 2x2 pooled, one ``image_newline`` after the clip), spliced with the images' in placeholder order.
+A clip does not count as an image for anyres patching (``batch_num_images`` counts images), as in ``generate()``.
+LLaVA-NeXT takes no video (its processor has no video processor).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ class LlavaNextAdapter(TargetAdapter):
     family = "llava_next"
     model_types = ("llava_next", "llava_onevision")
     pixel_inputs = ("pixel_values", "image_sizes", "batch_num_images")
+    video_inputs = ("pixel_values_videos",)
     config_feature_kwargs = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def cache_keys(self, request: Request) -> list[str]:

@@ -10,6 +10,11 @@ Two things differ from LLaVA:
   as ``generate()`` continues them. Positions are passed as the 4-row tensor ``generate()`` passes (row 0: the
   plain 1-D text positions the causal mask is built from; rows 1-3: M-RoPE).
 
+Video clips (``<|video_pad|>``) take features from the model's own ``get_video_features`` (given
+``video_grid_thw``), spliced with the images' in placeholder order; ``get_rope_index`` places them given
+``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``, the seconds per temporal patch), as ``generate()``
+passes them.
+
 A text-only drafter is unaffected: it numbers its own prompt (image placeholders removed) with 1-D positions.
 """
 
@@ -42,7 +47,10 @@ class Qwen2VLAdapter(TargetAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     pixel_inputs = ("pixel_values", "image_grid_thw")
+    video_inputs = ("pixel_values_videos", "video_grid_thw")
+    position_inputs = ("second_per_grid_ts",)
     default_image_token = "<|image_pad|>"
+    default_video_token = "<|video_pad|>"
 
     @property
     def image_token_ids(self) -> frozenset[int]:
@@ -51,18 +59,26 @@ class Qwen2VLAdapter(TargetAdapter):
 
     @property
     def feature_token_ids(self) -> frozenset[int]:
-        return frozenset([int(self.model.config.image_token_id)])
+        # the video token takes features only where the family takes video (elsewhere it stays a plain token)
+        cfg = self.model.config
+        return frozenset(int(i) for i in (cfg.image_token_id, cfg.video_token_id if self.takes_video else None)
+                         if i is not None)
 
     def rope_positions(self, request: Request) -> tuple[torch.Tensor, int]:
         """The model's own 3-D prompt positions [3, 1, L] and its rope delta (as ``generate()`` computes them)."""
         ids = torch.tensor([request.prompt_ids], device=self.device)
         types = request.token_types
-        if types is None:   # a processor that does not give ``mm_token_type_ids``: the placeholders are the image
-            types = torch.isin(ids, torch.tensor(sorted(self.image_token_ids), device=self.device)).long()
+        if types is None:   # a processor that does not give ``mm_token_type_ids``: 1 image, 2 video placeholders
+            cfg = self.model.config
+            types = (ids == cfg.image_token_id).long()
+            if self.takes_video:
+                types = types + 2 * (ids == cfg.video_token_id).long()
         types = types.to(self.device)
-        grid = request.model_inputs.get("image_grid_thw")   # None for a text-only request
-        grid = None if grid is None else grid.to(self.device)
-        positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+        # the grids (None for a text-only request) and Qwen2.5-VL's seconds per temporal patch, as generate() has them
+        grids = {name: request.model_inputs[name].to(self.device)
+                 for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                 if request.model_inputs.get(name) is not None}
+        positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, **grids)
         return positions, int(deltas.view(-1)[0])
 
     @torch.inference_mode()

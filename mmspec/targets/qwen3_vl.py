@@ -12,6 +12,10 @@ inside the model):
   ``prompt_embeds`` splices the first ``hidden`` columns; ``prompt_extras`` / ``prefill_kwargs`` hand the rest to
   the forward that holds the prompt (a prefill, alone or with other joining rows). Later forwards carry only text
   (``generate()`` drops the pixel inputs after the prefill too), so they get nothing.
+- **Video.** A clip's features come from ``get_video_features`` with DeepStack levels of their own, kept the same
+  way per clip; the decoder takes images' and clips' DeepStack rows together in placeholder order, as the model
+  joins them. The processor writes each temporal patch of a clip as its own ``<t seconds>`` + vision block, and
+  ``get_rope_index`` splits ``video_grid_thw`` per temporal patch accordingly (inside the model).
 """
 
 from __future__ import annotations
@@ -32,12 +36,25 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def hidden_size(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
+    @staticmethod
+    def _with_deepstack(out) -> list[torch.Tensor]:
+        """One block per image (or clip) of a vision output: [n_tokens, (1 + levels) * hidden], the spliced
+        feature then each DeepStack level."""
+        levels = list(out.deepstack_features or [])
+        return [torch.cat([block] + [level[i] for level in levels], dim=-1) for i, block in enumerate(out.pooler_output)]
+
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
-        out = self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True)
-        levels = [torch.cat(list(level), dim=0) for level in (out.deepstack_features or [])]
-        # [n_image_tokens, (1 + levels) * hidden]: the spliced feature, then each DeepStack level
-        return torch.cat([torch.cat(list(out.pooler_output), dim=0)] + levels, dim=-1)
+        return torch.cat(self.encode_image_blocks(request))
+
+    @torch.inference_mode()
+    def encode_image_blocks(self, request: Request) -> list[torch.Tensor]:
+        return self._with_deepstack(self.model.get_image_features(**self.feature_kwargs([request]), return_dict=True))
+
+    @torch.inference_mode()
+    def encode_video_blocks(self, request: Request) -> list[torch.Tensor]:
+        return self._with_deepstack(self.model.get_video_features(**self.video_feature_kwargs(request),
+                                                                  return_dict=True))
 
     def spliced_features(self, features: torch.Tensor) -> torch.Tensor:
         """The columns of ``features`` that replace the placeholders' embeddings (the DeepStack levels dropped)."""

@@ -92,7 +92,8 @@ def finish(model, tokenizer, folder: Path, processor, eos_ids=None) -> Path:
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_ADDED = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+                 "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> {% else %}"
                  "{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
