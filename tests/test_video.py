@@ -57,7 +57,8 @@ def shapes() -> dict:
     a, b, image = clip(1), clip(2, n=2, size=24), sample_image(5, 24)
     return {"video": [user(a, "describe the image .")],
             "video and image": [user(image, "what color is the circle ?", b, "describe the image .")],
-            "two turns": [user(a, "what color is the circle ?"), said("red circle"), user(image, "describe the image .")]}
+            "two turns": [user(a, "what color is the circle ?"), said("red circle"),
+                          user(image, "describe the image .")]}
 
 
 def hf_chat(pipe, messages, max_new: int = MAX_NEW) -> list[int]:
@@ -84,7 +85,8 @@ def _load(target, kinds: dict) -> dict:
 
 def _qwen2(root):
     target = build_tiny_qwen_vl(root / "target", version="2")
-    return _load(target, {"none": None, "ngram": None, "vlm": target, "eagle": random_eagle_head(target, root / "eagle"),
+    return _load(target, {"none": None, "ngram": None, "vlm": target,
+                          "eagle": random_eagle_head(target, root / "eagle"),
                           "text": build_tiny_qwen_text_drafter(root / "text")})
 
 

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server on the batched engine: ``mmspec serve [--host 127.0.0.1] [--port 8000]``.
 
 Endpoints: ``POST /v1/chat/completions`` (OpenAI's chat format with 0..``--max-images`` images across the user
-turns, each as a ``data:`` URL;
-``http(s)`` URLs only with ``--allow-remote-images``; ``stream: true`` as server-sent events ending with
+turns, each as a ``data:`` URL, and video parts where the target takes video -- ``video_url`` of an animated image,
+or ``video`` with one URL per frame, each frame counting as an image; ``http(s)`` URLs only with ``--allow-remote-images``; ``stream: true`` as server-sent events ending with
 ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (liveness and readiness, open
 without the API key) and ``GET /metrics`` (Prometheus: vLLM's ``spec_decode_*`` counters under ``mmspec:``,
 requests by outcome, latency histograms, load gauges).

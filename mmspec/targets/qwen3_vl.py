@@ -41,7 +41,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """One block per image (or clip) of a vision output: [n_tokens, (1 + levels) * hidden], the spliced
         feature then each DeepStack level."""
         levels = list(out.deepstack_features or [])
-        return [torch.cat([block] + [level[i] for level in levels], dim=-1) for i, block in enumerate(out.pooler_output)]
+        return [torch.cat([block] + [level[i] for level in levels], dim=-1)
+                for i, block in enumerate(out.pooler_output)]
 
     @torch.inference_mode()
     def encode_image(self, request: Request) -> torch.Tensor:
