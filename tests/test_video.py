@@ -264,6 +264,43 @@ def test_animated_image_is_its_frames(families, tmp_path):
         assert pipe.chat(conv, max_new_tokens=MAX_NEW).token_ids == refs["video"], source
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_video_file_goes_to_the_processor(families, family, tmp_path, monkeypatch):
+    """A video file Pillow cannot read is handed, as a path, to the target's processor, as apply_chat_template hands
+    it; the processor reads it with torchcodec, which is not installed here, so a stand-in decoder reads it (frames
+    and fps, then the processor's own frame sampling: Qwen3-VL samples by fps and writes timestamps)."""
+    import numpy as np
+    import transformers.video_processing_utils as vpu
+    from PIL import Image, ImageSequence
+    from transformers.video_utils import VideoMetadata
+
+    import vision.images
+
+    def decode(path, backend=None, sample_indices_fn=None, **kw):
+        with Image.open(io.BytesIO(open(path, "rb").read()[4:])) as im:
+            video = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+        meta = VideoMetadata(total_num_frames=len(video), fps=4.0, duration=len(video) / 4.0, video_backend=backend)
+        indices = sample_indices_fn(metadata=meta) if sample_indices_fn else np.arange(len(video))
+        meta.update({"frames_indices": indices, "height": video.shape[1], "width": video.shape[2]})
+        return video[indices], meta
+
+    monkeypatch.setattr(vision.images, "video_decoder_available", lambda: True)
+    monkeypatch.setattr(vpu, "is_torchcodec_usable", lambda decode=None: True)
+    monkeypatch.setattr(vpu, "load_video", decode)
+    pipes, _ = families(family)
+    pipe = pipes["ngram"]
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"MP4:" + _apng(clip(6, n=6)))     # not an image to Pillow
+    conv = [user(sample_image(5, 24), {"type": "video", "video": str(path)}, "describe the image .")]
+    assert pipe._job(conv, None, dict(max_new_tokens=1)).request.videos == [str(path)]   # the path, not frames
+    expected = hf_chat(pipe, conv)
+    first = pipe.chat(conv, max_new_tokens=MAX_NEW)
+    assert first.token_ids == expected and not first.stats.vision_cache_hit
+    again = pipe.chat(conv, max_new_tokens=MAX_NEW)
+    assert again.token_ids == expected and again.stats.vision_cache_hit   # keyed by the file's bytes
+    assert pipes["vlm"].chat(conv, max_new_tokens=MAX_NEW, num_draft_tokens=3).token_ids == expected
+
+
 # ----- refusals -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundled():
