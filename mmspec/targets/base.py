@@ -39,7 +39,7 @@ class Request:
     model_inputs: dict[str, Any]          # the processor's pixel inputs (``TargetAdapter.pixel_inputs``), on CPU
     image_token_ids: frozenset[int]
     prompt_text: str = ""                 # the formatted prompt the ids came from (a drafter VLM re-processes it)
-    token_types: Any = None               # [1, L] 0 text / 1 image where the processor gives them (positions)
+    token_types: Any = None               # [1, L] 0 text / 1 image / 2 video where the processor gives them
     features: Any = None                  # filled by ``TargetAdapter.image_features``
     vision_cache_hit: bool = False
     videos: list = field(default_factory=list)       # each clip: a list of frames, or a file path the processor reads
