@@ -6,6 +6,7 @@ rotation; and refuses corrupt, truncated, empty, non-image and decompression-bom
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -43,8 +44,7 @@ def _open(source) -> Image.Image:
     if not data:
         raise MMSpecError(f"{_describe(source)}: the file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _bomb_guard():
             img = Image.open(io.BytesIO(data))
             _check_size(img, source)
             img.load()
@@ -91,6 +91,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+@contextlib.contextmanager
+def _bomb_guard():
+    """Pillow's decompression-bomb warning raised as an error: a huge image or frame is refused, never decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def load_image(source) -> Image.Image:
     """Return ``source`` as an upright RGB image, or raise ``MMSpecError`` saying what is wrong with it."""
     img = _open(source)
@@ -130,8 +138,7 @@ def load_video(source) -> "list[Image.Image] | str":
     if not data:
         raise MMSpecError(f"{what}: the video file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _bomb_guard():
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         img = None
