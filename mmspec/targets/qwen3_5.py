@@ -2,6 +2,10 @@
 
 Images and positions as Qwen3-VL without DeepStack: features from the model's own ``get_image_features`` at
 ``<|image_pad|>``, 3-D M-RoPE positions from ``get_rope_index`` continued as ``p + rope_delta`` (``Qwen2VLAdapter``).
+Video clips likewise: the processor (``Qwen3VLProcessor``) writes each temporal patch of a clip as its own
+``<t seconds>`` + vision block, features come from the model's own ``get_video_features`` (the image path's) at
+``<|video_pad|>``, and ``get_rope_index`` (given ``video_grid_thw`` and ``mm_token_type_ids``) splits the clip's grid
+per temporal patch inside the model.
 
 What is its own is the decoder: Gated DeltaNet linear-attention layers (a causal-conv state and a recurrent state
 per row, no keys) beside gated full-attention layers. ``mmspec.kv.SlotCache`` handles them: full-attention layers
@@ -21,4 +25,4 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     family = "qwen3_5"
     model_types = ("qwen3_5", "qwen3_5_moe")
     verifies_trees = False
-    video_inputs = ()   # video not wired up (nor tested) for this family yet: a video part is refused
+    video_inputs = ("pixel_values_videos", "video_grid_thw")

@@ -41,8 +41,10 @@ def tokenizer(vocab_size: int = 400):
 
 
 def build(folder: Path, seed: int = 0, hidden: int = 48, layer_types: tuple[str, ...] | None = None,
-          vocab_pad: int = 7, merger_std: float = 0.5) -> Path:
-    """``layer_types``: default linear, full, linear (Qwen3.5 itself: three linear then one full, repeated)."""
+          vocab_pad: int = 7, merger_std: float = 0.5, rotary_factor: float = 0.25) -> Path:
+    """``layer_types``: default linear, full, linear (Qwen3.5 itself: three linear then one full, repeated).
+    ``rotary_factor``: the share of each full-attention head that is rotated (0.25, as Qwen3.5: 6 of 24 dims, one
+    frequency per axis; 1.0: 4 frequencies per axis, so that positions weigh more in a tiny model)."""
     from transformers import (Qwen2VLImageProcessor, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor,
                               Qwen3VLVideoProcessor)
 
@@ -51,13 +53,15 @@ def build(folder: Path, seed: int = 0, hidden: int = 48, layer_types: tuple[str,
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     layer_types = list(layer_types or ("linear_attention", "full_attention", "linear_attention"))
     head_dim = 24                                     # partial_rotary_factor 0.25: 6 rotary dims, 3 frequencies
+    per_axis = int(head_dim * rotary_factor) // 6     # interleaved T/H/W: the frequencies split evenly
     text = dict(vocab_size=len(tok) + vocab_pad, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=len(layer_types), layer_types=layer_types, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=head_dim, linear_conv_kernel_dim=4, linear_key_head_dim=16,
                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                 max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                                 "mrope_section": [1, 1, 1], "mrope_interleaved": True},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": rotary_factor, "mrope_section": [per_axis] * 3,
+                                 "mrope_interleaved": True},
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
