@@ -6,10 +6,23 @@ model's own ``get_rope_index`` (given ``mm_token_type_ids`` and ``image_grid_thw
 ``p + rope_delta`` after it, so ``Qwen2VLAdapter`` serves it with other settings. The image is
 ``<|begin_of_image|>`` + ``<|image|>`` x n + ``<|end_of_image|>``; only ``<|image|>`` takes features. GLM-4.1V stops
 at any of three ids (``generation_config.eos_token_id`` is a list, read as such).
+
+Video: the processor writes a clip as ``<|begin_of_video|>``, then per temporal patch ``<|begin_of_image|>`` +
+``<|image|>`` x n + ``<|end_of_image|>`` + its timestamp in whole seconds, then ``<|end_of_video|>``: the clip's
+placeholders are the image token too (``mm_token_type_ids`` marks them 2), so they take the clip's
+``get_video_features`` rows in placeholder order, and ``get_rope_index`` (given ``video_grid_thw``) splits the
+clip per temporal patch (inside the model). A request holding both images and clips is refused: transformers'
+own ``Glm4vModel.get_placeholder_mask`` counts a clip's ``<|image|>`` placeholders as the image's too, so
+``generate()`` itself fails on it ("Image features and image tokens do not match"), and there is no reference to
+be lossless to.
 """
 
 from __future__ import annotations
 
+from PIL import Image
+
+from mmspec.errors import MMSpecError
+from mmspec.targets.base import Request
 from mmspec.targets.qwen2_vl import Qwen2VLAdapter
 
 
@@ -17,4 +30,14 @@ class Glm4vAdapter(Qwen2VLAdapter):
     family = "glm4v"
     model_types = ("glm4v", "glm4v_moe")
     default_image_token = "<|image|>"
-    video_inputs = ()   # video not wired up (nor tested) for this family yet: a video part is refused
+    video_inputs = ("pixel_values_videos", "video_grid_thw")
+    position_inputs = ()
+    default_video_token = "<|video|>"
+
+    def prepare(self, images, prompt_text: str, videos=None) -> Request:
+        if videos and images is not None and (isinstance(images, Image.Image) or len(images)):
+            raise MMSpecError("GLM-4V takes a request with video clips or with images, not both: transformers' own "
+                              "generate() cannot run them together (its placeholder mask counts the clips' "
+                              "<|image|> tokens as the images'); send the clip's frames as image parts, or the clip "
+                              "alone", code="unsupported_value", param="messages")
+        return super().prepare(images, prompt_text, videos=videos)

@@ -6,7 +6,11 @@ The prompt names the image ``<|begin_of_image|><|image|><|end_of_image|>``; the 
 once per image token. The processor needs its video processor and the ``<|begin_of_video|>`` /
 ``<|end_of_video|>`` tokens, and returns ``mm_token_type_ids`` (the model's 3-D positions need them). Generation
 stops at any of three ids, as GLM-4.1V's: ``<|endoftext|>``, ``<|user|>``, ``<|observation|>``. ``moe=True``:
-``glm4v_moe`` (as GLM-4.5V: 4 routed experts, top 2, one shared expert, the first layer dense)."""
+``glm4v_moe`` (as GLM-4.5V: 4 routed experts, top 2, one shared expert, the first layer dense).
+
+Video: the template renders a clip ``<|begin_of_video|><|video|><|end_of_video|>``, which the processor writes out
+per temporal patch with its timestamp in whole seconds (the digits are in the vocabulary); its video processor
+takes the given frames as the clip (``do_sample_frames=False``: a frames list has no fps to sample by)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from mmspec.tiny.common import finish, scale_linear, silence, word_tokenizer
 SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 ADDED = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
          "<|video|>"]
+DIGITS = [str(d) for d in range(10)]
 TEMPLATE = ("[gMASK] <sop> {% for m in messages %}<|{{ m['role'] }}|> {% if m['content'] is string %}"
             "{{ m['content'] }} {% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
             "<|begin_of_image|><|image|><|end_of_image|> {% elif c['type'] == 'video' %}"
@@ -27,8 +32,10 @@ TEMPLATE = ("[gMASK] <sop> {% for m in messages %}<|{{ m['role'] }}|> {% if m['c
 
 
 def tokenizer():
-    return word_tokenizer(SPECIALS, ADDED, unk="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>",
-                          template=TEMPLATE, extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    tok = word_tokenizer(SPECIALS, ADDED, unk="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>",
+                         template=TEMPLATE, extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    tok.add_tokens(DIGITS)   # a clip's frame timestamps (whole seconds, right after ``<|end_of_image|>``)
+    return tok
 
 
 def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab_pad: int = 7,
@@ -70,8 +77,10 @@ def build(folder: Path, seed: int = 11, hidden: int = 64, layers: int = 2, vocab
     scale_linear([model.model.visual.merger], std=0.2)
     size = {"shortest_edge": 2 * 16 * 16, "longest_edge": 2 * 64 * 64}   # t x h x w, images count as 2 frames
     kw = dict(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
+    # the given frames are the clip (a frames list has no fps to sample by; GLM-4V's fps sampling refuses it)
     processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(**kw), tokenizer=tok,
-                               video_processor=Glm4vVideoProcessor(**kw), chat_template=TEMPLATE)
+                               video_processor=Glm4vVideoProcessor(**kw, do_sample_frames=False),
+                               chat_template=TEMPLATE)
     silence(model, [ids["<|image|>"], ids["<|video|>"]])
     eos = [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
     return finish(model, tok, folder, processor, eos_ids=eos)
