@@ -27,6 +27,8 @@ from vision.images import load_image, load_video
 
 ROLES = ("system", "user", "assistant")
 IMAGE_KEYS = ("image", "url", "path", "base64")
+# the families whose adapters take video parts (``TargetAdapter.video_inputs``), for error messages
+VIDEO_TARGETS = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V/4.5V, InternVL, LLaVA-OneVision"
 VIDEO_KEYS = ("video", "url", "path", "base64")
 
 
@@ -117,7 +119,7 @@ def parse_conversation(messages, max_images: int | None = None, takes_video: boo
             elif kind == "video":
                 if not takes_video:
                     raise _refuse(f"{target} takes no video; send the frames as image parts (or use a target "
-                                  "that takes video: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision)", pwhere,
+                                  f"that takes video: {VIDEO_TARGETS})", pwhere,
                                   "unsupported_value")
                 if role != "user":
                     raise _refuse(f"videos belong in user turns, not in a {role} turn", pwhere)

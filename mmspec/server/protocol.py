@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmspec.conversation import VIDEO_TARGETS
 from mmspec.errors import MMSpecError
 
 MAX_STOP_STRINGS = 4              # as OpenAI
@@ -135,7 +136,7 @@ def _parse_video(part: dict, kind: str, pwhere: str, role: str, takes_video: boo
     """A video part's URL (``video_url``: one file) or its frames' URLs (``video``: a list), or an ``APIError``."""
     if not takes_video:
         raise bad_request(f"{pwhere}: this model takes no video; send the frames as image_url parts (video parts "
-                          "work with Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision targets)", pwhere,
+                          f"work with {VIDEO_TARGETS} targets)", pwhere,
                           "unsupported_value")
     if role != "user":
         raise bad_request(f"{pwhere}: videos belong in user messages", pwhere, "invalid_value")
