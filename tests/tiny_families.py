@@ -437,7 +437,8 @@ def check_self_drafting(base, image, max_new: int) -> None:
 IDEFICS_ADDED = (["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 IDEFICS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
-                    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+                    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
                     "<end_of_utterance> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}")
 
 
@@ -471,9 +472,11 @@ def build_tiny_idefics3(folder: Path, smolvlm: bool = False, vocab_pad: int = 5,
 
         config = SmolVLMConfig(**common)
         if importlib.util.find_spec("num2words") is not None:
+            # video frames are one square tile each, the model's 16-pixel image size (the defaults, 364, are the
+            # real model's and break the tiny one's generate())
+            video = SmolVLMVideoProcessor(size={"longest_edge": 16}, max_image_size={"longest_edge": 16})
             processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**image_kw), tokenizer=tok,
-                                         video_processor=SmolVLMVideoProcessor(), image_seq_len=4,
-                                         chat_template=IDEFICS_TEMPLATE)
+                                         video_processor=video, image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
         else:
             # SmolVLMProcessor needs the optional ``num2words`` package (video timestamps); for images it lays out
             # tiles exactly as Idefics3Processor does, which the model is then saved with.
