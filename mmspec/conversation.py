@@ -28,7 +28,7 @@ from vision.images import load_image, load_video
 ROLES = ("system", "user", "assistant")
 IMAGE_KEYS = ("image", "url", "path", "base64")
 # the families whose adapters take video parts (``TargetAdapter.video_inputs``), for error messages
-VIDEO_TARGETS = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V/4.5V, InternVL, LLaVA-OneVision"
+VIDEO_TARGETS = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V/4.5V, InternVL, LLaVA-OneVision, SmolVLM"
 VIDEO_KEYS = ("video", "url", "path", "base64")
 
 
