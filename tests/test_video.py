@@ -154,6 +154,23 @@ BATCHES = [("qwen2_vl", "ngram", None), ("qwen2_vl", "eagle", None), ("qwen2_vl"
            ("llava_onevision", "eagle", 6), ("llava_onevision", "vlm", None)]
 
 
+def check_batch(pipe, rows, expected, tree) -> None:
+    """``rows`` ((conversation, None) or (image, prompt)) in one batch of 3 (rows join as others leave), chains or
+    trees of ``tree`` nodes with no probability floor (bushy: branches everywhere): each row equals its
+    ``expected`` generate() output, and a tree run drafted branches."""
+    floor = pipe.strategy.tree_floor
+    pipe.strategy.tree_floor = 0.0 if tree else floor
+    try:
+        results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3,
+                                      max_new_tokens=MAX_NEW, tree_nodes=tree, num_draft_tokens=3)
+    finally:
+        pipe.strategy.tree_floor = floor
+    for i, (res, exp) in enumerate(zip(results, expected)):
+        assert res.error is None and res.token_ids == exp, (i, res.error, res.rounds)
+    if tree:
+        assert any(r.parents and len(set(r.parents)) < len(r.parents) for res in results for r in res.rounds)
+
+
 @pytest.mark.parametrize("family,kind,tree", BATCHES)
 def test_batch_mixes_videos_with_image_rows(families, family, kind, tree):
     """Video conversations, single-image rows and a text-only row in one batch (rows join as others leave), chains
@@ -165,17 +182,7 @@ def test_batch_mixes_videos_with_image_rows(families, family, kind, tree):
     rows = [(convs["video"], None), (im1, p1), (convs["video and image"], None), (none, p2), (convs["two turns"], None),
             (im2, p3)]
     expected = [refs["video"], refs[0], refs["video and image"], refs[1], refs["two turns"], refs[2]]
-    floor = pipe.strategy.tree_floor
-    pipe.strategy.tree_floor = 0.0 if tree else floor   # no probability floor: bushy trees, branches everywhere
-    try:
-        results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3,
-                                      max_new_tokens=MAX_NEW, tree_nodes=tree, num_draft_tokens=3)
-    finally:
-        pipe.strategy.tree_floor = floor
-    for i, (res, exp) in enumerate(zip(results, expected)):
-        assert res.error is None and res.token_ids == exp, (i, res.error, res.rounds)
-    if tree:   # trees with branches were drafted
-        assert any(r.parents and len(set(r.parents)) < len(r.parents) for res in results for r in res.rounds)
+    check_batch(pipe, rows, expected, tree)
 
 
 def test_stream_and_submit_take_video(families):

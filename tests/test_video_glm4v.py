@@ -24,7 +24,7 @@ import mmspec
 from mmspec.errors import MMSpecError
 from mmspec.targets.glm4v import Glm4vAdapter
 from mmspec.tiny import glm4v
-from tests.test_video import ROWS, clip, hf_chat, hf_image, said, user
+from tests.test_video import ROWS, check_batch, clip, hf_chat, hf_image, said, user
 from tests.tiny import sample_image
 
 MAX_NEW = 8
@@ -121,17 +121,7 @@ def test_batch_mixes_videos_with_image_rows(glm, kind, tree):
     rows = [(convs["video"], None), (im1, p1), (convs["two clips"], None), (none, p2),
             (convs["two turns two clips"], None), (im2, p3)]
     expected = [refs["video"], refs[0], refs["two clips"], refs[1], refs["two turns two clips"], refs[2]]
-    floor = pipe.strategy.tree_floor
-    pipe.strategy.tree_floor = 0.0 if tree else floor
-    try:
-        results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3,
-                                      max_new_tokens=MAX_NEW, tree_nodes=tree, num_draft_tokens=3)
-    finally:
-        pipe.strategy.tree_floor = floor
-    for i, (res, exp) in enumerate(zip(results, expected)):
-        assert res.error is None and res.token_ids == exp, (i, res.error, res.rounds)
-    if tree:   # trees with branches were drafted
-        assert any(r.parents and len(set(r.parents)) < len(r.parents) for res in results for r in res.rounds)
+    check_batch(pipe, rows, expected, tree)
 
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])

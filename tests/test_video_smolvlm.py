@@ -26,7 +26,7 @@ pytest.importorskip("num2words")
 import mmspec  # noqa: E402
 from mmspec.errors import MMSpecError  # noqa: E402
 from mmspec.targets.idefics3 import Idefics3Adapter  # noqa: E402
-from tests.test_video import ROWS, clip, hf_chat, hf_image, said, user  # noqa: E402
+from tests.test_video import ROWS, check_batch, clip, hf_chat, hf_image, said, user  # noqa: E402
 from tests.tiny import sample_image  # noqa: E402
 from tests.tiny_families import build_tiny_idefics3  # noqa: E402
 
@@ -92,17 +92,7 @@ def test_batch_mixes_videos_with_image_rows(smol, kind, tree):
     rows = [(convs["video"], None), (im1, p1), (convs["two clips"], None), (none, p2),
             (convs["two turns two clips"], None), (im2, p3)]
     expected = [refs["video"], refs[0], refs["two clips"], refs[1], refs["two turns two clips"], refs[2]]
-    floor = pipe.strategy.tree_floor
-    pipe.strategy.tree_floor = 0.0 if tree else floor
-    try:
-        results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3,
-                                      max_new_tokens=MAX_NEW, tree_nodes=tree, num_draft_tokens=3)
-    finally:
-        pipe.strategy.tree_floor = floor
-    for i, (res, exp) in enumerate(zip(results, expected)):
-        assert res.error is None and res.token_ids == exp, (i, res.error, res.rounds)
-    if tree:   # trees with branches were drafted
-        assert any(r.parents and len(set(r.parents)) < len(r.parents) for res in results for r in res.rounds)
+    check_batch(pipe, rows, expected, tree)
 
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])
