@@ -171,6 +171,43 @@ def check_batch(pipe, rows, expected, tree) -> None:
         assert any(r.parents and len(set(r.parents)) < len(r.parents) for res in results for r in res.rounds)
 
 
+def check_clip_cache(pipe) -> None:
+    """A repeated clip hits the vision cache (not re-encoded), two clips are cached apart, reversed frames miss; the
+    answers equal generate()."""
+    pipe.vision_cache.clear()
+    a = clip(7)
+    first = pipe.chat([user(a, "describe the image .")], max_new_tokens=2)
+    assert not first.stats.vision_cache_hit and len(pipe.vision_cache) == 1   # the vlm drafter shares the entry
+    misses = pipe.vision_cache.misses
+    conv = [user(a, "what color is the circle ?")]
+    again = pipe.chat(conv, max_new_tokens=MAX_NEW)
+    assert again.stats.vision_cache_hit and pipe.vision_cache.misses == misses    # not re-encoded
+    assert again.token_ids == hf_chat(pipe, conv)
+    b = clip(8, n=2, size=24)
+    pipe.chat([user(b, "hi")], max_new_tokens=1)
+    both = [user(b, a, "describe the image .")]
+    res = pipe.chat(both, max_new_tokens=MAX_NEW)
+    assert res.stats.vision_cache_hit and res.token_ids == hf_chat(pipe, both)   # clips cached apart
+    assert not pipe.chat([user(a[::-1], "describe the image .")], max_new_tokens=1).stats.vision_cache_hit
+
+
+def check_clip_with_image_refused(pipe) -> None:
+    """Families whose transformers ``generate()`` fails on a clip and an image in one request (GLM-4.1V, SmolVLM):
+    generate() still fails (so the day transformers fixes it, this says so), and mmspec refuses the request up
+    front, before any vision work, alone or as a batch row."""
+    image = sample_image(5, 24)
+    for conv in ([user(image, "what color is the circle ?", clip(2, n=2, size=24), "describe the image .")],
+                 [user(clip(1), "what color is the circle ?"), said("red circle"), user(image, "describe it .")]):
+        with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+            hf_chat(pipe, conv, max_new=1)   # transformers' own generate() cannot run it
+        misses = pipe.vision_cache.misses
+        with pytest.raises(MMSpecError, match="not both") as info:
+            pipe.chat(conv, max_new_tokens=2)
+        assert info.value.code == "unsupported_value" and pipe.vision_cache.misses == misses
+        res = pipe.generate_batch([conv], batch_size=1, max_new_tokens=2)[0]
+        assert "not both" in res.error and not res.token_ids
+
+
 @pytest.mark.parametrize("family,kind,tree", BATCHES)
 def test_batch_mixes_videos_with_image_rows(families, family, kind, tree):
     """Video conversations, single-image rows and a text-only row in one batch (rows join as others leave), chains

@@ -24,8 +24,8 @@ import mmspec
 from mmspec.errors import MMSpecError
 from mmspec.targets.glm4v import Glm4vAdapter
 from mmspec.tiny import glm4v
-from tests.test_video import ROWS, check_batch, clip, hf_chat, hf_image, said, user
-from tests.tiny import sample_image
+from tests.test_video import (ROWS, check_batch, check_clip_cache, check_clip_with_image_refused, clip,
+                               hf_chat, hf_image, said, user)
 
 MAX_NEW = 8
 
@@ -126,39 +126,11 @@ def test_batch_mixes_videos_with_image_rows(glm, kind, tree):
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])
 def test_repeated_clip_hits_the_vision_cache(glm, kind):
-    pipes, _ = glm
-    pipe = pipes[kind]
-    pipe.vision_cache.clear()
-    a = clip(7)
-    first = pipe.chat([user(a, "describe the image .")], max_new_tokens=2)
-    assert not first.stats.vision_cache_hit and len(pipe.vision_cache) == 1   # the vlm drafter shares the entry
-    misses = pipe.vision_cache.misses
-    conv = [user(a, "what color is the circle ?")]
-    again = pipe.chat(conv, max_new_tokens=MAX_NEW)
-    assert again.stats.vision_cache_hit and pipe.vision_cache.misses == misses    # not re-encoded
-    assert again.token_ids == hf_chat(pipe, conv)
-    b = clip(8, n=2, size=24)
-    pipe.chat([user(b, "hi")], max_new_tokens=1)
-    both = [user(b, a, "describe the image .")]
-    res = pipe.chat(both, max_new_tokens=MAX_NEW)
-    assert res.stats.vision_cache_hit and res.token_ids == hf_chat(pipe, both)   # clips cached apart
-    assert not pipe.chat([user(a[::-1], "describe the image .")], max_new_tokens=1).stats.vision_cache_hit
+    check_clip_cache(glm[0][kind])
 
 
 def test_clip_with_image_is_refused_as_generate_fails(glm):
-    pipes, _ = glm
-    pipe = pipes["ngram"]
-    image = sample_image(5, 24)
-    for conv in ([user(image, "what color is the circle ?", clip(2, n=2, size=24), "describe the image .")],
-                 [user(clip(1), "what color is the circle ?"), said("red circle"), user(image, "describe it .")]):
-        with pytest.raises(ValueError, match="Image features and image tokens do not match"):
-            hf_chat(pipe, conv, max_new=1)   # transformers' own generate() cannot run it
-        misses = pipe.vision_cache.misses
-        with pytest.raises(MMSpecError, match="not both") as info:
-            pipe.chat(conv, max_new_tokens=2)
-        assert info.value.code == "unsupported_value" and pipe.vision_cache.misses == misses
-        res = pipe.generate_batch([conv], batch_size=1, max_new_tokens=2)[0]
-        assert "not both" in res.error and not res.token_ids
+    check_clip_with_image_refused(glm[0]["ngram"])
 
 
 def test_frames_without_fps_follow_the_processor(glm):
