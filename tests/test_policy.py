@@ -191,8 +191,11 @@ def test_the_shaped_benchs_oracles_record_then_draft_the_targets_answer(base):
     expected = base.generate(inp.image, PROMPT, max_new_tokens=16).token_ids
     assert list(refs.values()) == [expected]
     oracle = Pipeline(base.adapter, OracleDrafter(base.adapter, refs)).generate(inp.image, PROMPT, max_new_tokens=16)
-    replay = Pipeline(base.adapter, OracleDrafter(base.adapter, refs, (0.5,))).generate(inp.image, PROMPT,
-                                                                                         max_new_tokens=16)
+    # right at draft position 1, wrong from position 2 on: a profile whose outcome does not hang on the seeded draws
+    # (with (0.5,) a run whose few drafting rounds all missed position 1 failed the check below, ~1 run in 50)
+    replay = Pipeline(base.adapter, OracleDrafter(base.adapter, refs, (1.0, 0.0))).generate(inp.image, PROMPT,
+                                                                                             max_new_tokens=16)
     assert oracle.token_ids == replay.token_ids == expected
     assert oracle.stats.accepted_tokens == oracle.stats.drafted_tokens > 0
     assert 0 < replay.stats.accepted_tokens < replay.stats.drafted_tokens
+    assert all(r.n_accepted == min(1, len(r.draft_ids)) for r in replay.rounds if r.target_token is not None)

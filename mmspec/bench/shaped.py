@@ -63,8 +63,8 @@ class OracleSession(DraftSession):
     """One row: drafts the recorded answer (``profile`` None: always right; else right at position i with the
     chance ``profile[i]``, the last entry for deeper positions, and wrong from the first miss on)."""
 
-    def __init__(self, drafter: "OracleDrafter", key):
-        self.drafter, self.key = drafter, key
+    def __init__(self, drafter: "OracleDrafter", key, seed_key):
+        self.drafter, self.key, self.seed_key = drafter, key, seed_key
         self.reference = drafter.references.get(key)
         self.emitted: list[int] = []
 
@@ -77,7 +77,7 @@ class OracleSession(DraftSession):
         profile = self.drafter.profile
         if profile is not None:
             # the same draws in every pass and process: seeded by the request and how far it got
-            rnd = random.Random(zlib.crc32(repr((self.key, n)).encode()))
+            rnd = random.Random(zlib.crc32(repr((self.seed_key, n)).encode()))
             for i in range(len(ids)):
                 if rnd.random() >= profile[min(i, len(profile) - 1)]:
                     vocab = self.drafter.target.vocab_size
@@ -108,7 +108,10 @@ class OracleDrafter(Drafter):
             self.kind = "replay"
 
     def session(self, request, config, generator) -> DraftSession:
-        return OracleSession(self, (request.image_key, tuple(request.prompt_ids)))
+        key = (request.image_key, tuple(request.prompt_ids))
+        # the image keys without the adapter's per-process namespace: the same draws in every process too
+        seed_key = (request.image_key.replace(f"{self.target.cache_namespace}/", ""), key[1])
+        return OracleSession(self, key, seed_key)
 
 
 def shaped_setup(size: str, dtype: str | None, profile: str | None) -> tuple:
