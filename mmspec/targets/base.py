@@ -102,6 +102,9 @@ class TargetAdapter:
     # processor outputs kept for the positions only (Qwen2.5-VL's ``second_per_grid_ts``)
     position_inputs: tuple[str, ...] = ()
     default_video_token: str = "<video>"
+    # why a request may not hold images and video clips together (transformers' own generate() fails on the mix for
+    # GLM-4V and SmolVLM), or None where it may
+    no_images_with_video: str | None = None
 
     def __init__(self, model, processor, vision_cache: EmbeddingCache):
         self.model = model
@@ -238,6 +241,9 @@ class TargetAdapter:
             if not self.takes_video:
                 raise MMSpecError(f"this {self.family or 'target'} model takes no video; send the frames as images",
                                   code="unsupported_value", param="messages")
+            if images and self.no_images_with_video:
+                raise MMSpecError(f"this {self.family} model takes video clips or images in one request, not both: "
+                                  f"{self.no_images_with_video}", code="unsupported_value", param="messages")
             tokens = {image_token: "image", self.video_token: "video"}
             pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
             order = tuple(tokens[m] for m in re.findall(pattern, prompt_text))

@@ -19,10 +19,6 @@ be lossless to.
 
 from __future__ import annotations
 
-from PIL import Image
-
-from mmspec.errors import MMSpecError
-from mmspec.targets.base import Request
 from mmspec.targets.qwen2_vl import Qwen2VLAdapter
 
 
@@ -33,11 +29,6 @@ class Glm4vAdapter(Qwen2VLAdapter):
     video_inputs = ("pixel_values_videos", "video_grid_thw")
     position_inputs = ()
     default_video_token = "<|video|>"
-
-    def prepare(self, images, prompt_text: str, videos=None) -> Request:
-        if videos and images is not None and (isinstance(images, Image.Image) or len(images)):
-            raise MMSpecError("GLM-4V takes a request with video clips or with images, not both: transformers' own "
-                              "generate() cannot run them together (its placeholder mask counts the clips' "
-                              "<|image|> tokens as the images'); send the clip's frames as image parts, or the clip "
-                              "alone", code="unsupported_value", param="messages")
-        return super().prepare(images, prompt_text, videos=videos)
+    no_images_with_video = ("transformers' own generate() cannot run them together (its placeholder mask counts "
+                            "the clips' <|image|> tokens as the images'); send the clip's frames as image parts, or "
+                            "the clip alone")

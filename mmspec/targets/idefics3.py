@@ -42,12 +42,8 @@ class Idefics3Adapter(TargetAdapter):
     def image_token_ids(self) -> frozenset[int]:
         return frozenset({int(self.model.config.image_token_id)})
 
-    def prepare(self, images, prompt_text: str, videos=None) -> Request:
-        if videos and images and self.takes_video:
-            raise MMSpecError("a SmolVLM request takes video clips or images, not both: transformers' processor "
-                              "gives the frames under the images' names (pixel_values), so generate() cannot run "
-                              "them together", code="unsupported_value", param="messages")
-        return super().prepare(images, prompt_text, videos=videos)
+    no_images_with_video = ("transformers' processor gives the frames under the images' names (pixel_values), so "
+                            "generate() cannot run them together")
 
     @torch.inference_mode()
     def encode_video_blocks(self, request: Request) -> list[torch.Tensor]:
