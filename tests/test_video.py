@@ -208,18 +208,23 @@ def check_clip_with_image_refused(pipe) -> None:
         assert "not both" in res.error and not res.token_ids
 
 
+def check_mixed_batch(pipe, refs, convs, tree=None, keys=("video", "video and image", "two turns")) -> None:
+    """The conversations ``convs[keys]`` interleaved with ``ROWS`` (two single-image rows and a text-only one) in
+    one batch, through ``check_batch``; ``refs`` holds each one's generate() output (by key, and 0..2 for ROWS)."""
+    rows, expected = [], []
+    for i, key in enumerate(keys):
+        rows += [(convs[key], None), ROWS[i]]
+        expected += [refs[key], refs[i]]
+    check_batch(pipe, rows, expected, tree)
+
+
 @pytest.mark.parametrize("family,kind,tree", BATCHES)
 def test_batch_mixes_videos_with_image_rows(families, family, kind, tree):
     """Video conversations, single-image rows and a text-only row in one batch (rows join as others leave), chains
     and trees: each row equals its own generate()."""
     pipes, refs = families(family)
     pipe = pipes[kind]
-    convs = shapes()
-    (im1, p1), (none, p2), (im2, p3) = ROWS
-    rows = [(convs["video"], None), (im1, p1), (convs["video and image"], None), (none, p2), (convs["two turns"], None),
-            (im2, p3)]
-    expected = [refs["video"], refs[0], refs["video and image"], refs[1], refs["two turns"], refs[2]]
-    check_batch(pipe, rows, expected, tree)
+    check_mixed_batch(pipe, refs, shapes(), tree)
 
 
 def test_stream_and_submit_take_video(families):

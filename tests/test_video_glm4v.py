@@ -24,7 +24,7 @@ import mmspec
 from mmspec.errors import MMSpecError
 from mmspec.targets.glm4v import Glm4vAdapter
 from mmspec.tiny import glm4v
-from tests.test_video import (ROWS, check_batch, check_clip_cache, check_clip_with_image_refused, clip,
+from tests.test_video import (ROWS, check_clip_cache, check_clip_with_image_refused, check_mixed_batch, clip,
                                hf_chat, hf_image, said, user)
 
 MAX_NEW = 8
@@ -116,12 +116,7 @@ def test_batch_mixes_videos_with_image_rows(glm, kind, tree):
     its own generate()."""
     pipes, refs = glm
     pipe = pipes[kind]
-    convs = glm_shapes()
-    (im1, p1), (none, p2), (im2, p3) = ROWS
-    rows = [(convs["video"], None), (im1, p1), (convs["two clips"], None), (none, p2),
-            (convs["two turns two clips"], None), (im2, p3)]
-    expected = [refs["video"], refs[0], refs["two clips"], refs[1], refs["two turns two clips"], refs[2]]
-    check_batch(pipe, rows, expected, tree)
+    check_mixed_batch(pipe, refs, glm_shapes(), tree, keys=("video", "two clips", "two turns two clips"))
 
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])

@@ -14,7 +14,7 @@ import mmspec
 from mmspec.errors import MMSpecError
 from mmspec.targets.internvl import InternVLAdapter
 from mmspec.tiny import internvl
-from tests.test_video import MAX_NEW, ROWS, check_batch, clip, hf_chat, hf_image, said, shapes, user
+from tests.test_video import MAX_NEW, ROWS, check_mixed_batch, clip, hf_chat, hf_image, said, shapes, user
 from tests.tiny import sample_image
 
 
@@ -80,12 +80,7 @@ def test_clips_of_different_lengths_are_refused(setup):
 def test_batch_mixes_videos_with_image_rows(setup, kind, tree):
     pipes, refs = setup
     pipe = pipes[kind]
-    convs = shapes()
-    (im1, p1), (none, p2), (im2, p3) = ROWS
-    rows = [(convs["video"], None), (im1, p1), (convs["video and image"], None), (none, p2), (convs["two turns"], None),
-            (im2, p3)]
-    expected = [refs["video"], refs[0], refs["video and image"], refs[1], refs["two turns"], refs[2]]
-    check_batch(pipe, rows, expected, tree)
+    check_mixed_batch(pipe, refs, shapes(), tree)
 
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])

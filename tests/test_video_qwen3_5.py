@@ -22,7 +22,7 @@ import mmspec
 from mmspec.errors import MMSpecError
 from mmspec.targets.qwen3_5 import Qwen3_5Adapter
 from mmspec.tiny import qwen3_5
-from tests.test_video import MAX_NEW, ROWS, clip, hf_chat, hf_image, shapes, user
+from tests.test_video import MAX_NEW, ROWS, check_mixed_batch, clip, hf_chat, hf_image, shapes, user
 from tests.tiny import sample_image
 
 KINDS = ["ngram", "vlm"]
@@ -107,18 +107,10 @@ def test_batch_mixes_videos_with_image_rows(family, kind):
     each row equals its own generate(). A tree is refused (linear attention), video rows or not."""
     pipes, refs = family
     pipe = pipes[kind]
-    convs = shapes()
-    (im1, p1), (none, p2), (im2, p3) = ROWS
-    rows = [(convs["video"], None), (im1, p1), (convs["video and image"], None), (none, p2), (convs["two turns"], None),
-            (im2, p3)]
-    expected = [refs["video"], refs[0], refs["video and image"], refs[1], refs["two turns"], refs[2]]
-    results = pipe.generate_batch([r[0] for r in rows], [r[1] for r in rows], batch_size=3, max_new_tokens=MAX_NEW,
-                                  num_draft_tokens=3)
-    for i, (res, exp) in enumerate(zip(results, expected)):
-        assert res.error is None and res.token_ids == exp, (i, res.error, res.rounds)
+    check_mixed_batch(pipe, refs, shapes())
     if kind == "vlm":
         with pytest.raises(MMSpecError, match="linear-attention"):
-            pipe.chat(convs["video"], max_new_tokens=MAX_NEW, tree_nodes=4)
+            pipe.chat(shapes()["video"], max_new_tokens=MAX_NEW, tree_nodes=4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -26,7 +26,7 @@ pytest.importorskip("num2words")
 import mmspec  # noqa: E402
 from mmspec.errors import MMSpecError  # noqa: E402
 from mmspec.targets.idefics3 import Idefics3Adapter  # noqa: E402
-from tests.test_video import (ROWS, check_batch, check_clip_cache, check_clip_with_image_refused, clip,
+from tests.test_video import (ROWS, check_clip_cache, check_clip_with_image_refused, check_mixed_batch, clip,
                                hf_chat, hf_image, said, user)  # noqa: E402
 from tests.tiny_families import build_tiny_idefics3  # noqa: E402
 
@@ -87,12 +87,7 @@ def test_batch_mixes_videos_with_image_rows(smol, kind, tree):
     its own generate()."""
     pipes, refs = smol
     pipe = pipes[kind]
-    convs = smol_shapes()
-    (im1, p1), (none, p2), (im2, p3) = ROWS
-    rows = [(convs["video"], None), (im1, p1), (convs["two clips"], None), (none, p2),
-            (convs["two turns two clips"], None), (im2, p3)]
-    expected = [refs["video"], refs[0], refs["two clips"], refs[1], refs["two turns two clips"], refs[2]]
-    check_batch(pipe, rows, expected, tree)
+    check_mixed_batch(pipe, refs, smol_shapes(), tree, keys=("video", "two clips", "two turns two clips"))
 
 
 @pytest.mark.parametrize("kind", ["ngram", "vlm"])
